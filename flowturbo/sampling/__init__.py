@@ -1,0 +1,56 @@
+"""Sampling flow models with FlowTurbo schedules and baseline solvers.
+
+Time convention, everywhere in this project (SiT's): t = 0 is Gaussian noise x0, t = 1 is data
+x1, the path is x_t = t x1 + (1 - t) x0 and the velocity is v = dx/dt = x1 - x0. Samplers
+integrate from t = 0 to t = 1.
+
+Entry points:
+- :func:`sample`: FlowTurbo schedules (``"H8"``, ``"H1P7"``, ``"H2P4R3"``), optionally compiled.
+- :data:`BASELINES`: Euler, Heun, midpoint and Adams-Bashforth 2 under one call, and
+  :func:`dopri5`, an adaptive reference solver.
+- :class:`ClassifierFreeGuidance`: guidance as a wrapper around the base model or the refiner.
+"""
+
+from flowturbo.sampling.compile import clear_compile_cache
+from flowturbo.sampling.decode import decode_latents, to_uint8
+from flowturbo.sampling.guidance import ClassifierFreeGuidance
+from flowturbo.sampling.sampler import integrate, sample
+from flowturbo.sampling.schedule import (
+    SCHEDULE_LETTERS,
+    Schedule,
+    check_grid,
+    parse_schedule,
+    plan_nfe,
+    uniform_grid,
+)
+from flowturbo.sampling.solvers import (
+    BASELINES,
+    baseline_nfe,
+    dopri5,
+    euler,
+    heun,
+    midpoint,
+    multistep,
+)
+
+__all__ = [
+    "BASELINES",
+    "SCHEDULE_LETTERS",
+    "ClassifierFreeGuidance",
+    "Schedule",
+    "baseline_nfe",
+    "check_grid",
+    "clear_compile_cache",
+    "decode_latents",
+    "dopri5",
+    "euler",
+    "heun",
+    "integrate",
+    "midpoint",
+    "multistep",
+    "parse_schedule",
+    "plan_nfe",
+    "sample",
+    "to_uint8",
+    "uniform_grid",
+]

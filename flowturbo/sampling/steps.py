@@ -1,0 +1,100 @@
+"""One function per step kind, all with one signature.
+
+``step(model, refiner, x, c, tp, t0, t1, kw) -> (x_next, c_next)``: ``x`` the state at ``t0``,
+``c`` the cached velocity (None before the first step), ``tp`` the previous grid time (used by the
+multistep method), ``t0``/``t1`` 0-dim time tensors, ``kw`` the model keyword arguments. The
+functions are plain tensor code so that each can be compiled once and reused for every step of its
+kind (DESIGN.md, "Sample-aware compilation").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import Tensor
+
+Step = Callable[..., tuple[Tensor, Tensor]]
+
+
+def euler_step(model, refiner, x: Tensor, c, tp, t0: Tensor, t1: Tensor, kw: dict[str, Any]):
+    """Euler: d = v(x, t0); x + h d. Caches d."""
+    h = t1 - t0
+    d = model(x, t0.expand(x.shape[0]), **kw)
+    return x + h * d, d
+
+
+def heun_step(model, refiner, x: Tensor, c, tp, t0: Tensor, t1: Tensor, kw: dict[str, Any]):
+    """Heun: predictor d0 = v(x, t0), corrector d1 = v(x + h d0, t1). Caches d1."""
+    h = t1 - t0
+    d0 = model(x, t0.expand(x.shape[0]), **kw)
+    x_tilde = x + h * d0
+    d1 = model(x_tilde, t1.expand(x.shape[0]), **kw)
+    return x + h / 2 * (d0 + d1), d1
+
+
+def pseudo_step(model, refiner, x: Tensor, c: Tensor, tp, t0: Tensor, t1: Tensor, kw):
+    """Pseudo corrector: Heun with d0 = the cached velocity, one base evaluation. Caches d1."""
+    h = t1 - t0
+    d0 = c
+    x_tilde = x + h * d0
+    d1 = model(x_tilde, t1.expand(x.shape[0]), **kw)
+    return x + h / 2 * (d0 + d1), d1
+
+
+def refiner_step(model, refiner, x: Tensor, c: Tensor, tp, t0: Tensor, t1: Tensor, kw):
+    """Refiner step: d0 = c + R(x, t0, c); d1 = d0 + R(x + h d0, t1, d0). Caches d0.
+
+    The second call sees the velocity it stepped along (d0), as the refiner is trained.
+    """
+    h = t1 - t0
+    d0 = c + refiner(x, t0.expand(x.shape[0]), c, **kw)
+    x_tilde = x + h * d0
+    d1 = d0 + refiner(x_tilde, t1.expand(x.shape[0]), d0, **kw)
+    return x + h / 2 * (d0 + d1), d0
+
+
+def refiner_step_cache_input(model, refiner, x: Tensor, c: Tensor, tp, t0: Tensor, t1: Tensor, kw):
+    """Refiner step as the public FlowTurbo sampler computes it: d1 = d0 + R(x~, t1, c).
+
+    Compatibility switch for the public refiner checkpoint and the paper's figures.
+    """
+    h = t1 - t0
+    d0 = c + refiner(x, t0.expand(x.shape[0]), c, **kw)
+    x_tilde = x + h * d0
+    d1 = d0 + refiner(x_tilde, t1.expand(x.shape[0]), c, **kw)
+    return x + h / 2 * (d0 + d1), d0
+
+
+def midpoint_step(model, refiner, x: Tensor, c, tp, t0: Tensor, t1: Tensor, kw):
+    """Explicit midpoint: d = v(x + h/2 v(x, t0), t0 + h/2); x + h d. Caches d."""
+    h = t1 - t0
+    d0 = model(x, t0.expand(x.shape[0]), **kw)
+    x_mid = x + h / 2 * d0
+    d = model(x_mid, (t0 + h / 2).expand(x.shape[0]), **kw)
+    return x + h * d, d
+
+
+def adams_bashforth2_step(model, refiner, x: Tensor, c, tp: Tensor, t0: Tensor, t1: Tensor, kw):
+    """Variable-step Adams-Bashforth 2: x + h ((1 + r/2) d - r/2 c), r = h / h_prev.
+
+    The first step (no cache) is an Euler step. One base evaluation per step. Caches d.
+    """
+    h = t1 - t0
+    d = model(x, t0.expand(x.shape[0]), **kw)
+    if c is None:
+        return x + h * d, d
+    r = h / (t0 - tp)
+    return x + h * ((1 + r / 2) * d - (r / 2) * c), d
+
+
+#: Step kind -> function. "R" uses the d0 input; "R:cache" is the compatibility variant.
+STEPS: dict[str, Step] = {
+    "E": euler_step,
+    "H": heun_step,
+    "P": pseudo_step,
+    "R": refiner_step,
+    "R:cache": refiner_step_cache_input,
+    "M": midpoint_step,
+    "A": adams_bashforth2_step,
+}

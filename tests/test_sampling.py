@@ -1,0 +1,345 @@
+import math
+import warnings
+
+import pytest
+import torch
+
+from flowturbo.flow.analytic import ExactRefiner, GaussianMixtureFlow
+from flowturbo.sampling import (
+    BASELINES,
+    ClassifierFreeGuidance,
+    baseline_nfe,
+    dopri5,
+    parse_schedule,
+    sample,
+    uniform_grid,
+)
+
+
+class Counter:
+    """Counts evaluations (calls) and evaluated examples of a velocity function."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.fn(*args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def mixture():
+    g = torch.Generator().manual_seed(0)
+    means = torch.randn(3, 2, 2, 2, generator=g, dtype=torch.float64) * 1.5
+    return GaussianMixtureFlow(means, torch.tensor([0.4, 0.6, 0.5]))
+
+
+@pytest.fixture(scope="module")
+def noise():
+    return torch.randn(
+        64, 2, 2, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64
+    )
+
+
+@pytest.fixture(scope="module")
+def reference(mixture, noise):
+    return dopri5(mixture, noise, rtol=1e-11, atol=1e-11)
+
+
+def rms(a, b):
+    return (a - b).pow(2).mean().sqrt().item()
+
+
+# ---------------------------------------------------------------- schedules
+
+
+@pytest.mark.parametrize(
+    ("text", "plan", "base", "refiner"),
+    [
+        ("E16", "E" * 16, 16, 0),
+        ("H8", "H" * 8, 16, 0),
+        ("H1P7", "H" + "P" * 7, 9, 0),
+        ("H2P4R3", "HHPPPPRRR", 8, 6),
+        ("P3", "PPP", 4, 0),  # the first P has no cache: one more NFE
+        ("h1p5r3", "HPPPPPRRR", 7, 6),
+    ],
+)
+def test_parse_schedule(text, plan, base, refiner):
+    s = parse_schedule(text)
+    assert (s.plan, s.base_nfe, s.refiner_nfe, s.num_steps) == (plan, base, refiner, len(plan))
+
+
+@pytest.mark.parametrize(
+    ("text", "names"),
+    [
+        ("", "empty"),
+        ("H2X3", "'X'"),
+        ("H2P", "'P'"),
+        ("H0P3", "'H0'"),
+        ("R2H3", "starts with R"),
+        ("H2-P3", "'-'"),
+    ],
+)
+def test_bad_schedules_name_the_part(text, names):
+    with pytest.raises(ValueError, match=names):
+        parse_schedule(text)
+
+
+def test_refiner_required_for_R_steps(mixture, noise):
+    with pytest.raises(ValueError, match="no refiner"):
+        sample(mixture, noise, "H2R2")
+
+
+@pytest.mark.parametrize("schedule", ["E5", "H4", "H1P5", "H2P4R3", "P2R1E2H1"])
+def test_nfe_counts_match_the_schedule(mixture, noise, schedule):
+    base, ref = Counter(mixture), Counter(ExactRefiner(mixture))
+    seen = []
+    sample(base, noise, schedule, refiner=ref, callback=seen.append)
+    s = parse_schedule(schedule)
+    assert (base.calls, ref.calls) == (s.base_nfe, s.refiner_nfe)
+    assert (seen[-1]["base_nfe"], seen[-1]["refiner_nfe"]) == (s.base_nfe, s.refiner_nfe)
+    assert [e["step"] for e in seen] == list(range(s.num_steps))
+    assert seen[-1]["t"] == 1.0
+
+
+@pytest.mark.parametrize("name", list(BASELINES))
+def test_baseline_nfe_counts(mixture, noise, name):
+    base = Counter(mixture)
+    BASELINES[name](base, noise, 6)
+    assert base.calls == baseline_nfe(name, 6)
+
+
+# ---------------------------------------------------------------- accuracy
+
+
+def test_dopri5_matches_closed_form():
+    flow = GaussianMixtureFlow(torch.ones(1, 1, 2, 2) * 2.0, torch.tensor([0.3]))
+    x0 = torch.randn(16, 1, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    out = dopri5(flow, x0, rtol=1e-10, atol=1e-10)
+    assert rms(out, flow.exact_solution(x0)) < 1e-8
+    mid = dopri5(flow, x0, t_end=0.5, rtol=1e-10, atol=1e-10)
+    assert rms(mid, flow.exact_solution(x0, 0.5)) < 1e-8
+
+
+def _order(errors):
+    """Observed convergence orders from errors at step counts N, 2N, 4N."""
+    return [math.log2(a / b) for a, b in zip(errors, errors[1:], strict=False)]
+
+
+def test_euler_is_first_order(mixture, noise, reference):
+    errs = [rms(sample(mixture, noise, f"E{n}"), reference) for n in (32, 64, 128)]
+    assert all(0.85 < p < 1.2 for p in _order(errs)), errs
+
+
+@pytest.mark.parametrize("solver", ["heun", "midpoint", "multistep"])
+def test_second_order_baselines(mixture, noise, reference, solver):
+    errs = [rms(BASELINES[solver](mixture, noise, n), reference) for n in (32, 64, 128)]
+    assert all(1.75 < p < 2.3 for p in _order(errs)), errs
+
+
+def test_pseudo_corrector_is_close_to_second_order(mixture, noise, reference):
+    errs = [rms(sample(mixture, noise, f"H1P{n - 1}"), reference) for n in (32, 64, 128)]
+    orders = _order(errs)
+    assert all(p > 1.75 for p in orders), (errs, orders)
+    # cheaper than Heun with the same steps, and far better than Euler with the same NFE
+    euler = rms(sample(mixture, noise, "E129"), reference)
+    assert errs[-1] < euler / 10
+
+
+def test_custom_grid(mixture, noise, reference):
+    grid = torch.tensor([0.0, 0.1, 0.3, 0.6, 0.8, 0.9, 1.0]) ** 1.5
+    with_grid = sample(mixture, noise, "H6", timesteps=grid)
+    manual = noise.clone()
+    for t0, t1 in zip(grid[:-1].double(), grid[1:].double(), strict=True):
+        h = t1 - t0
+        d0 = mixture(manual, t0.expand(64))
+        d1 = mixture(manual + h * d0, t1.expand(64))
+        manual = manual + h / 2 * (d0 + d1)
+    torch.testing.assert_close(with_grid, manual, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="7 times"):
+        sample(mixture, noise, "H6", timesteps=uniform_grid(5))
+    with pytest.raises(ValueError, match="increasing"):
+        sample(mixture, noise, "H2", timesteps=[0.0, 0.7, 0.5])
+
+
+# ---------------------------------------------------------------- refiner steps
+
+
+def test_exact_refiner_turns_R_into_heun(mixture, noise):
+    """With R = V - v, an R step is a Heun step: d0 = V(x, t0), d1 = V(x~, t1)."""
+    refined = sample(mixture, noise, "H2R3", refiner=ExactRefiner(mixture))
+    heun = sample(mixture, noise, "H5")
+    torch.testing.assert_close(refined, heun, rtol=0, atol=1e-12)
+
+
+def test_refiner_input_modes(mixture, noise):
+    """The second refiner call sees d0 by default, the incoming cache with 'cache'."""
+    seen = []
+
+    def refiner(x, t, v):
+        seen.append(v)
+        return mixture(x, t) - v
+
+    x_half = sample(mixture, noise, "H1", timesteps=[0.0, 0.5])  # the state before the R step
+    half = torch.full((64,), 0.5)
+    cache = mixture(noise + 0.5 * mixture(noise, torch.zeros(64)), half)
+    sample(mixture, noise, "H1R1", refiner=refiner, refiner_input="cache")
+    torch.testing.assert_close(seen[0], cache)
+    assert torch.equal(seen[1], seen[0])
+    seen.clear()
+    sample(mixture, noise, "H1R1", refiner=refiner)
+    torch.testing.assert_close(seen[0], cache)
+    torch.testing.assert_close(seen[1], mixture(x_half, half))  # d0 = c + (V - c) = V(x, t0)
+    with pytest.raises(ValueError, match="refiner_input"):
+        sample(mixture, noise, "H1R1", refiner=refiner, refiner_input="d1")
+
+
+def test_refiner_step_by_hand():
+    """One H then one R step on v = a x, refiner R(x, t, v) = b v, checked by hand."""
+    a, b = 0.7, 0.1
+    model = lambda x, t: a * x  # noqa: E731
+    refiner = lambda x, t, v: b * v  # noqa: E731
+    x = torch.ones(1, 1, 1, 1, dtype=torch.float64)
+    out = sample(model, x, "H1R1", refiner=refiner)
+    h = 0.5
+    x1 = 1 + h / 2 * (a + a * (1 + h * a))
+    c = a * (1 + h * a)
+    d0 = c + b * c
+    d1 = d0 + b * d0
+    assert out.item() == pytest.approx(x1 + h / 2 * (d0 + d1), abs=1e-14)
+
+
+# ---------------------------------------------------------------- guidance
+
+
+def test_cfg_math():
+    null = 10
+
+    def fn(x, t, *extra, y):
+        cond = (y != null).to(x.dtype).reshape(-1, 1, 1, 1)
+        out = x + cond * 2.0 + t.reshape(-1, 1, 1, 1)
+        return out + sum(extra) if extra else out
+
+    x, t, y = torch.randn(3, 4, 2, 2), torch.rand(3), torch.tensor([1, 2, 3])
+    s = 1.5
+    guided = ClassifierFreeGuidance(fn, s, null)(x, t, y=y)
+    uncond, cond = x + t.reshape(-1, 1, 1, 1), x + 2 + t.reshape(-1, 1, 1, 1)
+    torch.testing.assert_close(guided, uncond + s * (cond - uncond))
+    three = ClassifierFreeGuidance(fn, s, null, channels=3)(x, t, y=y)
+    torch.testing.assert_close(three[:, :3], guided[:, :3])
+    torch.testing.assert_close(three[:, 3:], cond[:, 3:])
+    v = torch.randn_like(x)
+    refined = ClassifierFreeGuidance(fn, s, null)(x, t, v, y=y)
+    torch.testing.assert_close(refined, guided + v)
+
+
+def test_cfg_one_batch_of_2B_and_scale_one_skips_it():
+    sizes = []
+
+    def fn(x, t, y):
+        sizes.append(x.shape[0])
+        return x
+
+    x, t, y = torch.randn(4, 1, 2, 2), torch.rand(4), torch.zeros(4, dtype=torch.long)
+    ClassifierFreeGuidance(fn, 4.0, 5)(x, t, y=y)
+    ClassifierFreeGuidance(fn, 1.0, 5)(x, t, y=y)
+    assert sizes == [8, 4]
+
+
+# ---------------------------------------------------------------- compilation
+
+
+class TinyVelocity(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 2, 3, padding=1)
+        self.emb = torch.nn.Embedding(4, 2)
+
+    def forward(self, x, t, y):
+        return torch.tanh(self.conv(x)) * t.reshape(-1, 1, 1, 1) + self.emb(y)[..., None, None]
+
+
+class TinyRefiner(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 2, 3, padding=1)
+
+    def forward(self, x, t, v, y):
+        return 0.1 * torch.tanh(self.conv(torch.cat([x, v], 1))) * (1 - t.reshape(-1, 1, 1, 1))
+
+
+def _counting_backend():
+    compiled = []
+
+    def backend(gm, example_inputs):
+        compiled.append(gm)
+        return gm.forward
+
+    return backend, compiled
+
+
+@torch.no_grad()
+def test_compile_reuses_programs_and_recompiles_on_new_shape():
+    torch.manual_seed(0)
+    model, refiner = TinyVelocity().eval(), TinyRefiner().eval()
+    backend, compiled = _counting_backend()
+    opts = {"backend": backend}
+    x, y = torch.randn(2, 2, 4, 4), torch.tensor([0, 3])
+    eager = sample(model, x, "H2P2R2", refiner=refiner, y=y)
+    out = sample(model, x, "H2P2R2", refiner=refiner, compile=opts, y=y)
+    torch.testing.assert_close(out, eager)
+    n = len(compiled)
+    assert n >= 3  # one program per step kind at least
+    again = sample(model, x + 1, "H2P2R2", refiner=refiner, compile=opts, y=y)
+    assert len(compiled) == n  # same settings: nothing recompiled
+    assert not torch.equal(again, out)  # fresh inputs, fresh outputs
+    sample(
+        model, torch.randn(3, 2, 4, 4), "H2P2R2", refiner=refiner, compile=opts, y=y.repeat(2)[:3]
+    )
+    assert len(compiled) > n  # a new batch shape compiles anew
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_inductor_compiled_equals_eager():
+    torch.manual_seed(0)
+    model, refiner = TinyVelocity().eval(), TinyRefiner().eval()
+    x, y = torch.randn(2, 2, 4, 4), torch.tensor([1, 2])
+    eager = sample(model, x, "H1P2R2", refiner=refiner, y=y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # compilation must not silently fall back
+        compiled = sample(model, x, "H1P2R2", refiner=refiner, compile=True, y=y)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_compile_failure_falls_back_with_one_warning(monkeypatch):
+    from flowturbo.sampling import compile as compile_mod
+
+    def broken_compile(fn, **options):
+        def run(*args):
+            raise RuntimeError("no C++ compiler found")
+
+        return run
+
+    monkeypatch.setattr(compile_mod.torch, "compile", broken_compile)
+    monkeypatch.setattr(compile_mod, "_CACHE", {})
+    monkeypatch.setattr(compile_mod, "_WARNED", set())
+    model = TinyVelocity().eval()
+    x, y = torch.randn(2, 2, 4, 4), torch.tensor([0, 1])
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler") as record:
+        out = sample(model, x, "H2P2", compile=True, y=y)
+        sample(model, x, "E3", compile=True, y=y)
+    assert len([w for w in record if issubclass(w.category, RuntimeWarning)]) == 1
+    torch.testing.assert_close(out, sample(model, x, "H2P2", y=y))
+
+
+def test_errors_in_the_model_are_not_hidden_by_the_fallback(monkeypatch):
+    from flowturbo.sampling import compile as compile_mod
+
+    monkeypatch.setattr(compile_mod, "_CACHE", {})
+
+    def bad(x, t, y):
+        raise KeyError("model bug")
+
+    with pytest.raises(KeyError, match="model bug"):
+        sample(bad, torch.randn(1, 2, 4, 4), "E1", compile={"backend": "eager"}, y=None)
