@@ -1,0 +1,64 @@
+"""Training a base flow model (SiT) with flow matching."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from flowturbo.flow import flow_matching_loss
+from flowturbo.lit.common import OptimizerFactory, ema_copy, optimizer_with_warmup, seeded_noise
+
+
+class FlowMatchingModule(L.LightningModule):
+    """Trains ``net`` (a SiT) on batches ``(x1, y)`` with the flow-matching loss.
+
+    Label dropout for guidance is the SiT's own (``class_dropout_prob``, training mode only).
+    An EMA copy of ``net`` is kept, saved in checkpoints and used for validation and samples.
+
+    Args:
+        net: the velocity network ``net(x, t, y)``.
+        optimizer: a partial optimizer, called with the parameters (AdamW in the configs).
+        warmup_steps: linear learning-rate warm-up.
+        ema_decay: EMA decay per optimizer step.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        optimizer: OptimizerFactory,
+        warmup_steps: int = 0,
+        ema_decay: float = 0.999,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["net", "optimizer"])
+        self.net = net
+        self.ema = ema_copy(net, ema_decay)
+        self.optimizer = optimizer
+
+    @property
+    def sampling_net(self) -> nn.Module:
+        """The network to sample with: the EMA weights."""
+        return self.ema.module
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x1, y = batch
+        x0 = torch.randn_like(x1)
+        t = torch.rand(x1.shape[0], device=x1.device)
+        loss = flow_matching_loss(self.net, x1, x0, t, y=y)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        self.ema.update_parameters(self.net)
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x1, y = batch
+        x0, t = seeded_noise(x1, seed=batch_idx)  # same noise every validation
+        loss = flow_matching_loss(self.sampling_net, x1, x0, t, y=y)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+
+    def configure_optimizers(self) -> dict:
+        return optimizer_with_warmup(
+            self.net.parameters(), self.optimizer, self.hparams.warmup_steps
+        )

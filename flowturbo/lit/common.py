@@ -1,0 +1,44 @@
+"""Pieces both Lightning modules use: EMA of the trained network, AdamW with linear warm-up."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+
+def ema_copy(net: nn.Module, decay: float) -> AveragedModel:
+    """An exponential moving average of ``net`` (weights and buffers), without gradients.
+
+    Only the trained network is averaged, never a frozen base beside it (that would double the
+    memory of a 675 M-parameter model for nothing).
+    """
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"ema_decay must be in [0, 1), got {decay}")
+    ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    ema.requires_grad_(False)
+    return ema
+
+
+def optimizer_with_warmup(
+    params: Iterable[nn.Parameter], optimizer: OptimizerFactory, warmup_steps: int
+) -> dict:
+    """``configure_optimizers`` output: the optimizer and a per-step linear warm-up to its lr."""
+    opt = optimizer(params)
+    warmup = max(int(warmup_steps), 0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
+    )
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def seeded_noise(like: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise (like ``like``) and times (B,) from a fixed seed: reproducible validation batches."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x0 = torch.randn(like.shape, generator=g).to(like)
+    t = torch.rand(like.shape[0], generator=g).to(like.device)
+    return x0, t
