@@ -1,0 +1,899 @@
+"""Writing webdataset tar shards: image folders, in-memory samples and VAE latents.
+
+Layout of a shard set (one directory)::
+
+    out_dir/shard-000000.tar, shard-000001.tar, ...   # tar members "{key}.{field}"
+    out_dir/manifest.json                             # shards (name, count, bytes), total,
+                                                      # classes, skipped files, metadata
+
+Fields are the tar-member suffixes webdataset groups by key: ``jpg``/``png`` (encoded image
+bytes), ``cls`` (class index as decimal text), ``*.npy`` (``numpy.save`` bytes, e.g.
+``latent.npy``). Keys contain no dots (webdataset splits a member name at its first dot).
+
+All writers share one code path (:func:`_write_shard_set`):
+
+- each shard is written to a hidden temporary name and ``os.replace``-d into place when
+  complete, so a ``shard-*.tar`` file is never half written;
+- ``manifest.json`` is rewritten atomically after every finished shard and is the done marker:
+  on a re-run with ``resume=True`` a shard recorded there whose file still has the recorded
+  size is skipped; any other shard of the plan (missing, unrecorded, or of the wrong size, e.g.
+  left by an interrupted run) is rewritten, and leftover temporary files are removed;
+- the manifest stores a fingerprint of the inputs and settings; resuming into a directory
+  written from different inputs raises instead of mixing two data sets;
+- samples that cannot be read are skipped, counted and listed under ``skipped`` in the
+  manifest (per shard and in total), never dropped silently.
+
+One writer per output directory at a time; concurrent writers into the same directory are not
+supported.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import json
+import logging
+import multiprocessing as mp
+import os
+import re
+import tarfile
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import braceexpand
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.json"
+SHARD_NAME = "shard-{:06d}.tar"
+SHARD_RE = re.compile(r"^shard-\d{6}\.tar$")
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+"""File suffixes scanned in an image folder (case-insensitive), as torchvision's ImageFolder."""
+LATENT_SCALE = 0.18215
+"""The SD VAE latent scale used by SiT/DiT: latent = 0.18215 * posterior mean."""
+VAE_HINT = (
+    'install the VAE extra with `pip install "flowturbo[vae]"` and save the SD VAE '
+    "(stabilityai/sd-vae-ft-ema) to a local folder on a machine with internet access, e.g. "
+    "`AutoencoderKL.from_pretrained('stabilityai/sd-vae-ft-ema').save_pretrained(FOLDER)`; "
+    "nothing is downloaded at run time"
+)
+_TAR_MTIME = 946684800  # fixed member timestamp (2000-01-01) so shard bytes are reproducible
+_KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
+# ----------------------------------------------------------------------------- manifest
+
+
+class Skip(NamedTuple):
+    """A sample that could not be read: where it came from and why."""
+
+    source: str
+    error: str
+
+
+Record = tuple[str, dict[str, bytes]]
+"""One encoded sample: (key, {field: bytes})."""
+
+
+@dataclass
+class ShardInfo:
+    """One finished shard: file name, samples written, file size, samples skipped."""
+
+    name: str
+    count: int
+    bytes: int
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class Manifest:
+    """The contents of ``manifest.json``: what a shard set holds.
+
+    Attributes:
+        kind: "image", "latent" or "samples".
+        shard_size: Samples per shard before skips (the last shard may hold fewer).
+        shards: Finished shards in index order.
+        classes: Class names, index = position (ImageFolder order), or None.
+        complete: True once every shard of the plan is written.
+        fingerprint: Hash of the inputs and settings, used to refuse resuming into a
+            directory written from something else; None when unknown.
+        meta: Free-form settings (resolution, VAE folder, latent scale, ...).
+    """
+
+    kind: str
+    shard_size: int
+    shards: list[ShardInfo] = field(default_factory=list)
+    classes: list[str] | None = None
+    complete: bool = False
+    fingerprint: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        """Samples in all shards."""
+        return sum(s.count for s in self.shards)
+
+    @property
+    def skipped(self) -> list[dict[str, str]]:
+        """Every skipped input, as {"source", "error"} dicts, in shard order."""
+        return [item for s in self.shards for item in s.skipped]
+
+    @property
+    def num_skipped(self) -> int:
+        """Number of skipped inputs."""
+        return sum(len(s.skipped) for s in self.shards)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict, with the derived totals written out for readers."""
+        return {
+            "format": "flowturbo-shards/1",
+            "kind": self.kind,
+            "complete": self.complete,
+            "total": self.total,
+            "num_shards": len(self.shards),
+            "shard_size": self.shard_size,
+            "classes": self.classes,
+            "num_skipped": self.num_skipped,
+            "skipped": self.skipped,
+            "fingerprint": self.fingerprint,
+            "meta": self.meta,
+            "shards": [vars(s) for s in self.shards],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Manifest:
+        """Inverse of :meth:`to_dict` (derived fields are recomputed, not read)."""
+        return cls(
+            kind=d["kind"],
+            shard_size=int(d["shard_size"]),
+            shards=[ShardInfo(**s) for s in d["shards"]],
+            classes=d.get("classes"),
+            complete=bool(d.get("complete", False)),
+            fingerprint=d.get("fingerprint"),
+            meta=dict(d.get("meta") or {}),
+        )
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write atomically: a temporary file in the same folder, then ``os.replace``."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        with open(tmp, "w") as f:
+            json.dump(self.to_dict(), f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Manifest:
+        """Read a manifest file, or the ``manifest.json`` inside a directory."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / MANIFEST_NAME
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+    def shard_paths(self, root: str | os.PathLike) -> list[Path]:
+        """Paths of the non-empty shards under ``root`` (the manifest's folder)."""
+        return [Path(root) / s.name for s in self.shards if s.count > 0]
+
+
+def resolve_shards(spec: str | os.PathLike | Sequence[str]) -> list[str]:
+    """Expand a shard specification into a list of shard paths (or URLs).
+
+    Accepted: a folder with ``manifest.json`` (its non-empty shards; the manifest must be
+    complete), a folder of ``*.tar`` files (sorted), a brace pattern such as
+    ``/data/train/shard-{000000..000146}.tar`` (``::`` separates several), a glob pattern, a
+    list of paths, or remote URLs (``pipe:``, ``http://``, ..., passed on unchecked).
+
+    Raises:
+        FileNotFoundError: Nothing matches, or named local shards are missing.
+        RuntimeError: The folder's manifest is from an unfinished writer run.
+    """
+    if isinstance(spec, list | tuple):
+        urls = [str(s) for s in spec]
+    else:
+        text = os.path.expanduser(str(spec))
+        folder = Path(text)
+        if folder.is_dir():
+            manifest_path = folder / MANIFEST_NAME
+            if manifest_path.is_file():
+                manifest = Manifest.load(manifest_path)
+                if not manifest.complete:
+                    raise RuntimeError(
+                        f"{manifest_path} is incomplete: the shard writer did not finish; re-run "
+                        "it (it resumes where it stopped)"
+                    )
+                urls = [str(p) for p in manifest.shard_paths(folder)]
+            else:
+                urls = sorted(str(p) for p in folder.glob("*.tar"))
+        else:
+            urls = []
+            for part in text.split("::"):
+                for url in braceexpand.braceexpand(part):
+                    if _is_remote(url) or not glob.has_magic(url):
+                        urls.append(url)
+                    else:
+                        urls.extend(sorted(glob.glob(url)))
+    if not urls:
+        raise FileNotFoundError(
+            f"no shard files match {str(spec)!r}: write shards first (flowturbo.data."
+            "write_image_shards, write_latent_shards or demo_shards), then pass a brace "
+            "pattern such as 'DIR/shard-{000000..000009}.tar' or the folder with manifest.json"
+        )
+    missing = [u for u in urls if not _is_remote(u) and not os.path.isfile(u)]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} of {len(urls)} shard files named by {str(spec)!r} do not exist, "
+            f"e.g. {missing[0]}; check the pattern's range or re-run the shard writer"
+        )
+    return urls
+
+
+def _is_remote(url: str) -> bool:
+    return "://" in url or url.startswith("pipe:")
+
+
+# ----------------------------------------------------------------------------- encoding
+
+
+def encode_field(name: str, value: Any) -> bytes:
+    """Encode one field value into tar-member bytes.
+
+    Rules: bytes pass through unchanged (already encoded images); ``cls`` -> decimal text;
+    a name ending in ``npy`` -> ``numpy.save`` of the array (no pickle); str -> UTF-8.
+    """
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)
+    if name == "cls" or name.endswith(".cls"):
+        return str(int(value)).encode()
+    if name.endswith("npy"):
+        buf = io.BytesIO()
+        np.save(buf, np.asarray(value), allow_pickle=False)
+        return buf.getvalue()
+    if isinstance(value, str):
+        return value.encode()
+    raise TypeError(f"cannot encode field {name!r} of type {type(value).__name__}")
+
+
+def _check_key(key: str) -> str:
+    if not _KEY_RE.match(key):
+        raise ValueError(f"shard key {key!r} must match {_KEY_RE.pattern} (no dots or slashes)")
+    return key
+
+
+def read_shard(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Iterate over the samples of one tar shard, grouped by key as webdataset does.
+
+    Yields:
+        (key, {field: bytes}) in file order.
+    """
+    key, fields = None, {}
+    with tarfile.open(path, "r") as tar:
+        for member in tar:
+            if not member.isreg():
+                continue
+            base = os.path.basename(member.name)
+            stem, _, ext = base.partition(".")
+            prefix = os.path.join(os.path.dirname(member.name), stem)
+            if prefix != key and key is not None:
+                yield key, fields
+                fields = {}
+            key = prefix
+            fields[ext.lower()] = tar.extractfile(member).read()
+    if key is not None:
+        yield key, fields
+
+
+def _write_tar(path: Path, records: Iterable[Record | Skip]) -> ShardInfo:
+    """Write records to ``path`` via a temporary file; skips are counted, not written."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    count, skipped = 0, []
+    try:
+        with open(tmp, "wb") as f:
+            with tarfile.open(fileobj=f, mode="w") as tar:
+                for rec in records:
+                    if isinstance(rec, Skip):
+                        skipped.append(rec._asdict())
+                        continue
+                    key, fields = rec
+                    for name, data in fields.items():
+                        info = tarfile.TarInfo(f"{_check_key(key)}.{name}")
+                        info.size, info.mtime, info.mode = len(data), _TAR_MTIME, 0o644
+                        tar.addfile(info, io.BytesIO(data))
+                    count += 1
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return ShardInfo(path.name, count, path.stat().st_size, skipped)
+
+
+def _execute(task: tuple[Path, Callable[[], Iterable[Record | Skip]]]) -> ShardInfo:
+    path, job = task
+    return _write_tar(path, job())
+
+
+# ----------------------------------------------------------------------------- the one driver
+
+
+def _write_shard_set(
+    out_dir: Path,
+    jobs: Iterable[tuple[int, Callable[[], Iterable[Record | Skip]]]],
+    template: Manifest,
+    *,
+    resume: bool,
+    workers: int = 0,
+    mp_context: str = "spawn",
+    progress: bool = True,
+    total_jobs: int | None = None,
+    desc: str = "shards",
+) -> Manifest:
+    """Write shard ``index`` of each ``(index, job)`` unless already done; keep the manifest.
+
+    ``job()`` yields the shard's records (and :class:`Skip` entries). With ``workers > 0`` jobs
+    run in a process pool (each worker writes whole shards; jobs must be picklable), else
+    in this process, lazily, in order.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(".shard-*.tar.tmp-*"):  # partial shards of an interrupted run
+        stale.unlink(missing_ok=True)
+    manifest_path = out_dir / MANIFEST_NAME
+    done: dict[str, ShardInfo] = {}
+    if resume and manifest_path.exists():
+        previous = Manifest.load(manifest_path)
+        same = (
+            previous.kind == template.kind
+            and previous.shard_size == template.shard_size
+            and (
+                previous.fingerprint is None
+                or template.fingerprint is None
+                or previous.fingerprint == template.fingerprint
+            )
+        )
+        if not same:
+            raise ValueError(
+                f"{manifest_path} was written from other inputs or settings (kind "
+                f"{previous.kind!r}, shard_size {previous.shard_size}); pass resume=False to "
+                "rewrite the directory, or choose another output directory"
+            )
+        for s in previous.shards:
+            p = out_dir / s.name
+            if p.is_file() and p.stat().st_size == s.bytes:
+                done[s.name] = s
+
+    manifest = Manifest(**{**vars(template), "shards": sorted(done.values(), key=_name)})
+    manifest.complete = False
+    manifest.save(manifest_path)
+    results = dict(done)
+    plan: list[str] = []
+    bar = tqdm(total=total_jobs, desc=desc, unit="shard", disable=not progress)
+
+    def record(info: ShardInfo) -> None:
+        results[info.name] = info
+        manifest.shards = sorted(results.values(), key=_name)
+        manifest.save(manifest_path)
+        bar.update(1)
+        bar.set_postfix(samples=manifest.total, skipped=manifest.num_skipped)
+
+    def pending() -> Iterator[tuple[Path, Callable[[], Iterable[Record | Skip]]]]:
+        for index, job in jobs:
+            name = SHARD_NAME.format(index)
+            plan.append(name)
+            if name in done:
+                bar.update(1)
+                continue
+            yield out_dir / name, job
+
+    try:
+        if workers > 0:
+            tasks = list(pending())
+            if tasks:
+                with mp.get_context(mp_context).Pool(min(workers, len(tasks))) as pool:
+                    for info in pool.imap_unordered(_execute, tasks):
+                        record(info)
+        else:
+            for task in pending():
+                record(_execute(task))
+    finally:
+        bar.close()
+
+    manifest.shards = [results[name] for name in plan]
+    manifest.complete = True
+    manifest.save(manifest_path)
+    for extra in out_dir.glob("shard-*.tar"):  # shards of an older, longer plan
+        if SHARD_RE.match(extra.name) and extra.name not in plan:
+            extra.unlink()
+    if manifest.num_skipped:
+        log.warning(
+            "%s: skipped %d unreadable input(s), listed under 'skipped' in %s; first: %s",
+            out_dir,
+            manifest.num_skipped,
+            manifest_path,
+            manifest.skipped[0],
+        )
+    return manifest
+
+
+def _name(s: ShardInfo) -> str:
+    return s.name
+
+
+def _fingerprint(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- image folders
+
+
+def scan_image_folder(root: str | os.PathLike) -> tuple[list[str], list[tuple[str, int]]]:
+    """List an ImageFolder tree ``root/<class_dir>/**/<image>`` as torchvision does.
+
+    Class index = position in the sorted class-folder names; files are those with an
+    :data:`IMG_EXTENSIONS` suffix (case-insensitive), sorted; other files are ignored.
+
+    Returns:
+        (classes, [(path relative to root, class index), ...]).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    if not classes:
+        raise FileNotFoundError(f"{root} has no class folders (expected root/<class>/<image>)")
+    files = []
+    for index, name in enumerate(classes):
+        for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
+            dirnames.sort()
+            for fname in sorted(filenames):
+                if fname.lower().endswith(IMG_EXTENSIONS):
+                    files.append((os.path.relpath(os.path.join(dirpath, fname), root), index))
+    return classes, files
+
+
+def _sample_key(index: int, rel_path: str) -> str:
+    stem = re.sub(r"[^A-Za-z0-9_\-]", "_", Path(rel_path).stem)[:64]
+    return f"{index:08d}_{stem}"
+
+
+def _read_image_file(path: str) -> tuple[str, bytes]:
+    """Fully decode an image (catches truncation) and return (field, bytes) to store.
+
+    JPEG and PNG files are stored as their original bytes; any other format is re-encoded
+    losslessly as PNG.
+    """
+    with open(path, "rb") as f:
+        data = f.read()
+    with Image.open(io.BytesIO(data)) as img:
+        fmt = img.format
+        img.load()
+        if fmt == "JPEG":
+            return "jpg", data
+        if fmt == "PNG":
+            return "png", data
+        if img.mode not in ("1", "L", "LA", "P", "RGB", "RGBA"):
+            img = img.convert("RGB")
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        return "png", buf.getvalue()
+
+
+@dataclass
+class _ImageFolderJob:
+    """One shard of an image folder: read, check and yield its files (picklable)."""
+
+    root: str
+    items: list[tuple[int, str, int]]  # (global index, relative path, class index)
+
+    def __call__(self) -> Iterator[Record | Skip]:
+        for index, rel, label in self.items:
+            try:
+                ext, data = _read_image_file(os.path.join(self.root, rel))
+            except Exception as exn:
+                yield Skip(rel, f"{type(exn).__name__}: {exn}")
+                continue
+            yield _sample_key(index, rel), {ext: data, "cls": encode_field("cls", label)}
+
+
+def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def write_image_shards(
+    root: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    shard_size: int = 1000,
+    workers: int | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    mp_context: str = "spawn",
+) -> Manifest:
+    """Write an ImageFolder tree (ImageNet train layout) as webdataset tar shards.
+
+    Each sample is ``{key}.jpg`` (the original JPEG bytes, not re-encoded) or ``{key}.png``
+    (PNG files as they are; other formats re-encoded losslessly to PNG) plus ``{key}.cls``
+    (class index as text, index = sorted class-folder order). Keys are
+    ``{global index:08d}_{file stem}``. Shard ``i`` holds files ``i * shard_size ...`` of the
+    sorted file list, so a re-run plans the same shards. Files that cannot be decoded are
+    skipped and listed in the manifest's ``skipped``.
+
+    Args:
+        root: ``root/<class_dir>/<image>`` tree.
+        out_dir: Output folder for ``shard-%06d.tar`` and ``manifest.json``.
+        shard_size: Files per shard.
+        workers: Processes, each writing whole shards; None = CPU count, 0 = this process.
+        resume: Skip shards the manifest records as complete (see the module docstring).
+        progress: Show a tqdm bar over shards.
+        mp_context: multiprocessing start method for the pool.
+
+    Returns:
+        The final manifest (also written to ``out_dir/manifest.json``).
+    """
+    classes, files = scan_image_folder(root)
+    if not files:
+        raise FileNotFoundError(f"no image files ({', '.join(IMG_EXTENSIONS)}) under {root}")
+    items = [(i, rel, label) for i, (rel, label) in enumerate(files)]
+    chunks = _chunks(items, shard_size)
+    jobs = [(i, _ImageFolderJob(str(root), list(c))) for i, c in enumerate(chunks)]
+    template = Manifest(
+        kind="image",
+        shard_size=shard_size,
+        classes=classes,
+        fingerprint=_fingerprint("image", shard_size, files),
+        meta={"source": str(Path(root).resolve())},
+    )
+    workers = (os.cpu_count() or 1) if workers is None else workers
+    return _write_shard_set(
+        Path(out_dir),
+        jobs,
+        template,
+        resume=resume,
+        workers=workers,
+        mp_context=mp_context,
+        progress=progress,
+        total_jobs=len(jobs),
+        desc=f"image shards -> {out_dir}",
+    )
+
+
+# ----------------------------------------------------------------------------- in-memory samples
+
+
+@dataclass
+class _RecordsJob:
+    records: list[Record]
+
+    def __call__(self) -> Iterator[Record]:
+        return iter(self.records)
+
+
+def write_sample_shards(
+    samples: Iterable[tuple[str, Mapping[str, Any]]],
+    out_dir: str | os.PathLike,
+    *,
+    shard_size: int = 1000,
+    classes: Sequence[str] | None = None,
+    kind: str = "samples",
+    meta: Mapping[str, Any] | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> Manifest:
+    """Write ``(key, {field: value})`` samples as tar shards of ``shard_size`` samples.
+
+    Values are encoded by :func:`encode_field`: bytes as they are (e.g. ``"png"`` image
+    bytes), ``"cls"`` as text, ``"*.npy"`` fields as ``numpy.save`` bytes. Used for the demo
+    set, for latent shards made elsewhere and for trajectory caches.
+
+    Args:
+        samples: Iterable of (key, fields); keys match ``[A-Za-z0-9_-]+`` and are unique.
+        out_dir: Output folder.
+        shard_size: Samples per shard.
+        classes: Class names to record in the manifest.
+        kind: Manifest kind ("samples", "image", "latent", ...).
+        meta: Extra settings to record in the manifest.
+        resume: Skip shards already recorded as complete. The iterable must then yield the same
+            samples in the same order (it is still consumed; only writing is skipped).
+        progress: Show a tqdm bar over shards.
+
+    Returns:
+        The final manifest.
+    """
+
+    def jobs() -> Iterator[tuple[int, _RecordsJob]]:
+        chunk: list[Record] = []
+        index = 0
+        for key, fields in samples:
+            chunk.append((key, {k: encode_field(k, v) for k, v in fields.items()}))
+            if len(chunk) == shard_size:
+                yield index, _RecordsJob(chunk)
+                chunk, index = [], index + 1
+        if chunk:
+            yield index, _RecordsJob(chunk)
+
+    template = Manifest(
+        kind=kind,
+        shard_size=shard_size,
+        classes=list(classes) if classes is not None else None,
+        meta=dict(meta or {}),
+    )
+    return _write_shard_set(
+        Path(out_dir), jobs(), template, resume=resume, progress=progress, desc=f"{kind} shards"
+    )
+
+
+# ----------------------------------------------------------------------------- latents
+
+
+def center_crop_resize(img: Image.Image, size: int) -> Image.Image:
+    """ADM-style center crop: halve with a box filter while the short side is >= 2 * size,
+    resize the short side to ``size`` (bicubic), then crop the central ``size`` x ``size``."""
+    while min(img.size) >= 2 * size:
+        img = img.resize((img.width // 2, img.height // 2), resample=Image.Resampling.BOX)
+    scale = size / min(img.size)
+    img = img.resize(
+        (round(img.width * scale), round(img.height * scale)), resample=Image.Resampling.BICUBIC
+    )
+    left, top = (img.width - size) // 2, (img.height - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def _load_rgb(data: bytes, size: int) -> np.ndarray:
+    """Encoded image bytes -> (size, size, 3) uint8, center-cropped."""
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(center_crop_resize(img.convert("RGB"), size))
+
+
+def image_field(fields: Mapping[str, bytes]) -> bytes:
+    """The encoded image of a sample: its first jpg, jpeg, png or webp field."""
+    for ext in ("jpg", "jpeg", "png", "webp"):
+        if ext in fields:
+            return fields[ext]
+    raise KeyError(f"no image field (jpg/jpeg/png/webp) among {sorted(fields)}")
+
+
+def _resolve_image_source(source: str | os.PathLike) -> tuple[str, Any, list[str] | None]:
+    """("shards", [paths], classes) for a shard set, ("folder", files, classes) for a tree."""
+    src = str(source)
+    path = Path(src)
+    if path.is_dir() and not (path / MANIFEST_NAME).exists() and not any(path.glob("*.tar")):
+        classes, files = scan_image_folder(path)
+        return "folder", files, classes
+    classes = Manifest.load(path).classes if (path / MANIFEST_NAME).is_file() else None
+    return "shards", resolve_shards(src), classes
+
+
+class _LatentEncoder:
+    """Encodes uint8 image batches with the VAE: 0.18215 * posterior mean (not a sample)."""
+
+    def __init__(self, vae: Any, device: torch.device, dtype: torch.dtype, scale: float):
+        self.vae, self.device, self.dtype, self.scale = vae, device, dtype, scale
+
+    def __call__(self, images: np.ndarray, flip: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """(B, H, W, 3) uint8 -> float16 latents (B, C, h, w) and their flipped twins."""
+        import torch
+
+        x = torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2)
+        x = x.to(self.dtype) / 127.5 - 1.0
+        if flip:
+            x = torch.cat([x, x.flip(3)])
+        with torch.no_grad():
+            z = self.vae.encode(x).latent_dist.mean * self.scale
+        z = z.float().cpu().numpy().astype(np.float16)
+        n = len(images)
+        return z[:n], (z[n:] if flip else None)
+
+
+@dataclass
+class _LatentJob:
+    """One latent shard: decode inputs (thread pool), encode in batches, yield records."""
+
+    inputs: Callable[[], Iterator[tuple[str, int, bytes] | Skip]]
+    encoder: _LatentEncoder
+    resolution: int
+    batch_size: int
+    flip: bool
+    decode_workers: int
+
+    def _decode(self, item: tuple[str, int, bytes] | Skip) -> tuple[str, int, np.ndarray] | Skip:
+        if isinstance(item, Skip):
+            return item
+        key, label, data = item
+        try:
+            return key, label, _load_rgb(data, self.resolution)
+        except Exception as exn:
+            return Skip(key, f"{type(exn).__name__}: {exn}")
+
+    def _encode(self, batch: list[tuple[str, int, np.ndarray]]) -> Iterator[Record]:
+        z, z_flip = self.encoder(np.stack([img for _, _, img in batch]), self.flip)
+        for i, (key, label, _) in enumerate(batch):
+            fields = {"latent.npy": encode_field("latent.npy", z[i])}
+            if z_flip is not None:
+                fields["latent_flip.npy"] = encode_field("latent_flip.npy", z_flip[i])
+            fields["cls"] = encode_field("cls", label)
+            yield key, fields
+
+    def __call__(self) -> Iterator[Record | Skip]:
+        batch: list[tuple[str, int, np.ndarray]] = []
+
+        def take(item: tuple[str, int, np.ndarray] | Skip) -> Iterator[Record | Skip]:
+            if isinstance(item, Skip):
+                yield item
+                return
+            batch.append(item)
+            if len(batch) == self.batch_size:
+                yield from self._encode(batch)
+                batch.clear()
+
+        # decode ahead in threads (bounded: two batches in flight) while the VAE encodes
+        with ThreadPoolExecutor(max(1, self.decode_workers)) as pool:
+            pending: deque[Future] = deque()
+            for item in self.inputs():
+                pending.append(pool.submit(self._decode, item))
+                if len(pending) >= 2 * self.batch_size:
+                    yield from take(pending.popleft().result())
+            while pending:
+                yield from take(pending.popleft().result())
+        if batch:
+            yield from self._encode(batch)
+
+
+@dataclass
+class _ShardInputs:
+    path: str
+
+    def __call__(self) -> Iterator[tuple[str, int, bytes] | Skip]:
+        for key, fields in read_shard(self.path):
+            try:
+                yield key, int(fields["cls"]), image_field(fields)
+            except Exception as exn:
+                yield Skip(f"{key} @ {self.path}", f"{type(exn).__name__}: {exn}")
+
+
+@dataclass
+class _FolderInputs:
+    root: str
+    items: list[tuple[int, str, int]]
+
+    def __call__(self) -> Iterator[tuple[str, int, bytes] | Skip]:
+        for index, rel, label in self.items:
+            try:
+                with open(os.path.join(self.root, rel), "rb") as f:
+                    yield _sample_key(index, rel), label, f.read()
+            except OSError as exn:
+                yield Skip(rel, f"{type(exn).__name__}: {exn}")
+
+
+def load_vae(vae_path: str | os.PathLike, device: Any = "cpu", dtype: Any = None) -> Any:
+    """Load the SD VAE (diffusers ``AutoencoderKL``) from a local folder, in eval mode.
+
+    Raises:
+        FileNotFoundError: The folder does not exist (the message says how to get it).
+        ImportError: diffusers is not installed.
+    """
+    vae_path = Path(vae_path)
+    if not vae_path.is_dir():
+        raise FileNotFoundError(f"VAE folder {vae_path} not found: {VAE_HINT}")
+    try:
+        from diffusers import AutoencoderKL
+    except ImportError as exn:
+        raise ImportError(f"the VAE needs diffusers: {VAE_HINT}") from exn
+    vae = AutoencoderKL.from_pretrained(str(vae_path), local_files_only=True)
+    return vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def write_latent_shards(
+    source: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    vae_path: str | os.PathLike,
+    *,
+    resolution: int = 256,
+    batch_size: int = 64,
+    flip: bool = True,
+    device: str | torch.device | None = None,
+    vae_dtype: str = "float32",
+    scale: float = LATENT_SCALE,
+    shard_size: int = 1000,
+    decode_workers: int = 8,
+    resume: bool = True,
+    progress: bool = True,
+) -> Manifest:
+    """Encode images once with the SD VAE and write latent shards.
+
+    Each image is center-cropped and resized to ``resolution`` (ADM style,
+    :func:`center_crop_resize`), mapped to [-1, 1] and encoded;
+    ``latent.npy`` = ``scale`` * the posterior **mean** (deterministic; not a sample of the
+    posterior), float16, shape (C, resolution / 8, resolution / 8) for the SD VAE. With ``flip``
+    the horizontally flipped image's latent is stored as ``latent_flip.npy`` (a flip of the
+    latent is not the latent of the flip). ``cls`` is copied.
+
+    Args:
+        source: An image shard set (folder with ``manifest.json`` or ``*.tar``, or a brace
+            pattern): one latent shard per input shard, same keys. Or an
+            ImageFolder root: planned like :func:`write_image_shards` with ``shard_size``.
+            Output shard ``i`` holds the latents of input shard ``i`` (sorted order).
+        out_dir: Output folder.
+        vae_path: Local folder of a diffusers ``AutoencoderKL`` (e.g. sd-vae-ft-ema).
+        resolution: Image side before encoding.
+        batch_size: Images per VAE call (doubled with ``flip``).
+        flip: Also store the flipped image's latent.
+        device: Torch device; default CUDA when available.
+        vae_dtype: "float32", "float16" or "bfloat16" for the VAE.
+        scale: Latent scale factor.
+        shard_size: Files per shard for an ImageFolder source.
+        decode_workers: Threads decoding and cropping images.
+        resume: Skip shards recorded as complete.
+        progress: tqdm bar over shards.
+
+    Returns:
+        The final manifest (kind "latent"; meta records the settings and latent shape).
+
+    Raises:
+        FileNotFoundError: ``vae_path`` or the source does not exist.
+        ImportError: diffusers is missing.
+    """
+    import torch
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = getattr(torch, vae_dtype)
+    kind, inputs, classes = _resolve_image_source(source)
+    vae = load_vae(vae_path, device=device, dtype=dtype)
+    encoder = _LatentEncoder(vae, torch.device(device), dtype, scale)
+    if kind == "folder":
+        items = [(i, rel, label) for i, (rel, label) in enumerate(inputs)]
+        chunks = _chunks(items, shard_size)
+        sources: list[Callable[[], Iterator[Any]]] = [
+            _FolderInputs(str(source), list(c)) for c in chunks
+        ]
+        fingerprint_inputs: Any = inputs
+    else:
+        sources = [_ShardInputs(p) for p in inputs]
+        fingerprint_inputs = [(p, os.path.getsize(p)) for p in inputs]
+    jobs = [
+        (i, _LatentJob(src, encoder, resolution, batch_size, flip, decode_workers))
+        for i, src in enumerate(sources)
+    ]
+    settings = {
+        "vae_path": str(Path(vae_path).resolve()),
+        "resolution": resolution,
+        "scale": scale,
+        "posterior": "mean",
+        "flip": flip,
+        "dtype": "float16",
+        "source": str(source),
+    }
+    template = Manifest(
+        kind="latent",
+        shard_size=shard_size,
+        classes=classes,
+        fingerprint=_fingerprint("latent", settings, fingerprint_inputs),
+        meta=settings,
+    )
+    manifest = _write_shard_set(
+        Path(out_dir),
+        jobs,
+        template,
+        resume=resume,
+        progress=progress,
+        total_jobs=len(jobs),
+        desc=f"latent shards -> {out_dir}",
+    )
+    first = next((s for s in manifest.shard_paths(out_dir)), None)
+    if first is not None and "latent_shape" not in manifest.meta:
+        _, fields = next(read_shard(first))
+        manifest.meta["latent_shape"] = list(np.load(io.BytesIO(fields["latent.npy"])).shape)
+        manifest.save(Path(out_dir) / MANIFEST_NAME)
+    return manifest

@@ -1,0 +1,66 @@
+"""What ``train.py`` runs: build everything from the Hydra config, fit, export the EMA weights."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from flowturbo.models import save_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def make_loggers(cfg: DictConfig) -> list:
+    """CSV logger always; W&B offline unless opted in. ``WANDB_MODE`` wins over the config."""
+    loggers = []
+    for name, conf in (cfg.get("logger") or {}).items():
+        if conf is None:
+            continue
+        if "Wandb" in conf.get("_target_", ""):
+            mode = os.environ.get("WANDB_MODE")
+            if mode == "disabled":
+                continue
+            if mode is not None:
+                conf = OmegaConf.merge(conf, {"offline": mode != "online"})
+        loggers.append(instantiate(conf))
+        log.info("logger %s: %s", name, conf["_target_"])
+    return loggers
+
+
+def resume_path(cfg: DictConfig) -> str | None:
+    """``ckpt_dir/last.ckpt`` when resuming and it exists, else None (a fresh start, said so)."""
+    last = Path(cfg.ckpt_dir) / "last.ckpt"
+    if cfg.resume and last.is_file():
+        log.info("resuming from %s", last)
+        return str(last)
+    log.info("starting fresh (no %s)" if cfg.resume else "starting fresh (resume=false)", last)
+    return None
+
+
+def train(cfg: DictConfig) -> dict:
+    """Fits ``cfg.model`` on ``cfg.data`` and writes ``ckpt_dir/ema.pt``; returns final metrics."""
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data)
+    module = instantiate(cfg.model)
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=make_loggers(cfg))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(cfg))
+
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    skipped = getattr(datamodule, "skipped_summary", lambda: {})()
+    if trainer.is_global_zero:
+        out = Path(cfg.ckpt_dir) / "ema.pt"
+        net = module.ema.module
+        save_checkpoint(
+            net, out, step=trainer.global_step, metrics=metrics, run=OmegaConf.to_yaml(cfg)
+        )
+        log.info("EMA weights (step %d) written to %s", trainer.global_step, out)
+        summary = ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
+        print(f"done: step {trainer.global_step}; {summary}; data skipped: {skipped or 0}")
+        print(f"EMA weights: {out}")
+    return metrics

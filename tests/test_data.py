@@ -1,0 +1,437 @@
+"""Data package: shard writers (round trip, skips, resume), demo set, DataModule, DDP, latents."""
+
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from flowturbo.data import (
+    LATENT_SCALE,
+    Manifest,
+    ShardDataModule,
+    ShardStream,
+    center_crop_resize,
+    default_cache_dir,
+    demo_shards,
+    read_shard,
+    resolve_shards,
+    write_image_shards,
+    write_latent_shards,
+    write_sample_shards,
+)
+from flowturbo.data.datamodule import SampleDecoder
+
+
+def _png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _id_shards(out: Path, n: int, shard_size: int, bad: tuple[int, ...] = ()) -> Manifest:
+    """Tiny 8x8 grayscale shards whose label is the sample's id; ids in ``bad`` get garbage."""
+    samples = []
+    for i in range(n):
+        png = b"not a png" if i in bad else _png(np.full((8, 8), i % 256, np.uint8))
+        samples.append((f"{'bad' if i in bad else 'ok'}{i:04d}", {"png": png, "cls": i}))
+    return write_sample_shards(samples, out, shard_size=shard_size, progress=False)
+
+
+# ----------------------------------------------------------------------------- shard writer
+
+
+def _image_folder(root: Path) -> dict[str, tuple[int, str]]:
+    """3 classes x 10 images (PNG/JPEG alternating, one BMP), one corrupt file, one .txt."""
+    rng = np.random.default_rng(0)
+    expected = {}
+    for c, name in enumerate(["ant", "cat", "dog"]):  # sorted: ant=0, cat=1, dog=2
+        (root / name).mkdir(parents=True)
+        for i in range(10):
+            img = Image.fromarray(rng.integers(0, 256, (10, 12, 3), dtype=np.uint8))
+            ext = ".bmp" if (c, i) == (2, 9) else (".png" if i % 2 else ".JPEG")
+            path = root / name / f"{name}_{i}{ext}"
+            img.save(path, format={".bmp": "BMP", ".png": "PNG", ".JPEG": "JPEG"}[ext])
+            expected[f"{name}_{i}"] = (c, ext)
+    (root / "dog" / "broken.JPEG").write_bytes(b"\xff\xd8\xff definitely not a jpeg")
+    (root / "cat" / "notes.txt").write_text("ignored: not an image extension")
+    return expected
+
+
+def test_image_shards_round_trip_skips_and_resume(tmp_path):
+    root, out = tmp_path / "folder", tmp_path / "shards"
+    expected = _image_folder(root)
+    manifest = write_image_shards(root, out, shard_size=8, workers=2, progress=False)
+
+    # 31 image files -> 4 shards; the corrupt one is skipped, counted and named
+    assert [s.count for s in manifest.shards] == [8, 8, 7, 7]  # broken.JPEG sorts into shard 2
+    assert manifest.total == 30 and manifest.complete and manifest.classes == ["ant", "cat", "dog"]
+    assert manifest.num_skipped == 1 and "broken" in manifest.skipped[0]["source"]
+    on_disk = json.loads((out / "manifest.json").read_text())
+    assert on_disk["total"] == 30 and on_disk["num_skipped"] == 1
+    assert sorted(p.name for p in out.iterdir()) == [
+        "manifest.json",
+        *[f"shard-{i:06d}.tar" for i in range(4)],
+    ]
+
+    seen = {}
+    for shard in manifest.shard_paths(out):
+        for key, fields in read_shard(shard):
+            stem = key.split("_", 1)[1]
+            label, ext = expected[stem]
+            assert int(fields["cls"]) == label
+            source = root / ["ant", "cat", "dog"][label] / f"{stem}{ext}"
+            if ext == ".JPEG":  # original bytes, not re-encoded
+                assert fields["jpg"] == source.read_bytes()
+            elif ext == ".png":
+                assert fields["png"] == source.read_bytes()
+            else:  # BMP re-encoded losslessly as PNG
+                decoded = np.asarray(Image.open(io.BytesIO(fields["png"])))
+                assert np.array_equal(decoded, np.asarray(Image.open(source)))
+            seen[stem] = label
+    assert len(seen) == 30
+
+    # an interrupted run: last shard unrecorded and truncated, a temp file left behind
+    stats = {p.name: os.stat(p) for p in out.glob("shard-*.tar")}
+    broken = Manifest.load(out)
+    broken.shards, broken.complete = broken.shards[:3], False
+    broken.save(out / "manifest.json")
+    last = out / "shard-000003.tar"
+    last.write_bytes(last.read_bytes()[:700])
+    (out / ".shard-000003.tar.tmp-12345").write_bytes(b"partial")
+
+    resumed = write_image_shards(root, out, shard_size=8, workers=0, progress=False)
+    for name in ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]:  # skipped
+        now = os.stat(out / name)
+        assert (now.st_ino, now.st_mtime_ns) == (stats[name].st_ino, stats[name].st_mtime_ns)
+    assert os.stat(last).st_ino != stats[last.name].st_ino  # rewritten
+    assert len(list(read_shard(last))) == 7
+    assert resumed.complete and resumed.total == 30 and resumed.num_skipped == 1
+    assert not list(out.glob(".*tmp*"))
+
+    # resuming from other inputs is refused; resume=False rewrites
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(root / "ant" / "zz.png")
+    with pytest.raises(ValueError, match="resume=False"):
+        write_image_shards(root, out, shard_size=8, workers=0, progress=False)
+    again = write_image_shards(root, out, shard_size=8, workers=0, resume=False, progress=False)
+    assert again.total == 31
+
+
+# ----------------------------------------------------------------------------- demo set
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    return demo_shards(tmp_path_factory.mktemp("cache"))
+
+
+def test_demo_shards_counts_balance_pixels_and_cache(demo_root):
+    assert demo_root.name == "demo-mnist"
+    keys = {}
+    for split, total, shards, per_class in [("train", 4500, 9, 450), ("val", 500, 1, 50)]:
+        manifest = Manifest.load(demo_root / split)
+        assert manifest.total == total and len(manifest.shards) == shards
+        labels, images = [], []
+        for path in manifest.shard_paths(demo_root / split):
+            for key, fields in read_shard(path):
+                labels.append(int(fields["cls"]))
+                images.append(np.asarray(Image.open(io.BytesIO(fields["png"]))))
+                keys[key] = split
+        assert np.bincount(labels).tolist() == [per_class] * 10
+        images = np.stack(images)
+        assert images.shape == (total, 32, 32) and images.dtype == np.uint8
+        assert images.max() == 255 and images.min() == 0
+        assert not images[:, :2].any() and not images[:, -2:].any()  # zero padding
+        assert not images[:, :, :2].any() and not images[:, :, -2:].any()
+        # shards are mixed, not sorted by class
+        first = [int(f["cls"]) for _, f in read_shard(manifest.shard_paths(demo_root / split)[0])]
+        assert len(set(first)) == 10
+    assert len(keys) == 5000  # train and val are disjoint
+
+    before = os.stat(demo_root / "train" / "shard-000000.tar").st_mtime_ns
+    assert demo_shards(demo_root.parent) == demo_root  # cached: nothing rewritten
+    assert os.stat(demo_root / "train" / "shard-000000.tar").st_mtime_ns == before
+
+
+def test_default_cache_dir_follows_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("FLOWTURBO_CACHE", str(tmp_path / "c"))
+    assert default_cache_dir() == tmp_path / "c"
+    monkeypatch.delenv("FLOWTURBO_CACHE")
+    assert default_cache_dir() == Path("~/.cache/flowturbo").expanduser()
+
+
+# ----------------------------------------------------------------------------- DataModule
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_demo_batches_shapes_ranges_and_exact_epochs(demo_root, num_workers):
+    dm = ShardDataModule(
+        source="demo",
+        cache_dir=str(demo_root.parent),
+        batch_size=32,
+        num_workers=num_workers,
+        steps_per_epoch=7,
+        shuffle_buffer=200,
+    )
+    dm.setup("fit")
+    assert dm.num_classes == 10
+    loader = dm.train_dataloader()
+    assert len(loader) == 7
+    epochs = [list(loader) for _ in range(2)]
+    for batches in epochs:
+        assert len(batches) == 7
+        for x, y in batches:
+            assert x.shape == (32, 1, 32, 32) and x.dtype == torch.float32
+            assert y.shape == (32,) and y.dtype == torch.int64
+            assert x.min() >= -1 and x.max() <= 1 and x.min() == -1
+            assert y.min() >= 0 and y.max() <= 9
+    assert not torch.equal(epochs[0][0][1], epochs[1][0][1])  # epochs are seeded differently
+    val = list(dm.val_dataloader())
+    labels = torch.cat([y for _, y in val])
+    assert len(labels) == 500 and torch.bincount(labels).tolist() == [50] * 10
+    assert dm.skipped == 0
+
+
+def test_missing_shards_error_names_pattern(tmp_path):
+    pattern = str(tmp_path / "nowhere" / "shard-{000000..000003}.tar")
+    with pytest.raises(FileNotFoundError, match="do not exist") as err:
+        ShardDataModule(train_shards=pattern).setup("fit")
+    assert "nowhere" in str(err.value)
+    with pytest.raises(FileNotFoundError, match="write_image_shards"):
+        resolve_shards(str(tmp_path / "none-*.tar"))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_corrupt_samples_are_skipped_and_counted(tmp_path, num_workers):
+    bad = (3, 17, 30)
+    _id_shards(tmp_path / "val", 40, 10, bad=bad)
+    dm = ShardDataModule(
+        train_shards=str(tmp_path / "val"),
+        val_shards=str(tmp_path / "val"),
+        channels=1,
+        batch_size=4,
+        num_workers=num_workers,
+        steps_per_epoch=20,
+        shuffle_buffer=8,
+    )
+    dm.setup("fit")
+    seen = torch.cat([y for _, y in dm.val_dataloader()]).tolist()
+    assert sorted(seen) == [i for i in range(40) if i not in bad]  # exact pass, bad ones out
+    assert dm.val_skips.count == 3 and len(dm.val_skips.examples) == 3
+    assert all("bad" in e for e in dm.val_skips.examples)
+
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 20 and all(len(y) == 4 for _, y in batches)
+    seen = torch.cat([y for _, y in batches])
+    assert not set(seen.tolist()) & set(bad)
+    assert dm.train_skips.count > 0  # 80 samples drawn from 4 shards: the bad ones were met
+    assert dm.skipped_summary() == {
+        "data/skipped": dm.train_skips.count + 3,
+        "data/skipped_train": dm.train_skips.count,
+        "data/skipped_val": 3,
+    }
+
+
+@pytest.mark.parametrize("num_shards", [4, 3])  # split by shard / by sample position
+def test_validation_split_is_exact_and_disjoint(tmp_path, num_shards):
+    n = 37
+    _id_shards(tmp_path, n, -(-n // num_shards))
+    urls = resolve_shards(str(tmp_path))
+    assert len(urls) == num_shards
+    per_rank = []
+    for rank in range(2):
+        stream = ShardStream(
+            urls, SampleDecoder(channels=1), batch_size=5, train=False, rank=rank, world_size=2
+        )
+        per_rank.append([i for batch in stream for i in batch.y.tolist()])
+    assert not set(per_rank[0]) & set(per_rank[1])
+    assert sorted(per_rank[0] + per_rank[1]) == list(range(n))
+    assert abs(len(per_rank[0]) - len(per_rank[1])) <= 10
+
+
+def test_rgb_image_shards_resize_and_flip(tmp_path):
+    root = tmp_path / "folder"
+    _image_folder(root)
+    write_image_shards(root, tmp_path / "shards", shard_size=8, workers=0, progress=False)
+    dm = ShardDataModule(
+        train_shards=str(tmp_path / "shards" / "shard-{000000..000003}.tar"),
+        resolution=8,
+        batch_size=5,
+        num_workers=0,
+        steps_per_epoch=3,
+    )
+    dm.setup("fit")
+    assert dm.classes is None  # a brace pattern carries no manifest
+    for x, y in dm.train_dataloader():
+        assert x.shape == (5, 3, 8, 8) and x.dtype == torch.float32
+        assert x.min() >= -1 and x.max() <= 1 and set(y.tolist()) <= {0, 1, 2}
+
+
+# ----------------------------------------------------------------------------- DDP (gloo)
+
+
+class _Recorder(L.LightningModule):
+    """Records the labels (= sample ids) each rank trains and validates on, to a file."""
+
+    def __init__(self, out_dir: str):
+        super().__init__()
+        self.out_dir = out_dir
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.train_ids: list[list[int]] = []
+        self.val_ids: list[int] = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        self.train_ids.append(y.tolist())
+        return (self.w * x.mean()).sum() + self.w.pow(2).sum()
+
+    def on_validation_epoch_start(self):
+        self.val_ids = []
+
+    def validation_step(self, batch, batch_idx):
+        self.val_ids.extend(batch[1].tolist())
+
+    def on_fit_end(self):
+        record = {
+            "rank": self.global_rank,
+            "world": self.trainer.world_size,
+            "train": self.train_ids,
+            "val": self.val_ids,
+        }
+        Path(self.out_dir, f"rank{self.global_rank}.json").write_text(json.dumps(record))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_ddp_spawn_two_ranks_equal_batches_exact_validation(tmp_path):
+    n_val = 31
+    _id_shards(tmp_path / "train", 60, 10)
+    _id_shards(tmp_path / "val", n_val, 11)  # 3 shards: not divisible by 2 ranks
+    dm = ShardDataModule(
+        train_shards=str(tmp_path / "train"),
+        val_shards=str(tmp_path / "val"),
+        channels=1,
+        batch_size=4,
+        val_batch_size=3,
+        num_workers=1,
+        multiprocessing_context="fork",  # ddp_spawn ranks default to spawn: slow worker start
+        steps_per_epoch=3,
+        shuffle_buffer=8,
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_steps=6,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(_Recorder(str(tmp_path)), datamodule=dm)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    assert [len(r["train"]) for r in ranks] == [6, 6]  # 2 epochs x 3 batches on each rank
+    assert ranks[0]["train"] != ranks[1]["train"]  # ranks draw different streams
+    val0, val1 = ranks[0]["val"], ranks[1]["val"]
+    assert not set(val0) & set(val1) and sorted(val0 + val1) == list(range(n_val))
+
+
+# ----------------------------------------------------------------------------- latents
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory):
+    pytest.importorskip("diffusers")
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=(32,),
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=32,
+    )
+    path = tmp_path_factory.mktemp("vae") / "tiny-vae"
+    vae.save_pretrained(path)
+    return path, vae.eval()
+
+
+def test_latent_shards_shapes_scale_flip_and_datamodule(tmp_path, tiny_vae):
+    vae_path, vae = tiny_vae
+    root = tmp_path / "folder"
+    _image_folder(root)
+    write_image_shards(root, tmp_path / "images", shard_size=16, workers=0, progress=False)
+    manifest = write_latent_shards(
+        tmp_path / "images",
+        tmp_path / "latents",
+        vae_path,
+        resolution=16,
+        batch_size=4,
+        device="cpu",
+        progress=False,
+    )
+    assert manifest.kind == "latent" and manifest.total == 30 and len(manifest.shards) == 2
+    assert manifest.classes == ["ant", "cat", "dog"]
+    assert manifest.meta["latent_shape"] == [4, 16, 16] and manifest.meta["posterior"] == "mean"
+
+    key, fields = next(read_shard(tmp_path / "latents" / "shard-000000.tar"))
+    latent = np.load(io.BytesIO(fields["latent.npy"]))
+    flipped = np.load(io.BytesIO(fields["latent_flip.npy"]))
+    assert latent.shape == flipped.shape == (4, 16, 16) and latent.dtype == np.float16
+    image_fields = dict(read_shard(tmp_path / "images" / "shard-000000.tar"))[key]
+    assert int(fields["cls"]) == int(image_fields["cls"])
+    with Image.open(io.BytesIO(image_fields.get("jpg") or image_fields["png"])) as img:
+        pixels = np.asarray(center_crop_resize(img.convert("RGB"), 16))
+    x = torch.from_numpy(pixels.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
+    with torch.no_grad():
+        mean = vae.encode(x).latent_dist.mean[0] * LATENT_SCALE
+        mean_flip = vae.encode(x.flip(3)).latent_dist.mean[0] * LATENT_SCALE
+    assert np.allclose(latent, mean.numpy(), atol=2e-3)
+    assert np.allclose(flipped, mean_flip.numpy(), atol=2e-3)
+
+    dm = ShardDataModule(
+        train_shards=str(tmp_path / "latents"),
+        val_shards=str(tmp_path / "latents"),
+        kind="latent",
+        batch_size=6,
+        num_workers=0,
+        steps_per_epoch=2,
+    )
+    dm.setup("fit")
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (6, 4, 16, 16) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert sum(len(y) for _, y in dm.val_dataloader()) == 30
+
+
+def test_missing_vae_folder_says_how_to_get_it(tmp_path):
+    sample = ("a", {"png": _png(np.zeros((8, 8), np.uint8)), "cls": 0})
+    write_sample_shards([sample], tmp_path, progress=False)
+    with pytest.raises(FileNotFoundError) as err:
+        write_latent_shards(tmp_path, tmp_path / "out", tmp_path / "no-vae", progress=False)
+    message = str(err.value)
+    assert "no-vae" in message and 'pip install "flowturbo[vae]"' in message
+    assert "sd-vae-ft-ema" in message
+
+
+def test_corrupt_tar_member_injected_into_a_written_shard(tmp_path):
+    """A shard with an appended garbage member pair (bad.png + bad.cls) reads around it."""
+    _id_shards(tmp_path, 6, 6)
+    shard = tmp_path / "shard-000000.tar"
+    with tarfile.open(shard, "a") as tar:
+        for name, data in [("bad.png", b"\x89PNG garbage"), ("bad.cls", b"1")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    stream = ShardStream([str(shard)], SampleDecoder(channels=1), batch_size=4, train=False)
+    batches = list(stream)
+    assert sorted(i for b in batches if b.y is not None for i in b.y.tolist()) == list(range(6))
+    assert sum(b.skipped for b in batches) == 1
