@@ -420,18 +420,8 @@ class VelocityRefiner(SiT):
     @classmethod
     def from_base(cls, base: SiT, depth: int = 1, **overrides: Any) -> VelocityRefiner:
         """A refiner matching ``base``'s sizes (the paper's choice: one block of the base)."""
-        keys = (
-            "input_size",
-            "patch_size",
-            "in_channels",
-            "hidden_size",
-            "num_heads",
-            "mlp_ratio",
-            "class_dropout_prob",
-            "num_classes",
-            "learn_sigma",
-        )
-        return cls(**{**{k: base.config[k] for k in keys}, "depth": depth, **overrides})
+        sizes = {k: v for k, v in base.config.items() if k not in ("depth", "embed_channels")}
+        return cls(**{**sizes, "depth": depth, **overrides})
 
     @classmethod
     def from_name(cls, name: str, **kwargs: Any) -> VelocityRefiner:
