@@ -1,4 +1,5 @@
-"""What ``train.py`` runs: build everything from the Hydra config, fit, export the EMA weights."""
+"""What the entry points run: ``train.py`` (fit, export the EMA weights) and
+``cache_trajectories.py`` (write the refiner's trajectory cache), from their Hydra configs."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from flowturbo.config import check_required, register_resolvers
 from flowturbo.models import save_checkpoint
+
+register_resolvers()
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +48,7 @@ def resume_path(cfg: DictConfig) -> str | None:
 
 def train(cfg: DictConfig) -> dict:
     """Fits ``cfg.model`` on ``cfg.data`` and writes ``ckpt_dir/ema.pt``; returns final metrics."""
+    check_required(cfg, f"python train.py experiment={cfg.get('name', '...')}")
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.model)
@@ -57,10 +62,47 @@ def train(cfg: DictConfig) -> dict:
         out = Path(cfg.ckpt_dir) / "ema.pt"
         net = module.ema.module
         save_checkpoint(
-            net, out, step=trainer.global_step, metrics=metrics, run=OmegaConf.to_yaml(cfg)
+            net,
+            out,
+            dtype=cfg.get("export_dtype"),
+            step=trainer.global_step,
+            metrics=metrics,
+            run=OmegaConf.to_yaml(cfg),
         )
         log.info("EMA weights (step %d) written to %s", trainer.global_step, out)
         summary = ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
         print(f"done: step {trainer.global_step}; {summary}; data skipped: {skipped or 0}")
         print(f"EMA weights: {out}")
     return metrics
+
+
+def cache_trajectories(cfg: DictConfig) -> dict:
+    """Writes the trajectory cache ``cfg.cache`` describes to ``cfg.out_dir`` (resumable).
+
+    Runs ``Trainer.predict`` over the plan of shards, so the work is split across every device
+    and node the trainer config names; returns the manifest summary.
+    """
+    from torch.utils.data import DataLoader
+
+    from flowturbo.data import Manifest
+    from flowturbo.lit.trajectories import SPLITS, ShardPlan, TrajectoryCache
+
+    check_required(cfg, "python cache_trajectories.py")
+    L.seed_everything(cfg.seed, workers=True)
+    settings = {k: v for k, v in cfg.cache.items() if k not in ("name", "base")}
+    module = TrajectoryCache(instantiate(cfg.cache.base), out_dir=cfg.out_dir, **settings)
+    loader = DataLoader(ShardPlan(module.shards_per_split()), batch_size=1, shuffle=False)
+    trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
+    trainer.predict(module, dataloaders=loader, return_predictions=False)
+    summary = {}
+    if trainer.is_global_zero:
+        for split in SPLITS:
+            m = Manifest.load(Path(cfg.out_dir) / split)
+            summary[split] = {"trajectories": m.total, "shards": len(m.shards)}
+            summary[split]["complete"] = m.complete
+        print(f"trajectory cache {cfg.out_dir}: {summary}; this run wrote {module.written} shards")
+        print(
+            "train a refiner on it: python train.py experiment=demo_refiner_traj "
+            f"data.train_shards={cfg.out_dir}/train data.val_shards={cfg.out_dir}/val"
+        )
+    return summary

@@ -54,6 +54,29 @@ def test_required_values_are_marked_missing(tmp_path):
         _ = cfg.model.base.path
 
 
+def test_missing_values_are_named_in_one_readable_error(tmp_path):
+    cfg = cfg_for(["experiment=sit_refiner"], tmp_path)
+    with pytest.raises(
+        ValueError,
+        match=r"model\.base\.path.*data\.train_shards|data\.train_shards.*model\.base\.path",
+    ):
+        train(cfg)
+
+
+def test_slurm_launcher_config_requeues_into_the_same_checkpoint_folder(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    cfg = cfg_for(
+        ["experiment=sit_refiner", "hydra/launcher=slurm", *REQUIRED["sit_refiner"]], tmp_path
+    )
+    launcher = cfg.hydra.launcher
+    assert "SlurmLauncher" in launcher._target_
+    assert launcher.max_num_timeout > 0 and launcher.signal_delay_s > 0
+    assert launcher.nodes == cfg.trainer.num_nodes
+    assert launcher.tasks_per_node == launcher.gpus_per_node
+    assert cfg.ckpt_dir == "checkpoints/sit_refiner"  # not under the timestamped run folder
+    assert cfg.callbacks.checkpoint_on_signal.signum == "SIGUSR2"
+
+
 TINY = [
     "trainer.max_steps=3",
     "trainer.val_check_interval=3",
@@ -81,7 +104,10 @@ def test_demo_base_then_demo_refiner_run_end_to_end(tmp_path, monkeypatch):
     base = build_from_checkpoint(base_file)
     assert isinstance(base, SiT) and (tmp_path / "checkpoints/demo_base/last.ckpt").is_file()
 
-    cfg = cfg_for(["experiment=demo_refiner", *TINY, *tiny_net("refiner")], tmp_path / "run2")
+    tiny_base = ["model.base.path=checkpoints/demo_base/ema.pt"]  # instead of the shipped one
+    cfg = cfg_for(
+        ["experiment=demo_refiner", *TINY, *tiny_net("refiner"), *tiny_base], tmp_path / "run2"
+    )
     metrics = train(cfg)
     refiner = build_from_checkpoint(tmp_path / "checkpoints" / "demo_refiner" / "ema.pt")
     assert isinstance(refiner, VelocityRefiner)

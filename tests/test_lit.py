@@ -1,11 +1,15 @@
 import functools
+import os
+import signal
 
 import lightning as L
 import pytest
 import torch
+import torchvision
 from torch.utils.data import DataLoader, TensorDataset
 
 from flowturbo.lit import FlowMatchingModule, RefinerModule, load_frozen_base
+from flowturbo.lit.callbacks import CheckpointOnSignal, SampleGrid
 from flowturbo.models import SiT, VelocityRefiner, save_checkpoint
 
 
@@ -111,3 +115,48 @@ def test_resume_from_last_continues_the_step_count(tmp_path, base_file):
 def test_missing_base_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="model.base.path"):
         load_frozen_base(str(tmp_path / "nope.pt"))
+
+
+class SendSignal(L.Callback):
+    def __init__(self, at_step, signum):
+        self.at_step, self.signum = at_step, signum
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if trainer.global_step == self.at_step:
+            os.kill(os.getpid(), self.signum)
+
+
+def test_sigusr2_saves_last_checkpoint_then_calls_the_previous_handler(tmp_path):
+    """What submitit's time-out warning does: last.ckpt at that step, then submitit requeues."""
+    calls = []
+    previous = signal.signal(signal.SIGUSR2, lambda signum, frame: calls.append(signum))
+    try:
+        torch.manual_seed(0)
+        module = FlowMatchingModule(tiny_sit(), AdamW)
+        on_signal = CheckpointOnSignal(str(tmp_path / "ckpt"))
+        callbacks = [on_signal, SendSignal(3, signal.SIGUSR2)]
+        trainer(tmp_path, 5, callbacks=callbacks, limit_val_batches=0).fit(module, loader())
+        assert calls == [signal.SIGUSR2] and on_signal.saved_at == 3
+        saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+        assert saved["global_step"] == 3 and saved["optimizer_states"]
+        assert signal.getsignal(signal.SIGUSR2) is not on_signal._handle  # uninstalled after fit
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+
+
+def test_sample_grids_from_fixed_noise(tmp_path, base_file):
+    torch.manual_seed(0)
+    grids = SampleGrid(every_n_steps=2, num_images=6, out_dir=str(tmp_path / "a"))
+    module = refiner_module(base_file)
+    trainer(tmp_path, 4, callbacks=[grids], limit_val_batches=0).fit(module, loader())
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [
+        "step_000002.png",
+        "step_000004.png",
+    ]
+    # the same noise and labels: a second run with the same weights draws the same grid
+    again = SampleGrid(every_n_steps=2, num_images=6, out_dir=str(tmp_path / "b"))
+    again._grid(L.Trainer(logger=False), module)
+    first = torchvision.io.read_image(str(tmp_path / "a" / "step_000004.png"))
+    second = torchvision.io.read_image(str(tmp_path / "b" / "step_000000.png"))
+    assert torch.equal(first, second)
+    assert first.shape[-2:] == (2 + 2 * 10, 2 + 3 * 10)  # 2 rows of 3 classes, 8 px + padding

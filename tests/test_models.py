@@ -414,3 +414,18 @@ def test_meta_model_takes_checkpoint_tensors() -> None:
     x, t, y = inputs()
     with torch.no_grad():
         assert torch.equal(model.eval()(x, t, y), source(x, t, y))
+
+
+def test_float16_storage_halves_the_file_and_loads_as_float32(tmp_path) -> None:
+    source = tiny(seed=0)
+    save_checkpoint(source, tmp_path / "fp32.pt")
+    save_checkpoint(source, tmp_path / "fp16.pt", dtype="float16")
+    raw = torch.load(tmp_path / "fp16.pt", weights_only=True)
+    assert raw["model"]["x_embedder.proj.weight"].dtype == torch.float16
+    ratio = (tmp_path / "fp16.pt").stat().st_size / (tmp_path / "fp32.pt").stat().st_size
+    assert ratio < 0.6
+    built = build_from_checkpoint(tmp_path / "fp16.pt")
+    assert all(p.dtype == torch.float32 for p in built.parameters())
+    x, t, y = inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(built(x, t, y), source(x, t, y), atol=2e-3, rtol=2e-3)

@@ -60,7 +60,9 @@ from flowturbo.data.shards import (
 
 log = logging.getLogger(__name__)
 
-Kind = Literal["image", "latent"]
+Kind = Literal["image", "latent", "trajectory"]
+TRAJECTORY_FIELD = "traj.npy"
+"""Trajectory-cache field: (2, K, C, H, W) float16, states then base velocities on a grid."""
 
 
 # ----------------------------------------------------------------------------- skip accounting
@@ -158,7 +160,9 @@ class SampleDecoder:
     image: PNG/JPEG bytes -> (H, W) uint8 (``channels`` 1) or (H, W, 3) uint8 (``channels``
     3), center-cropped and resized to ``resolution`` when set, flipped left-right with
     probability 1/2 when ``flip``. latent: ``latent.npy`` (or, when ``flip`` and present,
-    ``latent_flip.npy`` with probability 1/2) -> (C, h, w) float16 as stored.
+    ``latent_flip.npy`` with probability 1/2) -> (C, h, w) float16 as stored. trajectory:
+    ``traj.npy`` -> (2, K, C, H, W) float16 as stored (states and velocities of one cached
+    trajectory, :mod:`flowturbo.lit.trajectories`).
     """
 
     kind: Kind = "image"
@@ -169,6 +173,9 @@ class SampleDecoder:
 
     def __call__(self, sample: dict[str, Any], rng: random.Random) -> tuple[np.ndarray, int]:
         label = int(sample["cls"])
+        if self.kind == "trajectory":
+            name = self.image_key or TRAJECTORY_FIELD
+            return np.load(io.BytesIO(sample[name]), allow_pickle=False), label
         if self.kind == "latent":
             name = self.image_key or "latent.npy"
             if self.flip and "latent_flip.npy" in sample and rng.random() < 0.5:
@@ -191,7 +198,8 @@ def collate(
     """Stack decoded samples into a batch.
 
     Returns:
-        x (B, C, H, W) float32 (images in [-1, 1]; latents as stored), y (B,) int64.
+        x (B, C, H, W) float32 (images in [-1, 1]; latents as stored; trajectories
+        (B, 2, K, C, H, W)), y (B,) int64.
     """
     try:
         stacked = np.stack(arrays)
@@ -202,7 +210,7 @@ def collate(
         ) from exn
     # numpy, single-threaded: tiny torch ops in a process with several intra-op threads can
     # cost milliseconds each in thread wake-ups
-    if kind == "latent":
+    if kind != "image":
         x = stacked.astype(np.float32)
     else:
         chw = stacked[:, None] if stacked.ndim == 3 else stacked.transpose(0, 3, 1, 2)
@@ -409,8 +417,8 @@ class ShardDataModule(L.LightningDataModule):
             :func:`~flowturbo.data.demo.demo_shards` (written to the cache on first use),
             grayscale 32 x 32, 10 classes. A Hydra config selects it with
             ``data.source: demo``.
-        kind: "image" (``jpg``/``png`` fields) or "latent" (``latent.npy`` and optionally
-            ``latent_flip.npy``).
+        kind: "image" (``jpg``/``png`` fields), "latent" (``latent.npy`` and optionally
+            ``latent_flip.npy``) or "trajectory" (``traj.npy``, a trajectory cache).
         batch_size: Batch size per rank.
         val_batch_size: Validation batch size per rank; default ``batch_size``.
         num_workers: DataLoader worker processes per rank (persistent when > 0).
@@ -463,8 +471,8 @@ class ShardDataModule(L.LightningDataModule):
         super().__init__()
         if source not in ("shards", "demo"):
             raise ValueError(f"source must be 'shards' or 'demo', got {source!r}")
-        if kind not in ("image", "latent"):
-            raise ValueError(f"kind must be 'image' or 'latent', got {kind!r}")
+        if kind not in ("image", "latent", "trajectory"):
+            raise ValueError(f"kind must be 'image', 'latent' or 'trajectory', got {kind!r}")
         if source == "demo" and kind != "image":
             raise ValueError("the demo set holds images: use kind='image' with source='demo'")
         if source == "shards" and train_shards is None and val_shards is None:

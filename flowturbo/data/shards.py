@@ -295,8 +295,12 @@ def read_shard(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, bytes]]
         yield key, fields
 
 
-def _write_tar(path: Path, records: Iterable[Record | Skip]) -> ShardInfo:
-    """Write records to ``path`` via a temporary file; skips are counted, not written."""
+def write_tar(path: Path, records: Iterable[Record | Skip]) -> ShardInfo:
+    """Write one shard of ``(key, {field: bytes})`` records to ``path`` atomically.
+
+    The tar is written to a temporary name and renamed when complete; ``Skip`` items are
+    counted in the returned ``ShardInfo``, not written.
+    """
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     count, skipped = 0, []
     try:
@@ -323,7 +327,7 @@ def _write_tar(path: Path, records: Iterable[Record | Skip]) -> ShardInfo:
 
 def _execute(task: tuple[Path, Callable[[], Iterable[Record | Skip]]]) -> ShardInfo:
     path, job = task
-    return _write_tar(path, job())
+    return write_tar(path, job())
 
 
 # ----------------------------------------------------------------------------- the one driver

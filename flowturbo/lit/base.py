@@ -41,6 +41,10 @@ class FlowMatchingModule(L.LightningModule):
         """The network to sample with: the EMA weights."""
         return self.ema.module
 
+    def sampling_models(self) -> tuple[nn.Module, None]:
+        """(base, refiner) for sample grids: the EMA weights, no refiner."""
+        return self.ema.module, None
+
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x1, y = batch
         x0 = torch.randn_like(x1)

@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
 import lightning as L
 import torch
+
+log = logging.getLogger(__name__)
 
 
 class LogSkippedSamples(L.Callback):
@@ -25,3 +33,157 @@ class LogSkippedSamples(L.Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self._log(trainer, module)
+
+
+class CheckpointOnSignal(L.Callback):
+    """Saves ``last.ckpt`` when SLURM warns that the job is about to be stopped, then requeues.
+
+    submitit (Hydra's SLURM launcher) is told of a time-out or preemption by ``SIGUSR2``
+    (``signal_delay_s`` before the end) and requeues the job from its own handler; Lightning's
+    auto-requeue listens on ``SIGUSR1`` and never fires under submitit. This callback saves the
+    full training state (model, optimizer, EMA, step) to ``dirpath/last.ckpt`` first and then
+    calls the handler that was installed before it (submitit's), so the requeued job resumes
+    from there (``resume=true``, the same ``ckpt_dir``).
+
+    Args:
+        dirpath: checkpoint folder (``ckpt_dir``), outside Hydra's run directory.
+        signum: the signal name, ``SIGUSR2`` for submitit.
+    """
+
+    def __init__(self, dirpath: str, signum: str = "SIGUSR2"):
+        self.path = Path(dirpath) / "last.ckpt"
+        self.signum = getattr(signal, signum)
+        self._previous: Any = None
+        self._trainer: L.Trainer | None = None
+        self.saved_at: int | None = None
+
+    def setup(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
+        if stage != "fit" or threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be installed from the main thread
+        self._trainer = trainer
+        self._previous = signal.signal(self.signum, self._handle)
+
+    def teardown(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
+        if self._trainer is not None:
+            signal.signal(self.signum, self._previous or signal.SIG_DFL)
+            self._trainer = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        trainer = self._trainer
+        if trainer is not None:
+            log.warning(
+                "%s: saving %s at step %d",
+                signal.Signals(signum).name,
+                self.path,
+                trainer.global_step,
+            )
+            trainer.save_checkpoint(self.path)
+            self.saved_at = trainer.global_step
+        if callable(self._previous):
+            self._previous(signum, frame)
+
+
+class SampleGrid(L.Callback):
+    """Every ``every_n_steps`` (and at the end), a grid of samples from fixed noise and labels.
+
+    The module says what to sample with (``sampling_models()`` -> base, refiner or None):
+    the base run samples its EMA weights with ``base_schedule``, the refiner run its frozen base
+    and EMA refiner with the FlowTurbo ``schedule``. Grids are written as PNG files to
+    ``out_dir`` and logged to W&B (``samples``) when a W&B logger is attached. Latent models
+    are decoded with the SD VAE from ``vae_path``; without one their grids are skipped.
+
+    Args:
+        every_n_steps: optimizer steps between grids.
+        num_images: images per grid, labels cycling through the classes.
+        schedule: FlowTurbo schedule for refiner runs, e.g. ``"H1P5R3"``.
+        base_schedule: schedule for base runs (no refiner), e.g. ``"H8"``.
+        cfg_scale: classifier-free guidance scale (1 = none).
+        seed: fixes the noise.
+        out_dir: folder for ``step_XXXXXX.png``.
+        vae_path: local SD VAE folder, for latent models.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 250,
+        num_images: int = 20,
+        schedule: str = "H1P5R3",
+        base_schedule: str = "H8",
+        cfg_scale: float = 1.0,
+        seed: int = 0,
+        out_dir: str = "samples",
+        vae_path: str | None = None,
+    ):
+        from flowturbo.sampling import parse_schedule
+
+        parse_schedule(schedule), parse_schedule(base_schedule)  # fail now, not at step 250
+        self.every_n_steps, self.num_images = int(every_n_steps), int(num_images)
+        self.schedule, self.base_schedule = schedule, base_schedule
+        self.cfg_scale, self.seed = float(cfg_scale), int(seed)
+        self.out_dir, self.vae_path = Path(out_dir), vae_path
+        self._vae: Any = None
+        self._last_step = -1
+        self._warned = False
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx: int) -> None:
+        step = trainer.global_step
+        if self.every_n_steps > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+            self._grid(trainer, module)
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if trainer.global_step != self._last_step:
+            self._grid(trainer, module)
+
+    def _skip(self, why: str) -> None:
+        if not self._warned:
+            log.info("sample grids skipped: %s", why)
+            self._warned = True
+
+    @torch.no_grad()
+    def _grid(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        from torchvision.utils import save_image
+
+        from flowturbo.sampling import ClassifierFreeGuidance, decode_latents, sample
+
+        self._last_step = trainer.global_step
+        if not trainer.is_global_zero:
+            return
+        base, refiner = module.sampling_models()
+        if base is None:
+            return self._skip("the frozen base is not loaded (trajectory targets)")
+        if base.in_channels == 4 and self.vae_path is None and self._vae is None:
+            return self._skip("latent model and no vae_path to decode with")
+        classes = base.num_classes
+        g = torch.Generator().manual_seed(self.seed)
+        shape = (self.num_images, base.in_channels, base.input_size, base.input_size)
+        noise = torch.randn(shape, generator=g).to(module.device)
+        y = (torch.arange(self.num_images) % classes).to(module.device)
+        schedule = self.base_schedule if refiner is None else self.schedule
+        v = ClassifierFreeGuidance(base, self.cfg_scale, classes)
+        r = None if refiner is None else ClassifierFreeGuidance(refiner, self.cfg_scale, classes)
+        was_training = [(m, m.training) for m in (base, refiner) if m is not None]
+        for m, _ in was_training:
+            m.eval()
+        try:
+            x = sample(v, noise, schedule, refiner=r, y=y)
+        finally:
+            for m, mode in was_training:
+                m.train(mode)
+        if base.in_channels == 4:
+            if self._vae is None:
+                from flowturbo.data import load_vae
+
+                self._vae = load_vae(self.vae_path, device=module.device)
+            x = decode_latents(x, self._vae)
+        images = (x.float().clamp(-1, 1) + 1) / 2
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / f"step_{trainer.global_step:06d}.png"
+        save_image(images, path, nrow=min(classes, 10))
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_image"):
+                logger.log_image(
+                    "samples",
+                    [str(path)],
+                    step=trainer.global_step,
+                    caption=[f"{schedule}, step {trainer.global_step}"],
+                )

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
 from torch import Tensor, nn
 
-from flowturbo.flow import interpolant_refiner_batch, refiner_loss, sample_step_sizes
+from flowturbo.flow import (
+    RefinerBatch,
+    interpolant_refiner_batch,
+    refiner_loss,
+    sample_step_sizes,
+    trajectory_refiner_batch,
+)
 from flowturbo.lit.common import OptimizerFactory, ema_copy, optimizer_with_warmup, seeded_noise
 from flowturbo.models import CheckpointError, SiT, build_from_checkpoint, load_checkpoint
 
@@ -40,20 +47,31 @@ def load_frozen_base(path: str, name: str | None = None, **arch) -> SiT:
     return base.eval().requires_grad_(False)
 
 
-class RefinerModule(L.LightningModule):
-    """Trains ``refiner`` to predict V(x', t') - v for a frozen base V (interpolant targets).
+Target = Literal["interpolant", "trajectory"]
 
-    One example: x_t on the path, v = V(x_t, t), dt in (0, dt_max], x' = x_t + dt v; the refiner
-    sees (x', t + dt, v). Base and refiner see the same label, dropped to the null class with
+
+class RefinerModule(L.LightningModule):
+    """Trains ``refiner`` to predict the change of a frozen base's velocity (DESIGN.md).
+
+    ``target="interpolant"`` (batches ``(x1, y)`` of data): x_t on the path, v = V(x_t, t),
+    dt in (0, dt_max], x' = x_t + dt v; the refiner sees (x', t + dt, v) and predicts
+    V(x', t + dt) - v. Base and refiner see the same label, dropped to the null class with
     probability ``label_dropout`` for both. The base is loaded in ``setup`` (not a submodule: it
     is neither trained, averaged nor saved in checkpoints).
 
+    ``target="trajectory"`` (batches ``(traj, y)`` from a trajectory cache, traj
+    (B, 2, K, C, H, W) states and velocities on the grid k / (K - 1)): two points a < b of one
+    trajectory at most dt_max apart; the refiner sees (x_b, t_b, v_a) and predicts v_b - v_a.
+    No base evaluation; ``y`` is the label the base saw (the null class included).
+
     Args:
         refiner: the refiner network ``refiner(x, t, v, y, force_drop_ids)``.
-        base: factory returning the frozen base (``load_frozen_base`` partial in the configs).
+        base: factory returning the frozen base (``load_frozen_base`` partial in the configs);
+            with trajectory targets optional (None), used only for sample grids.
         optimizer: a partial optimizer, called with the refiner's parameters.
+        target: "interpolant" or "trajectory".
         dt_max: largest step between the point and the refiner's point.
-        label_dropout: probability of the null class for guidance training.
+        label_dropout: probability of the null class for guidance training (interpolant).
         warmup_steps: linear learning-rate warm-up.
         ema_decay: EMA decay of the refiner per step.
     """
@@ -61,14 +79,19 @@ class RefinerModule(L.LightningModule):
     def __init__(
         self,
         refiner: nn.Module,
-        base: Callable[[], nn.Module],
+        base: Callable[[], nn.Module] | None,
         optimizer: OptimizerFactory,
+        target: Target = "interpolant",
         dt_max: float = 0.12,
         label_dropout: float = 0.1,
         warmup_steps: int = 0,
         ema_decay: float = 0.999,
     ):
         super().__init__()
+        if target not in ("interpolant", "trajectory"):
+            raise ValueError(f"target must be 'interpolant' or 'trajectory', got {target!r}")
+        if target == "interpolant" and base is None:
+            raise ValueError("interpolant targets need the frozen base: set model.base")
         self.save_hyperparameters(ignore=["refiner", "base", "optimizer"])
         self.refiner = refiner
         self.ema = ema_copy(refiner, ema_decay)
@@ -82,17 +105,32 @@ class RefinerModule(L.LightningModule):
             raise RuntimeError("the base model is loaded in setup(); call trainer.fit/validate")
         return self._base[0]
 
+    def sampling_models(self) -> tuple[nn.Module | None, nn.Module]:
+        """(base, refiner) for sample grids: the frozen base (None if not loaded), EMA refiner."""
+        return (self._base[0] if self._base else None), self.ema.module
+
+    @property
+    def uses_base(self) -> bool:
+        return self.hparams.target == "interpolant"
+
     def setup(self, stage: str) -> None:
-        if self._base is None:
+        if self._base is None and self.base_factory is not None:
             self._base = (self.base_factory(),)
 
     def on_fit_start(self) -> None:
-        self.base.to(self.device).eval()
+        if self._base is not None:
+            self.base.to(self.device).eval()
 
     def on_validation_start(self) -> None:
-        self.base.to(self.device).eval()
+        if self._base is not None:
+            self.base.to(self.device).eval()
 
     def _examples(self, batch: tuple[Tensor, Tensor], seed: int | None):
+        if self.uses_base:
+            return self._interpolant_examples(batch, seed)
+        return self._trajectory_examples(batch, seed)
+
+    def _interpolant_examples(self, batch: tuple[Tensor, Tensor], seed: int | None):
         x1, y = batch
         if seed is None:
             x0, t = torch.randn_like(x1), torch.rand(x1.shape[0], device=x1.device)
@@ -106,6 +144,26 @@ class RefinerModule(L.LightningModule):
         with torch.no_grad():
             examples = interpolant_refiner_batch(self.base, x1, x0, t, dt, **kw)
         return examples, kw
+
+    def _trajectory_examples(
+        self, batch: tuple[Tensor, Tensor], seed: int | None
+    ) -> tuple[RefinerBatch, dict]:
+        traj, y = batch  # (B, 2, K, C, H, W)
+        b, steps = traj.shape[0], traj.shape[2] - 1
+        g = None if seed is None else torch.Generator().manual_seed(seed)
+        # gap b - a in {1, ..., floor(dt_max * steps)}, then a uniform in [0, steps - gap]
+        max_gap = min(steps, max(1, int(self.hparams.dt_max * steps + 1e-6)))
+        gap = torch.randint(1, max_gap + 1, (b,), generator=g)
+        a = (torch.rand(b, generator=g) * (steps - gap + 1)).long().clamp(max=steps - gap)
+        a, gap, rows = a.to(traj.device), gap.to(traj.device), torch.arange(b, device=traj.device)
+        later = a + gap
+        examples = trajectory_refiner_batch(
+            x_b=traj[rows, 0, later],
+            t_b=later.to(traj.dtype) / steps,
+            v_a=traj[rows, 1, a],
+            v_b=traj[rows, 1, later],
+        )
+        return examples, {"y": y, "force_drop_ids": torch.zeros_like(y)}  # labels as cached
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         examples, kw = self._examples(batch, seed=None)

@@ -214,23 +214,30 @@ def load_checkpoint(
     sd = _strip_prefixes(_select_weights(ckpt, key), prefix)
     _check_compatible(model, sd, name)
     assign = any(p.is_meta for p in model.parameters())
+    if assign:  # assign=True would keep the checkpoint's dtype (e.g. float16 storage)
+        dtypes = {k: v.dtype for k, v in model.state_dict().items()}
+        sd = {k: v.to(dtypes[k]) if v.is_floating_point() else v for k, v in sd.items()}
     model.load_state_dict(sd, strict=True, assign=assign)
     return model
 
 
-def save_checkpoint(model: SiT, path: str | os.PathLike, **extra: Any) -> None:
+def save_checkpoint(
+    model: SiT, path: str | os.PathLike, *, dtype: torch.dtype | str | None = None, **extra: Any
+) -> None:
     """Write ``{"model", "config", "class", **extra}`` to ``path`` atomically (tmp + rename).
 
     Args:
         model: a ``SiT`` or ``VelocityRefiner`` (anything with a ``config`` dict).
         path: destination file; parent folders are created.
+        dtype: store floating-point weights in this dtype (e.g. ``"float16"`` halves the file;
+            loading casts back to the model's dtype); None keeps them as they are.
         **extra: more entries, e.g. ``step=1000``; plain Python values and tensors only, so that
             ``torch.load(weights_only=True)`` reads them.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {
-        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "model": {k: _stored(v.detach().cpu(), dtype) for k, v in model.state_dict().items()},
         "config": dict(model.config),
         "class": type(model).__name__,
         **extra,
@@ -243,6 +250,12 @@ def save_checkpoint(model: SiT, path: str | os.PathLike, **extra: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _stored(value: Tensor, dtype: torch.dtype | str | None) -> Tensor:
+    if dtype is None or not value.is_floating_point():
+        return value
+    return value.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
 
 
 def build_from_checkpoint(path: str | os.PathLike, *, key: str | None = None) -> SiT:

@@ -29,6 +29,7 @@ from flowturbo.sampling.solvers import (
     dopri5,
     euler,
     heun,
+    heun_trajectory,
     midpoint,
     multistep,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "dopri5",
     "euler",
     "heun",
+    "heun_trajectory",
     "integrate",
     "midpoint",
     "multistep",

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from flowturbo.sampling.sampler import Callback, VelocityFn, integrate
-from flowturbo.sampling.schedule import plan_nfe
+from flowturbo.sampling.schedule import plan_nfe, uniform_grid
 
 
 def _fixed_step(letter: str, name: str) -> Callable[..., Tensor]:
@@ -74,6 +74,41 @@ def baseline_nfe(name: str, steps: int) -> int:
     if name not in _LETTERS:
         raise ValueError(f"unknown baseline solver {name!r}; known: {', '.join(_LETTERS)}")
     return plan_nfe(_LETTERS[name] * steps)[0]
+
+
+@torch.no_grad()
+def heun_trajectory(
+    model: VelocityFn, noise: Tensor, steps: int, **model_kwargs: Any
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Heun's method on the uniform grid t_k = k / steps, recording every grid point.
+
+    Used to build the refiner's trajectory cache: the states x_k and the base velocities
+    v(x_k, t_k) there (the velocity at the last point is evaluated too), 2 steps + 1 NFE.
+
+    Args:
+        model: ``model(x, t, **model_kwargs) -> v``, t of shape (B,).
+        noise: (B, C, H, W) state at t = 0.
+        steps: number of Heun steps.
+
+    Returns:
+        states (B, K, C, H, W), velocities (B, K, C, H, W) and times (K,), K = steps + 1.
+    """
+    if int(steps) < 1:
+        raise ValueError(f"heun_trajectory: steps must be >= 1, got {steps}")
+    times = uniform_grid(int(steps), device=noise.device).to(noise.dtype)
+    b = noise.shape[0]
+    x, states, velocities = noise, [], []
+    d0 = model(x, times[0].expand(b), **model_kwargs)
+    for t0, t1 in zip(times[:-1], times[1:], strict=True):
+        states.append(x)
+        velocities.append(d0)
+        h = t1 - t0
+        d1 = model(x + h * d0, t1.expand(b), **model_kwargs)
+        x = x + h / 2 * (d0 + d1)
+        d0 = model(x, t1.expand(b), **model_kwargs)
+    states.append(x)
+    velocities.append(d0)
+    return torch.stack(states, 1), torch.stack(velocities, 1), times
 
 
 # Dormand-Prince 5(4) tableau.

@@ -1,0 +1,38 @@
+"""Hydra/OmegaConf helpers shared by the entry points (train.py, evaluate.py, ...)."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig, OmegaConf
+
+from flowturbo.assets import asset_path
+
+
+def register_resolvers() -> None:
+    """``${asset:demo_base.pt}``: the path of a file shipped in ``flowturbo/assets``."""
+    OmegaConf.register_new_resolver("asset", asset_path, replace=True)
+
+
+def check_required(cfg: DictConfig, command: str) -> None:
+    """Raises a readable error listing every ``???`` value the user still has to give.
+
+    Args:
+        cfg: the composed config.
+        command: how the job was started, e.g. ``"python train.py experiment=sit_refiner"``,
+            used in the example of the message.
+    """
+    missing = []
+    for key in cfg:
+        if key == "hydra":
+            continue
+        if OmegaConf.is_missing(cfg, key):
+            missing.append(str(key))
+        elif isinstance(cfg[key], DictConfig):
+            missing += [f"{key}.{k}" for k in OmegaConf.missing_keys(cfg[key])]
+    missing.sort()
+    if missing:
+        example = " ".join(f"{k}=..." for k in missing)
+        raise ValueError(
+            f"these settings have no default and must be given: {', '.join(missing)}. "
+            f"Add them to the command line, e.g. `{command} {example}` (each is a path to a "
+            "file or folder on this machine; see the comments in conf/ for what each expects)"
+        )

@@ -1,0 +1,234 @@
+"""Building the refiner's trajectory cache: the frozen base's ODE solutions as shards.
+
+``python cache_trajectories.py cache=demo`` runs :class:`TrajectoryCache` through
+``Trainer.predict``: the work is a fixed plan of shards (train and val), Lightning's distributed
+sampler deals the shard indices out to the ranks, and each rank writes the shards it is dealt.
+Every trajectory depends only on (seed, its global index), so a shard's content is the same
+whoever writes it and whenever. A shard is written to a temporary name and renamed when
+complete; a re-run skips every shard file that exists, so an interrupted job resumes where it
+stopped. When all ranks are done, rank 0 writes each split's ``manifest.json`` (the marker
+that ``resolve_shards`` requires).
+
+One sample (key ``t{index:08d}``): ``traj.npy`` (2, K, C, H, W) float16, the states x_k and
+the base velocities v(x_k, t_k) on the uniform grid t_k = k / (K - 1) (Heun steps), and
+``cls``, the label the base saw (``num_classes`` = the null class, drawn with probability
+``label_dropout`` as in refiner training).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from flowturbo.data.datamodule import TRAJECTORY_FIELD
+from flowturbo.data.shards import SHARD_NAME, Manifest, ShardInfo, encode_field, write_tar
+from flowturbo.sampling import heun_trajectory
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val")
+PLAN_NAME = "plan.json"
+
+
+class ShardPlan(Dataset):
+    """Every shard of the cache as ``(split index, shard index)``, train first, then val."""
+
+    def __init__(self, shards_per_split: dict[str, int]):
+        self.items = [
+            (i, k) for i, split in enumerate(SPLITS) for k in range(shards_per_split[split])
+        ]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> Tensor:
+        return torch.tensor(self.items[i])  # batches of these are (B, 2)
+
+
+class TrajectoryCache(L.LightningModule):
+    """Writes trajectories of a frozen base to ``out_dir/{train,val}/shard-*.tar``.
+
+    Args:
+        base: factory returning the frozen base (``load_frozen_base`` partial in the configs).
+        out_dir: cache folder; the plan and the settings are checked against ``plan.json``.
+        shape: (C, H, W) of the base's input.
+        num_classes: labels are drawn uniformly from ``range(num_classes)``.
+        num_train, num_val: trajectories per split.
+        steps: Heun steps of each trajectory (K = steps + 1 stored points).
+        per_shard: trajectories per shard (the last shard of a split may hold fewer).
+        batch_size: trajectories integrated at once.
+        label_dropout: probability that a trajectory is drawn with the null class.
+        seed: with the trajectory's global index, fixes its noise and label.
+    """
+
+    def __init__(
+        self,
+        base: Callable[[], nn.Module],
+        out_dir: str,
+        shape: tuple[int, int, int],
+        num_classes: int,
+        num_train: int,
+        num_val: int,
+        steps: int,
+        per_shard: int = 256,
+        batch_size: int = 64,
+        label_dropout: float = 0.1,
+        seed: int = 0,
+    ):
+        super().__init__()
+        for name, value in (("num_train", num_train), ("steps", steps), ("per_shard", per_shard)):
+            if int(value) < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        self.base_factory = base
+        self.out_dir = Path(out_dir)
+        self.shape = tuple(int(s) for s in shape)
+        self.num_classes = int(num_classes)
+        self.counts = {"train": int(num_train), "val": int(num_val)}
+        self.steps, self.per_shard, self.batch_size = int(steps), int(per_shard), int(batch_size)
+        self.label_dropout, self.seed = float(label_dropout), int(seed)
+        self._base: tuple[nn.Module] | None = None  # a tuple keeps it out of the module tree
+        self.written = 0
+
+    # -- the plan
+
+    def shards_per_split(self) -> dict[str, int]:
+        return {s: -(-n // self.per_shard) for s, n in self.counts.items()}
+
+    def shard_path(self, split: str, k: int) -> Path:
+        return self.out_dir / split / SHARD_NAME.format(k)
+
+    def first_index(self, split: str, k: int) -> int:
+        """Global index of the first trajectory of shard k of ``split`` (val follows train)."""
+        return (0 if split == "train" else self.counts["train"]) + k * self.per_shard
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            "shape": list(self.shape),
+            "num_classes": self.num_classes,
+            "counts": self.counts,
+            "steps": self.steps,
+            "grid": "uniform",
+            "solver": "heun",
+            "per_shard": self.per_shard,
+            "label_dropout": self.label_dropout,
+            "seed": self.seed,
+            "base": self.base_fingerprint,
+        }
+
+    def check_plan(self) -> None:
+        """Refuses to resume into a folder written with other settings or another base."""
+        plan = self.out_dir / PLAN_NAME
+        settings = self.settings()
+        if plan.is_file():
+            old = json.loads(plan.read_text())
+            if old != settings:
+                keys = settings.keys() | old.keys()
+                diff = sorted(k for k in keys if old.get(k) != settings.get(k))
+                raise RuntimeError(
+                    f"{self.out_dir} holds a trajectory cache made with other settings "
+                    f"(differs in {diff}); use another out_dir or delete that folder"
+                )
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = plan.with_name(f".{PLAN_NAME}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(settings, indent=1))
+        os.replace(tmp, plan)
+
+    # -- Lightning hooks
+
+    @property
+    def base(self) -> nn.Module:
+        if self._base is None:
+            raise RuntimeError("the base model is loaded in setup(); call trainer.predict")
+        return self._base[0]
+
+    def setup(self, stage: str) -> None:
+        if self._base is None:
+            base = self.base_factory()
+            self._base = (base,)
+            self.base_fingerprint = _fingerprint(base)
+
+    def on_predict_start(self) -> None:
+        self.base.to(self.device).eval()
+        self.check_plan()
+        for split in SPLITS:
+            (self.out_dir / split).mkdir(parents=True, exist_ok=True)
+
+    def predict_step(self, batch: Tensor, batch_idx: int) -> None:
+        for split_index, k in batch.tolist():
+            split = SPLITS[split_index]
+            path = self.shard_path(split, k)
+            if path.is_file():
+                continue  # written by an earlier run (files appear only when complete)
+            start = self.first_index(split, k)
+            end = min(start + self.per_shard, self.first_index(split, 0) + self.counts[split])
+            write_tar(path, self._records(start, end))
+            self.written += 1
+
+    def on_predict_end(self) -> None:
+        self.trainer.strategy.barrier()
+        if self.trainer.is_global_zero:
+            for split, n in self.shards_per_split().items():
+                self._write_manifest(split, n)
+        self.trainer.strategy.barrier()
+
+    # -- content
+
+    def _labels_and_noise(self, index: int) -> tuple[int, Tensor]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        label = int(torch.randint(self.num_classes, (), generator=g))
+        if float(torch.rand((), generator=g)) < self.label_dropout:
+            label = self.num_classes  # the null class
+        return label, torch.randn(self.shape, generator=g)
+
+    def _records(self, start: int, end: int):
+        for lo in range(start, end, self.batch_size):
+            idx = range(lo, min(lo + self.batch_size, end))
+            labels, noise = zip(*(self._labels_and_noise(i) for i in idx), strict=True)
+            x0 = torch.stack(noise).to(self.device)
+            y = torch.tensor(labels, device=self.device)
+            states, velocities, _ = heun_trajectory(self.base, x0, self.steps, y=y)
+            traj = torch.stack([states, velocities], 1).to(torch.float16).cpu().numpy()
+            for i, label, array in zip(idx, labels, traj, strict=True):
+                fields = {TRAJECTORY_FIELD: encode_field(TRAJECTORY_FIELD, array)}
+                yield f"t{i:08d}", {**fields, "cls": encode_field("cls", label)}
+
+    def _write_manifest(self, split: str, num_shards: int) -> None:
+        shards, complete = [], True
+        for k in range(num_shards):
+            path = self.shard_path(split, k)
+            if not path.is_file():
+                complete = False
+                continue
+            start = self.first_index(split, k)
+            count = min(self.per_shard, self.first_index(split, 0) + self.counts[split] - start)
+            shards.append(ShardInfo(path.name, count, path.stat().st_size))
+        manifest = Manifest(
+            kind="trajectory",
+            shard_size=self.per_shard,
+            shards=shards,
+            complete=complete,
+            fingerprint=hashlib.sha256(json.dumps(self.settings()).encode()).hexdigest()[:16],
+            meta={**self.settings(), "field": TRAJECTORY_FIELD, "split": split},
+        )
+        manifest.save(self.out_dir / split / "manifest.json")
+
+
+def _fingerprint(model: nn.Module) -> str:
+    """A short hash of a model's weights: a cache is tied to the base that made it."""
+    h = hashlib.sha256()
+    for name, value in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(value.detach().float().cpu().numpy()).tobytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,148 @@
+"""The trajectory cache: written by cache_trajectories (Lightning predict), resumed, read back
+by the DataModule and trained on without a base."""
+
+import io
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from flowturbo.data import Manifest, ShardDataModule, read_shard
+from flowturbo.lit import RefinerModule
+from flowturbo.models import SiT, VelocityRefiner, save_checkpoint
+from flowturbo.sampling import heun_trajectory
+from flowturbo.train import cache_trajectories
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+@pytest.fixture(scope="module")
+def base_file(tmp_path_factory):
+    torch.manual_seed(0)
+    net = SiT.from_name("SiT-Tiny/2", input_size=8, in_channels=1, num_classes=3)
+    for p in net.parameters():  # SiT's zero-initialised layers would make a constant flow
+        torch.nn.init.normal_(p, std=0.05)
+    path = tmp_path_factory.mktemp("base") / "base.pt"
+    save_checkpoint(net, path)
+    return path
+
+
+def cache_cfg(base_file, out_dir, *extra):
+    overrides = [
+        f"cache.base.path={base_file}",
+        "cache.shape=[1,8,8]",
+        "cache.num_classes=3",
+        "cache.num_train=10",
+        "cache.num_val=3",
+        "cache.steps=4",
+        "cache.per_shard=4",
+        "cache.batch_size=3",
+        f"out_dir={out_dir}",
+        "+trainer.enable_progress_bar=false",
+        *extra,
+    ]
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("cache_trajectories", overrides=overrides)
+    return cfg
+
+
+def test_cache_is_written_complete_and_true_to_the_base(base_file, tmp_path):
+    out = tmp_path / "traj"
+    summary = cache_trajectories(cache_cfg(base_file, out))
+    assert summary["train"] == {"trajectories": 10, "shards": 3, "complete": True}
+    assert summary["val"] == {"trajectories": 3, "shards": 1, "complete": True}
+    assert Manifest.load(out / "train").meta["steps"] == 4
+
+    samples = [f for p in sorted((out / "train").glob("shard-*.tar")) for f in read_shard(p)]
+    assert [k for k, _ in samples] == [f"t{i:08d}" for i in range(10)]
+    base = SiT.from_name("SiT-Tiny/2", input_size=8, in_channels=1, num_classes=3)
+    base.load_state_dict(torch.load(base_file, weights_only=True)["model"])
+    base.eval()
+    traj = torch.from_numpy(np.stack([np.load(io.BytesIO(f["traj.npy"])) for _, f in samples]))
+    labels = torch.tensor([int(f["cls"]) for _, f in samples])
+    assert traj.shape == (10, 2, 5, 1, 8, 8) and traj.dtype == torch.float16
+    assert set(labels.tolist()) <= {0, 1, 2, 3}  # 3 = the null class
+    # the cached points are the base's Heun trajectories from the cached start
+    states, velocities, _ = heun_trajectory(base, traj[:, 0, 0].float(), 4, y=labels)
+    torch.testing.assert_close(traj[:, 0].float(), states, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(traj[:, 1].float(), velocities, atol=2e-3, rtol=2e-3)
+
+
+def test_cache_resumes_and_refuses_other_settings(base_file, tmp_path):
+    out = tmp_path / "traj"
+    cache_trajectories(cache_cfg(base_file, out))
+    shard = out / "train" / "shard-000001.tar"
+    before = shard.read_bytes()
+    shard.unlink()  # as if the job died before writing it
+    other = (out / "train" / "shard-000000.tar").stat().st_mtime_ns
+    summary = cache_trajectories(cache_cfg(base_file, out))
+    assert summary["train"]["complete"] and shard.read_bytes() == before  # same content
+    assert (out / "train" / "shard-000000.tar").stat().st_mtime_ns == other  # not rewritten
+    with pytest.raises(RuntimeError, match="steps"):
+        cache_trajectories(cache_cfg(base_file, out, "cache.steps=5"))
+
+
+def test_cache_is_split_across_ddp_ranks(base_file, tmp_path):
+    out = tmp_path / "traj"
+    extra = ["trainer.devices=2", "+trainer.strategy=ddp_spawn"]
+    summary = cache_trajectories(cache_cfg(base_file, out, *extra))
+    assert summary["train"]["trajectories"] == 10 and summary["val"]["complete"]
+    single = tmp_path / "single"
+    cache_trajectories(cache_cfg(base_file, single))
+    for split in ("train", "val"):
+        for p in sorted((single / split).glob("*.tar")):
+            assert (out / split / p.name).read_bytes() == p.read_bytes()
+
+
+def test_refiner_trains_from_the_cache_without_a_base(base_file, tmp_path):
+    out = tmp_path / "traj"
+    cache_trajectories(cache_cfg(base_file, out))
+    data = ShardDataModule(
+        str(out / "train"),
+        str(out / "val"),
+        kind="trajectory",
+        batch_size=4,
+        val_batch_size=3,
+        num_workers=0,
+        shuffle_buffer=4,
+        steps_per_epoch=4,
+        val_batches=1,
+    )
+    refiner = VelocityRefiner.from_name("SiT-Tiny/2", input_size=8, in_channels=1, num_classes=3)
+    module = RefinerModule(
+        refiner, None, lambda p: torch.optim.AdamW(p, lr=1e-3), target="trajectory"
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=4,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        limit_val_batches=1,
+    )
+    trainer.fit(module, datamodule=data)
+    assert trainer.global_step == 4
+    assert torch.isfinite(trainer.callback_metrics["val/error_ratio"])
+
+
+def test_trajectory_pairs_respect_dt_max():
+    refiner = VelocityRefiner.from_name("SiT-Tiny/2", input_size=8, in_channels=1, num_classes=3)
+    module = RefinerModule(refiner, None, torch.optim.AdamW, target="trajectory", dt_max=0.12)
+    steps = 30
+    grid = torch.arange(steps + 1.0) / steps
+    # states hold their own time, velocities their index: every pair can be read back
+    traj = torch.zeros(256, 2, steps + 1, 1, 2, 2)
+    traj[:, 0] = grid.view(1, -1, 1, 1, 1)
+    traj[:, 1] = torch.arange(steps + 1.0).view(1, -1, 1, 1, 1)
+    examples, kw = module._trajectory_examples((traj, torch.zeros(256, dtype=torch.long)), seed=0)
+    b = examples.x[:, 0, 0, 0] * steps
+    a = examples.v[:, 0, 0, 0]
+    gap = b - a
+    assert torch.allclose(examples.t, examples.x[:, 0, 0, 0])
+    assert gap.min() >= 1 and gap.max() <= 3 and set(gap.round().tolist()) == {1.0, 2.0, 3.0}
+    assert a.min() >= 0 and b.max() <= steps
+    assert torch.allclose(examples.target[:, 0, 0, 0], gap)  # v_b - v_a
+    assert (kw["force_drop_ids"] == 0).all()
