@@ -1,0 +1,236 @@
+"""FID, Inception Score and precision/recall of generated images, with torch-fidelity.
+
+Two extractors are meant to be used:
+
+- ``"flowturbo-digits"`` (:mod:`flowturbo.eval.digits`) for the demo data: a classifier trained
+  by the project, weights shipped in ``flowturbo/assets/digits_classifier.pt``;
+- ``"inception-v3-compat"`` for ImageNet: torch-fidelity's InceptionV3 (the TF-compatible FID
+  network) from a weights file the user provides.
+
+Nothing is downloaded: torch-fidelity fetches InceptionV3 when no weights path is given, so a
+missing path or file is an error here instead. Generated images are never cached (no cache
+name); the reference's features and FID statistics are cached under ``cache_root`` by a name
+that holds a hash of the reference images and of the extractor's weights file, so a changed
+reference or extractor never reuses stale statistics.
+
+Precision/recall follow torch-fidelity's convention: precision is the fraction of generated
+images inside the reference manifold, recall the fraction of reference images inside the
+generated one (input1 = generated, input2 = reference).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch_fidelity
+from torch import Tensor
+from torch.utils.data import Dataset
+
+INCEPTION = "inception-v3-compat"
+INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_WEIGHTS_URL = (
+    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_WEIGHTS_FILE
+)
+_HASH_CHUNK = 1 << 24  # bytes hashed per update
+
+
+class UInt8Images(Dataset):
+    """A uint8 image tensor as the Dataset torch-fidelity reads: item i is a (3, H, W) uint8.
+
+    Args:
+        images: (N, C, H, W) uint8 with C = 1 (repeated to 3 channels per item) or C = 3. Kept
+            on the CPU.
+    """
+
+    def __init__(self, images: Tensor):
+        if not torch.is_tensor(images) or images.dtype != torch.uint8:
+            raise TypeError(
+                "images must be a uint8 tensor (quantise with flowturbo.sampling.to_uint8), got "
+                f"{getattr(images, 'dtype', type(images).__name__)}"
+            )
+        if images.dim() != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(f"images must be (N, 1 or 3, H, W), got {tuple(images.shape)}")
+        self.images = images.detach().cpu()
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, i: int) -> Tensor:
+        image = self.images[i]  # (C, H, W)
+        return image.expand(3, -1, -1).contiguous() if image.shape[0] == 1 else image
+
+
+def content_hash(images: Tensor | Dataset) -> str:
+    """SHA-256 of images' shape, dtype and bytes (hex).
+
+    Args:
+        images: A tensor (any shape; moved to the CPU), or a Dataset of tensors, hashed item
+            by item (reads every item once).
+
+    Returns:
+        64 hex digits; equal for equal contents, different when any pixel, the shape or the
+        dtype differs.
+    """
+    h = hashlib.sha256()
+    if torch.is_tensor(images):
+        _update(h, images)
+    else:
+        h.update(f"dataset:{len(images)};".encode())
+        for i in range(len(images)):
+            _update(h, images[i])
+    return h.hexdigest()
+
+
+def _update(h: Any, t: Tensor) -> None:
+    t = t.detach().cpu().contiguous()
+    h.update(f"{t.dtype}:{tuple(t.shape)};".encode())
+    data = t.reshape(-1).view(torch.uint8).numpy()  # raw bytes, any dtype
+    for start in range(0, data.size, _HASH_CHUNK):
+        h.update(memoryview(data[start : start + _HASH_CHUNK]))
+
+
+def file_hash(path: str | os.PathLike) -> str:
+    """SHA-256 (hex) of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def resolve_weights(extractor: str, weights_path: str | os.PathLike | None) -> Path:
+    """The extractor's weights file, checked to exist; never a download.
+
+    ``flowturbo-digits`` defaults to the shipped classifier; every other extractor needs an
+    explicit path (torch-fidelity would download when given none).
+
+    Raises:
+        FileNotFoundError: The file is missing; the message names it and how to get it.
+    """
+    if extractor == "flowturbo-digits":
+        from flowturbo.eval.digits import weights_file
+
+        return weights_file(weights_path)
+    if weights_path is None or not Path(weights_path).is_file():
+        if extractor == INCEPTION:
+            where = (
+                f"the file {weights_path}"
+                if weights_path
+                else f"a path to {INCEPTION_WEIGHTS_FILE}"
+            )
+            raise FileNotFoundError(
+                f"InceptionV3 weights not found: expected {where} (torch-fidelity's "
+                f"{INCEPTION_WEIGHTS_FILE}); nothing is downloaded at run time: fetch "
+                f"{INCEPTION_WEIGHTS_URL} on a machine with internet access and pass its path"
+            )
+        raise FileNotFoundError(
+            f"weights for feature extractor {extractor!r} not found: expected the file "
+            f"{weights_path}; nothing is downloaded at run time"
+        )
+    return Path(weights_path)
+
+
+def fidelity_metrics(
+    generated: Tensor,
+    reference: Dataset | Tensor,
+    *,
+    extractor: str,
+    weights_path: str | os.PathLike | None,
+    reference_cache_name: str | None,
+    cache_root: str | os.PathLike,
+    isc: bool = True,
+    prc: bool = True,
+    batch_size: int = 250,
+    isc_splits: int = 10,
+    prc_neighborhood: int = 3,
+    save_cpu_ram: bool = True,
+    verbose: bool = False,
+) -> dict[str, Any]:
+    """FID of ``generated`` against ``reference``, and optionally IS and precision/recall.
+
+    Args:
+        generated: (N, C, H, W) uint8, C = 1 or 3 (quantise with
+            :func:`flowturbo.sampling.to_uint8`). Never cached.
+        reference: (M, C, H, W) uint8 tensor, or a Dataset whose items are (3, H, W) uint8.
+        extractor: torch-fidelity extractor name: ``"flowturbo-digits"`` (images 32 x 32) or
+            ``"inception-v3-compat"`` (any size; resized to 299 inside).
+        weights_path: The extractor's weights file; None means the shipped classifier for
+            ``flowturbo-digits`` and is an error for every other extractor.
+        reference_cache_name: Prefix of the reference's cache entries, e.g.
+            ``"demo-mnist-val"``; the entries are named ``{prefix}-{images hash}-w{weights
+            hash}``. None: nothing is cached.
+        cache_root: Folder of the cache.
+        isc: Compute the Inception Score (on ``generated``; needs N >= ``isc_splits``).
+        prc: Compute precision and recall (needs N and M > ``prc_neighborhood``).
+        batch_size: Images per feature-extractor batch.
+        isc_splits: Splits of the IS.
+        prc_neighborhood: k of the k-NN balls of precision/recall.
+        save_cpu_ram: torch-fidelity's switch: True reads the inputs in the main process (no
+            DataLoader workers) and computes precision/recall in blocks (same result).
+        verbose: torch-fidelity's progress output on stderr.
+
+    Returns:
+        ``fid``; ``isc_mean``, ``isc_std`` when ``isc``; ``precision``, ``recall`` when
+        ``prc``; and for the record ``extractor``, ``extractor_weights`` (sha256 prefix of the
+        weights file), ``reference_hash`` (sha256 prefix of the reference images, only when
+        cached), ``num_generated``, ``num_reference``.
+    """
+    if extractor == "flowturbo-digits":
+        from flowturbo.eval import digits
+
+        digits.register()
+    weights = resolve_weights(extractor, weights_path)
+    gen = UInt8Images(generated)
+    ref = UInt8Images(reference) if torch.is_tensor(reference) else reference
+    n, m = len(gen), len(ref)
+    if isc and n < isc_splits:
+        raise ValueError(f"the Inception Score needs at least isc_splits={isc_splits} images")
+    if prc and min(n, m) <= prc_neighborhood:
+        raise ValueError(f"precision/recall need more than {prc_neighborhood} images per set")
+
+    weights_tag = file_hash(weights)[:12]
+    cache_name, ref_hash = None, None
+    if reference_cache_name is not None:
+        if os.sep in reference_cache_name or reference_cache_name.strip() != reference_cache_name:
+            raise ValueError(f"bad cache name {reference_cache_name!r} (no slashes or spaces)")
+        ref_hash = content_hash(reference)[:16]
+        cache_name = f"{reference_cache_name}-{ref_hash}-w{weights_tag}"
+
+    raw = torch_fidelity.calculate_metrics(
+        input1=gen,  # generated: no cache name, ever
+        input2=ref,
+        input2_cache_name=cache_name,
+        cache=cache_name is not None,
+        cache_root=str(cache_root),
+        cuda=torch.cuda.is_available(),
+        batch_size=batch_size,
+        fid=True,
+        isc=isc,
+        prc=prc,
+        # named explicitly: with no extractor, torch-fidelity would use vgg16 for prc
+        feature_extractor=extractor,
+        feature_extractor_weights_path=str(weights),
+        isc_splits=isc_splits,
+        prc_neighborhood=prc_neighborhood,
+        save_cpu_ram=save_cpu_ram,
+        verbose=verbose,
+    )
+    out: dict[str, Any] = {"fid": raw[torch_fidelity.KEY_METRIC_FID]}
+    if isc:
+        out["isc_mean"] = raw[torch_fidelity.KEY_METRIC_ISC_MEAN]
+        out["isc_std"] = raw[torch_fidelity.KEY_METRIC_ISC_STD]
+    if prc:
+        out["precision"] = raw[torch_fidelity.KEY_METRIC_PRECISION]
+        out["recall"] = raw[torch_fidelity.KEY_METRIC_RECALL]
+    out.update(
+        extractor=extractor,
+        extractor_weights=weights_tag,
+        reference_hash=ref_hash,
+        num_generated=n,
+        num_reference=m,
+    )
+    return out

@@ -1,0 +1,221 @@
+import csv
+import importlib
+import json
+import math
+
+import pytest
+import torch
+
+from flowturbo.eval import digits
+from flowturbo.eval.digits import (
+    DEFAULT_WEIGHTS,
+    EXTRACTOR_NAME,
+    DigitClassifier,
+    DigitFeatureExtractor,
+    load_classifier,
+    save_classifier,
+)
+from flowturbo.eval.fidelity import UInt8Images, content_hash, fidelity_metrics
+from flowturbo.eval.pareto import (
+    acceleration_ratios,
+    pareto_front,
+    plot_pareto,
+    write_results,
+)
+
+
+def row(sampler, schedule, fid, ms, **kw):
+    return {"sampler": sampler, "schedule": schedule, "fid": fid, "ms_per_image": ms, **kw}
+
+
+TABLE = [
+    row("heun", "H4", 12.0, 4.0),
+    row("heun", "H8", 6.0, 8.0),
+    row("heun", "H16", 3.0, 16.0),
+    row("flowturbo", "H1P3R2", 9.0, 2.5),
+    row("flowturbo", "H2P4R4", 5.5, 5.0),
+    row("flowturbo", "H3P6R5", 5.0, 7.0),  # dominated by nothing: slower but better than H2P4R4
+    row("flowturbo", "H2P6R8", 6.0, 9.0),  # dominated by H2P4R4
+    row("euler", "E8", 20.0, 4.0),  # dominated by H4 (same latency, worse FID)
+]
+
+
+def test_pareto_front_is_the_non_dominated_rows_sorted_by_latency():
+    front = pareto_front(TABLE, x="ms_per_image", y="fid")
+    assert [r["schedule"] for r in front] == ["H1P3R2", "H2P4R4", "H3P6R5", "H16"]
+    assert all(r in TABLE for r in front)  # the same dicts
+    # ties do not dominate each other; missing values take no part
+    tied = [row("a", "x", 1.0, 1.0), row("b", "y", 1.0, 1.0), row("c", "z", None, 0.5)]
+    assert [r["schedule"] for r in pareto_front(tied)] == ["x", "y"]
+    assert pareto_front([]) == []
+
+
+def test_acceleration_ratio_takes_the_fastest_match_and_keeps_unmatched_baselines():
+    ratios = acceleration_ratios(TABLE, latency_key="ms_per_image")
+    assert [r["baseline_schedule"] for r in ratios] == ["H4", "H8", "H16"]
+    h4, h8, h16 = ratios
+    assert h4["candidate_schedule"] == "H1P3R2" and h4["ratio"] == pytest.approx(1 - 2.5 / 4)
+    assert h4["speedup"] == pytest.approx(4 / 2.5)
+    # H8 (fid 6.0): H2P4R4 (5.5, 5 ms) beats H3P6R5 (5.0, 7 ms) and H2P6R8 (6.0, 9 ms)
+    assert h8["candidate_schedule"] == "H2P4R4" and h8["ratio"] == pytest.approx(1 - 5 / 8)
+    assert h8["candidate_fid"] == 5.5 and h8["baseline_fid"] == 6.0
+    # no flowturbo schedule reaches fid 3.0: kept, with no ratio and a reason
+    assert h16["candidate_schedule"] is None and h16["ratio"] is None
+    assert "no flowturbo row" in h16["note"]
+
+
+def test_acceleration_ratio_matches_like_for_like():
+    rows = [
+        row("heun", "H8", 6.0, 8.0, compile=False),
+        row("flowturbo", "H1P3R2", 5.0, 2.0, compile=True),
+        row("flowturbo", "H1P3R2", 5.0, 4.0, compile=False),
+    ]
+    (r,) = acceleration_ratios(rows, latency_key="ms_per_image", same=("compile",))
+    assert r["candidate_latency"] == 4.0 and r["ratio"] == pytest.approx(0.5)
+    (r,) = acceleration_ratios(rows, latency_key="ms_per_image")
+    assert r["candidate_latency"] == 2.0
+
+
+def test_write_results_and_plot(tmp_path):
+    rows = [dict(r, settings={"batch": 8}) for r in TABLE]
+    rows[0]["fid"] = float("nan")
+    rows[1]["extra"] = "only here"
+    json_path, csv_path = write_results(rows, tmp_path / "out")
+    saved = json.loads(json_path.read_text())
+    assert len(saved) == len(rows) and saved[0]["fid"] is None
+    with open(csv_path, newline="") as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0])[:3] == ["sampler", "schedule", "fid"]
+    assert "extra" in table[0] and table[0]["extra"] == "" and table[1]["extra"] == "only here"
+    assert json.loads(table[0]["settings"]) == {"batch": 8}
+
+    png = plot_pareto(TABLE, tmp_path / "out" / "p.png", latency_key="ms_per_image", title="t")
+    assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "p.png",
+        "results.csv",
+        "results.json",
+    ]  # no temporary files left
+
+
+# ----------------------------------------------------------------------------- FID
+
+
+def blobs(n: int, seed: int) -> torch.Tensor:
+    """(n, 1, 32, 32) uint8 white rectangles on black: a stand-in for digits."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.zeros(n, 1, 32, 32, dtype=torch.uint8)
+    for i in range(n):
+        y0, x0 = torch.randint(2, 16, (2,), generator=g).tolist()
+        h, w = torch.randint(4, 14, (2,), generator=g).tolist()
+        images[i, 0, y0 : y0 + h, x0 : x0 + w] = 255
+    return images
+
+
+@pytest.fixture
+def tiny_weights(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "tiny_digits.pt"
+    save_classifier(DigitClassifier(width=4, feature_dim=16), path, accuracy=0.1)
+    return path
+
+
+def test_uint8_images_repeat_gray_to_rgb():
+    ds = UInt8Images(blobs(3, 0))
+    assert len(ds) == 3 and ds[1].shape == (3, 32, 32) and ds[1].dtype == torch.uint8
+    assert torch.equal(ds[1][0], ds[1][2])
+    with pytest.raises(TypeError, match="uint8"):
+        UInt8Images(torch.zeros(2, 1, 32, 32))
+
+
+def test_extractor_provides_every_metric_layer(tiny_weights):
+    names = DigitFeatureExtractor.get_provided_features_list()
+    for metric in ("fid", "isc", "kid", "prc"):
+        assert DigitFeatureExtractor.get_default_feature_layer_for_metric(metric) in names
+    fe = DigitFeatureExtractor(EXTRACTOR_NAME, list(names), str(tiny_weights))
+    x = UInt8Images(blobs(5, 0)).images.expand(-1, 3, -1, -1)
+    feats, logits, unbiased = fe(x)
+    assert feats.shape == (5, 16) and logits.shape == unbiased.shape == (5, 10)
+    assert torch.allclose(logits - unbiased, fe.classifier.head.bias.expand(5, -1))
+    # registration is idempotent, also across a reload
+    digits.register()
+    importlib.reload(digits)
+    digits.register()
+
+
+def test_fid_self_is_zero_and_noise_is_far(tiny_weights, tmp_path):
+    ref = blobs(200, 0)
+    kw = dict(extractor=EXTRACTOR_NAME, weights_path=tiny_weights, cache_root=tmp_path / "cache")
+    same = fidelity_metrics(ref, ref, reference_cache_name=None, **kw)
+    other = fidelity_metrics(blobs(200, 1), ref, reference_cache_name=None, isc=False, **kw)
+    noise = torch.randint(0, 256, (200, 1, 32, 32), generator=torch.Generator().manual_seed(0))
+    far = fidelity_metrics(noise.to(torch.uint8), ref, reference_cache_name=None, **kw)
+    # an untrained network's features are small, so compare FIDs with each other
+    assert abs(same["fid"]) <= 1e-6 * far["fid"]
+    assert far["fid"] > 10 * other["fid"] > 0
+    assert same["precision"] == same["recall"] == 1.0
+    assert math.isfinite(same["isc_mean"]) and same["isc_mean"] >= 1.0
+    assert "isc_mean" not in other and far["precision"] < 0.5
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
+def test_reference_cache_is_keyed_by_content(tiny_weights, tmp_path):
+    cache = tmp_path / "cache"
+    kw = dict(extractor=EXTRACTOR_NAME, weights_path=tiny_weights, cache_root=cache)
+    ref, gen = blobs(64, 0), blobs(64, 1)
+    a = fidelity_metrics(gen, ref, reference_cache_name="blobs", prc=False, isc=False, **kw)
+    files = sorted(p.name for p in cache.iterdir())
+    assert files and all(f.startswith(f"blobs-{a['reference_hash']}-w") for f in files)
+    b = fidelity_metrics(gen, ref, reference_cache_name="blobs", prc=False, isc=False, **kw)
+    assert b["fid"] == pytest.approx(a["fid"]) and sorted(p.name for p in cache.iterdir()) == files
+    # a changed reference gets its own entries, never the stale ones
+    ref2 = ref.clone()
+    ref2[0, 0, 0, 0] = 1
+    c = fidelity_metrics(gen, ref2, reference_cache_name="blobs", prc=False, isc=False, **kw)
+    assert c["reference_hash"] != a["reference_hash"] and len(list(cache.iterdir())) > len(files)
+
+
+def test_content_hash_changes_with_content_shape_and_dtype():
+    x = blobs(4, 0)
+    assert content_hash(x) == content_hash(x.clone())
+    y = x.clone()
+    y[3, 0, 31, 31] ^= 1
+    assert content_hash(y) != content_hash(x)
+    assert content_hash(x.reshape(2, 2, 32, 32)) != content_hash(x)
+    assert content_hash(x.view(torch.int8)) != content_hash(x)  # same bytes, other dtype
+    assert content_hash(UInt8Images(x)) != content_hash(UInt8Images(y))
+
+
+def test_missing_weights_name_the_file_and_the_command(tmp_path):
+    gen = blobs(16, 0)
+    missing = tmp_path / "nowhere" / "digits.pt"
+    expected = r"nowhere/digits\.pt.*python -m flowturbo\.eval\.digits"
+    with pytest.raises(FileNotFoundError, match=expected):
+        fidelity_metrics(
+            gen,
+            gen,
+            extractor=EXTRACTOR_NAME,
+            weights_path=missing,
+            reference_cache_name=None,
+            cache_root=tmp_path,
+        )
+    with pytest.raises(FileNotFoundError, match="python -m flowturbo.eval.digits"):
+        DigitFeatureExtractor(EXTRACTOR_NAME, ["features"], str(missing))
+    with pytest.raises(FileNotFoundError, match="weights-inception-2015-12-05"):
+        fidelity_metrics(
+            gen,
+            gen,
+            extractor="inception-v3-compat",
+            weights_path=None,
+            reference_cache_name=None,
+            cache_root=tmp_path,
+        )
+
+
+@pytest.mark.skipif(not DEFAULT_WEIGHTS.is_file(), reason="shipped classifier not written yet")
+def test_shipped_classifier_is_accurate_and_small():
+    model, info = load_classifier()
+    assert info["accuracy"] >= 0.97 and info["val_images"] == 500
+    assert "python -m flowturbo.eval.digits" in info["command"]
+    assert DEFAULT_WEIGHTS.stat().st_size < 2 * 2**20
+    assert not model.training
