@@ -1,0 +1,146 @@
+"""Refiner training throughput: examples/s with interpolant and with trajectory-cache targets.
+
+Both modes run the real ``RefinerModule`` under a Lightning ``Trainer`` on the same refiner and
+hardware; only the source of the examples differs:
+
+- interpolant: batches of data (B, C, H, W); every example costs two frozen-base forward passes
+  (no gradients) besides the refiner's forward and backward;
+- trajectory: batches of cached trajectories (B, 2, K, C, H, W); no base evaluation.
+
+The data are random tensors already in memory, so the figures are the model side of training
+(the data pipeline is measured by ``bench_data.py``). The base's weights are random: its cost
+does not depend on them. The first ``--warmup`` steps are not timed.
+
+    python benchmarks/bench_train.py                                  # demo size, CPU
+    python benchmarks/bench_train.py --model SiT-XL/2 --channels 4 --classes 1000 \\
+        --batch-size 18 --precision bf16-mixed --accelerator gpu      # the paper's setting
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import platform
+import time
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from flowturbo.lit import RefinerModule
+from flowturbo.models import SiT, VelocityRefiner
+
+
+class StepTimer(L.Callback):
+    """Wall time of every training step after the first ``warmup``, synchronised."""
+
+    def __init__(self, warmup: int):
+        self.warmup, self.start, self.times = warmup, None, []
+
+    def _sync(self, module: L.LightningModule) -> None:
+        if module.device.type == "cuda":
+            torch.cuda.synchronize(module.device)
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self._sync(module)
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self._sync(module)
+        if batch_idx >= self.warmup:
+            self.times.append(time.perf_counter() - self.start)
+
+
+def run(args: argparse.Namespace, target: str) -> dict:
+    torch.manual_seed(0)
+    arch = dict(input_size=args.size, in_channels=args.channels, num_classes=args.classes)
+    if args.learn_sigma:
+        arch["learn_sigma"] = True
+    base = SiT.from_name(args.model, **arch).eval().requires_grad_(False)
+    refiner = VelocityRefiner.from_base(base, depth=args.refiner_depth)
+    steps = args.warmup + args.steps
+    n = args.batch_size * steps
+    shape = (args.channels, args.size, args.size)
+    if target == "interpolant":
+        x = torch.randn(n, *shape)
+    else:
+        x = torch.randn(n, 2, args.grid + 1, *shape, dtype=torch.float16).float()
+    y = torch.randint(0, args.classes, (n,))
+    loader = DataLoader(TensorDataset(x, y), batch_size=args.batch_size)
+    module = RefinerModule(
+        refiner,
+        (lambda: base) if target == "interpolant" else None,
+        functools.partial(torch.optim.AdamW, lr=1e-4),
+        target=target,
+    )
+    timer = StepTimer(args.warmup)
+    trainer = L.Trainer(
+        accelerator=args.accelerator,
+        devices=1,
+        precision=args.precision,
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[timer],
+    )
+    trainer.fit(module, loader)
+    seconds = sorted(timer.times)[len(timer.times) // 2]
+    return {
+        "target": target,
+        "ms_per_step": 1000 * seconds,
+        "examples_per_s": args.batch_size / seconds,
+        "steps_timed": len(timer.times),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="SiT-Demo/4")
+    p.add_argument("--size", type=int, default=32, help="input_size (latent or pixel side)")
+    p.add_argument("--channels", type=int, default=1)
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--learn-sigma", action="store_true")
+    p.add_argument("--refiner-depth", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--grid", type=int, default=30, help="Heun steps of a cached trajectory")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--accelerator", default="cpu")
+    p.add_argument("--precision", default="32-true")
+    p.add_argument("--out", help="write the results as JSON here")
+    args = p.parse_args()
+
+    rows = [run(args, t) for t in ("interpolant", "trajectory")]
+    machine = {
+        "device": torch.cuda.get_device_name()
+        if args.accelerator == "gpu"
+        else platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+    print(
+        f"{args.model} refiner (depth {args.refiner_depth}), batch {args.batch_size}, "
+        f"{args.precision}, {machine}"
+    )
+    for r in rows:
+        print(
+            f"  {r['target']:>11}: {r['ms_per_step']:8.1f} ms/step  "
+            f"{r['examples_per_s']:8.1f} examples/s  ({r['steps_timed']} steps timed)"
+        )
+    ratio = rows[1]["examples_per_s"] / rows[0]["examples_per_s"]
+    print(f"  trajectory / interpolant throughput: {ratio:.2f}x")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(
+                {"settings": vars(args), "machine": machine, "rows": rows, "ratio": ratio},
+                f,
+                indent=1,
+            )
+
+
+if __name__ == "__main__":
+    main()
