@@ -1,10 +1,23 @@
-"""Sample a grid from trained checkpoints with one schedule and measure its latency.
+"""Sweep sampler schedules into FID-versus-latency Pareto fronts (DESIGN.md, "Measuring").
 
-    python evaluate.py base_ckpt=checkpoints/demo_base/ema.pt schedule=H8
-    python evaluate.py refiner_ckpt=checkpoints/demo_refiner/ema.pt schedule=H1P5R3 compile=true
+    python evaluate.py experiment=demo_sweep          # CPU, no downloads, shipped models
+    python evaluate.py experiment=demo_sweep fid.num_images=5000 name=demo_sweep_5k
+    python evaluate.py experiment=sit_xl_sweep model.base_ckpt=SiT-XL-2-256x256.pt \
+        model.refiner_ckpt=SiT-XL-2-Refiner.pt vae=sd-vae-ft-ema \
+        fid.inception_weights=weights-inception-2015-12-05-6726825d.pth \
+        fid.reference=VIRTUAL_imagenet256_labeled.npz
 
-Writes samples.png and result.json (schedule, NFE, ms/img, settings) to the run folder.
-The FID-versus-latency sweep over many schedules is not built yet.
+One job per schedule, all into the same folder, then the merged summary:
+
+    python evaluate.py -m experiment=demo_sweep sampler.schedule=H8,H1P7,H2P4R3
+    python evaluate.py experiment=demo_sweep summarize_only=true
+
+For every schedule (or baseline solver, e.g. ``euler:16``): FID, IS and precision/recall of
+``fid.num_images`` generated images, the RMS error to a fine reference ODE solution, and ms/img
+eager and compiled at ``latency.batch``. Everything goes to ``sweeps/<name>/``: ``rows/`` (one
+JSON per schedule; a rerun skips the schedules whose settings did not change), ``grids/``,
+``results.json``, ``results.csv``, ``pareto.png`` and ``acceleration.json`` (acceleration
+at matched FID versus Heun, eager vs eager and compiled vs compiled). Settings: conf/evaluate.yaml.
 """
 
 import hydra
@@ -13,9 +26,9 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> dict:
-    from flowturbo.eval.grid import sample_grid
+    from flowturbo.eval.sweep import run_sweep
 
-    return sample_grid(cfg)
+    return run_sweep(cfg)
 
 
 if __name__ == "__main__":

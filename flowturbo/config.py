@@ -27,7 +27,7 @@ def check_required(cfg: DictConfig, command: str) -> None:
         if OmegaConf.is_missing(cfg, key):
             missing.append(str(key))
         elif isinstance(cfg[key], DictConfig):
-            missing += [f"{key}.{k}" for k in OmegaConf.missing_keys(cfg[key])]
+            missing += OmegaConf.missing_keys(cfg[key])  # full keys ("model.base.path")
     missing.sort()
     if missing:
         example = " ".join(f"{k}=..." for k in missing)

@@ -11,16 +11,26 @@ from flowturbo.models import SiT, VelocityRefiner, build_from_checkpoint
 from flowturbo.train import train
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
-EXPERIMENTS = sorted(p.stem for p in Path(CONF, "experiment").glob("*.yaml"))
+ALL_EXPERIMENTS = sorted(p.stem for p in Path(CONF, "experiment").glob("*.yaml"))
+# experiments named *_sweep are evaluation sweeps (evaluate.yaml); the others train (train.yaml)
+SWEEPS = [name for name in ALL_EXPERIMENTS if name.endswith("_sweep")]
+EXPERIMENTS = [name for name in ALL_EXPERIMENTS if not name.endswith("_sweep")]
 # values a user must supply (???), filled for composition
 REQUIRED = {
     "sit_refiner": ["model.base.path=base.pt", "data.train_shards=/data/train"],
+    "sit_xl_sweep": [
+        "model.base_ckpt=SiT-XL-2-256x256.pt",
+        "model.refiner_ckpt=SiT-XL-2-Refiner.pt",
+        "vae=sd-vae-ft-ema",
+        "fid.inception_weights=weights-inception-2015-12-05-6726825d.pth",
+        "fid.reference=VIRTUAL_imagenet256_labeled.npz",
+    ],
 }
 
 
-def cfg_for(overrides, run_dir):
+def cfg_for(overrides, run_dir, config_name="train"):
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
     with open_dict(cfg):
         cfg.hydra.runtime.output_dir = str(run_dir)
     HydraConfig.instance().set_config(cfg)
@@ -29,6 +39,30 @@ def cfg_for(overrides, run_dir):
 
 def test_every_experiment_is_tested():
     assert set(EXPERIMENTS) >= {"demo_base", "demo_refiner", "sit_refiner"}
+    assert set(SWEEPS) >= {"demo_sweep", "sit_xl_sweep"}
+
+
+@pytest.mark.parametrize("name", SWEEPS)
+def test_sweep_experiment_composes_with_evaluate_yaml(name, tmp_path):
+    from flowturbo.config import check_required
+    from flowturbo.eval.sweep import sweep_entries
+
+    cfg = cfg_for([f"experiment={name}", *REQUIRED.get(name, [])], tmp_path, "evaluate")
+    assert cfg.name == name and cfg.out_dir == f"sweeps/{name}"  # stable: shared by jobs
+    entries = sweep_entries(cfg)  # every schedule and baseline parses
+    assert {"heun", "flowturbo"} <= {e.family for e in entries}
+    one = cfg_for([f"experiment={name}", "sampler.schedule=euler:16"], tmp_path, "evaluate")
+    assert [e.label for e in sweep_entries(one)] == ["euler:16"]
+    if name == "sit_xl_sweep":
+        check_required(cfg, "python evaluate.py experiment=sit_xl_sweep")
+        assert [e.label for e in entries][:4] == ["H8", "H11", "H15", "H24"]
+        assert cfg.sampler.cfg_scale == 1.5 and cfg.sampler.dtype == "bfloat16"
+        assert cfg.fid.num_images == 50000 and cfg.latency.batch == 8
+    if name == "demo_sweep":
+        assert cfg.fid.extractor == "flowturbo-digits" and cfg.vae is None
+        assert Path(cfg.fid.weights).is_file()  # the shipped digit classifier
+        families = {e.family for e in entries}
+        assert families == {"heun", "pseudo", "flowturbo", "euler", "midpoint", "multistep"}
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)

@@ -1,39 +1,504 @@
-import json
+"""evaluate.py's sweep: entries, seeds, resume, summary, multirun; tiny model and extractor."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
+from hydra import compose, initialize_config_dir
 
-from flowturbo.eval.grid import sample_grid
+from flowturbo.eval import summary as summary_mod
+from flowturbo.eval import sweep
+from flowturbo.eval.digits import DigitClassifier, save_classifier
+from flowturbo.eval.fidelity import fid_against_statistics, fidelity_metrics, load_reference
+from flowturbo.eval.summary import acceleration_tables
 from flowturbo.models import SiT, VelocityRefiner, save_checkpoint
+from flowturbo.sampling import clear_compile_cache
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = str(ROOT / "conf")
+COLUMNS = [
+    "sampler",
+    "schedule",
+    "steps",
+    "base_nfe",
+    "refiner_nfe",
+    "fid",
+    "isc_mean",
+    "precision",
+    "recall",
+    "ref_error",
+    "ms_per_image_eager",
+    "ms_per_image_compiled",
+    "batch",
+    "device",
+    "dtype",
+    "seed",
+    "num_images",
+    "cfg_scale",
+]
 
 
-def test_sample_grid_writes_images_and_latency(tmp_path):
+def _randomise(model: torch.nn.Module) -> None:
+    """SiT starts with zero heads (velocity 0): give every zero tensor small random values."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0, 0.05)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A tiny base and refiner (SiT-Tiny/4, 1 x 32 x 32, 3 classes), a random digit
+    classifier as the extractor and 64 random blob images as the FID reference."""
+    d = tmp_path_factory.mktemp("assets")
     torch.manual_seed(0)
-    base = SiT.from_name("SiT-Tiny/2", input_size=8, in_channels=1, num_classes=3)
-    refiner = VelocityRefiner.from_base(base)
-    save_checkpoint(base, tmp_path / "base.pt")
-    save_checkpoint(refiner, tmp_path / "refiner.pt")
-    cfg = OmegaConf.create(
-        dict(
-            base_ckpt=str(tmp_path / "base.pt"),
-            refiner_ckpt=str(tmp_path / "refiner.pt"),
-            schedule="H1P2R2",
-            refiner_input="d0",
-            cfg_scale=1.5,
-            num_images=6,
-            seed=0,
-            compile=False,
-            latency_repeats=1,
-            device="cpu",
-            out_dir=str(tmp_path / "out"),
-        )
+    base = SiT.from_name(
+        "SiT-Tiny/4", input_size=32, in_channels=1, num_classes=3, learn_sigma=False
     )
-    result = sample_grid(cfg)
-    assert (tmp_path / "out" / "samples.png").is_file()
-    saved = json.loads((tmp_path / "out" / "result.json").read_text())
-    assert saved["base_nfe"] == 4 and saved["refiner_nfe"] == 4 and saved["batch"] == 6
-    assert saved["ms_per_image"] == result["ms_per_image"] > 0
-    cfg.refiner_ckpt = None
-    with pytest.raises(ValueError, match="refiner_ckpt"):
-        sample_grid(cfg)
+    refiner = VelocityRefiner.from_base(base)
+    _randomise(base)
+    _randomise(refiner)
+    save_checkpoint(base, d / "base.pt")
+    save_checkpoint(refiner, d / "refiner.pt")
+    save_classifier(DigitClassifier(width=4, feature_dim=16), d / "digits.pt", accuracy=0.1)
+    rng = np.random.default_rng(0)
+    images = (rng.random((64, 32, 32)) > 0.7).astype(np.uint8) * 255
+    np.savez(d / "ref.npz", arr_0=images)
+    return d
+
+
+def tiny(assets, out_dir, *overrides):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose("evaluate", overrides=tiny_overrides(assets, out_dir) + list(overrides))
+
+
+def tiny_overrides(assets, out_dir):
+    return [
+        f"model.base_ckpt={assets / 'base.pt'}",
+        f"model.refiner_ckpt={assets / 'refiner.pt'}",
+        "vae=null",
+        "device=cpu",
+        "threads=1",
+        f"out_dir={out_dir}",
+        "sweep.schedules=[H2,H1P2R2]",
+        "sweep.baselines.euler=[4]",
+        "sampler.batch_size=32",
+        "fid.num_images=64",
+        f"fid.reference={assets / 'ref.npz'}",
+        f"fid.weights={assets / 'digits.pt'}",
+        f"fid.cache_root={out_dir}/../fidelity_cache",
+        "fid.batch_size=64",
+        "ref_error.num_images=8",
+        "ref_error.steps=16",
+        "latency.batch=4",
+        "latency.warmup=0",
+        "latency.repeats=1",
+        "latency.compiled=false",
+        "grid.num_images=6",
+        "progress=false",
+        "wandb.enabled=false",
+    ]
+
+
+class Counter:
+    """Wraps a function of the sweep module and records the entries it was called for."""
+
+    def __init__(self, monkeypatch, name):
+        self.calls: list[str] = []
+        fn = getattr(sweep, name)
+
+        def wrapped(entry, *args, **kwargs):
+            self.calls.append(entry.label)
+            return fn(entry, *args, **kwargs)
+
+        monkeypatch.setattr(sweep, name, wrapped)
+
+
+def mtimes(out_dir):
+    return {p.name: p.stat().st_mtime_ns for p in (out_dir / "rows").glob("*.json")}
+
+
+# ----------------------------------------------------------------------------- entries
+
+
+def test_entries_parse_schedules_and_baselines_into_families_with_nfe():
+    cases = {
+        "H8": ("heun", 16, 0, "H8"),
+        "heun:8": ("heun", 16, 0, "H8"),
+        "H1P7": ("pseudo", 9, 0, "H1P7"),
+        "H2P4R3": ("flowturbo", 8, 6, "H2P4R3"),
+        "euler:16": ("euler", 16, 0, "euler-16"),
+        "midpoint:4": ("midpoint", 8, 0, "midpoint-4"),
+        "multistep:12": ("multistep", 12, 0, "multistep-12"),
+    }
+    for text, (family, base_nfe, refiner_nfe, key) in cases.items():
+        e = sweep.parse_entry(text)
+        assert (e.family, e.base_nfe, e.refiner_nfe, e.key) == (family, base_nfe, refiner_nfe, key)
+    assert sweep.parse_entry("H2P4R3").steps == 9
+    with pytest.raises(ValueError, match="unknown solver 'rk4'"):
+        sweep.parse_entry("rk4:8")
+    with pytest.raises(ValueError, match="positive integer"):
+        sweep.parse_entry("euler:0")
+    with pytest.raises(ValueError, match="unknown step letter"):
+        sweep.parse_entry("H2X3")
+
+
+def test_noise_depends_only_on_seed_and_index():
+    a = sweep.seeded_noise(0, range(6), (1, 4, 4))
+    b = torch.cat(
+        [sweep.seeded_noise(0, [4, 5], (1, 4, 4)), sweep.seeded_noise(0, [0], (1, 4, 4))]
+    )
+    assert torch.equal(a[4:], b[:2]) and torch.equal(a[0], b[2])
+    assert not torch.equal(a[0], a[1])
+    assert not torch.equal(a, sweep.seeded_noise(1, range(6), (1, 4, 4)))
+
+
+# ----------------------------------------------------------------------------- the sweep
+
+
+def test_tiny_sweep_writes_every_file_with_the_expected_columns(assets, tmp_path, monkeypatch):
+    out = tmp_path / "sweep"
+    generated = Counter(monkeypatch, "generate")
+    result = sweep.run_sweep(tiny(assets, out))
+
+    assert generated.calls == ["H2", "H1P2R2", "euler:4"]
+    for name in ["results.json", "results.csv", "pareto.png", "acceleration.json"]:
+        assert (out / name).is_file(), name
+    assert sorted(p.name for p in (out / "rows").iterdir()) == [
+        "H1P2R2.json",
+        "H2.json",
+        "euler-4.json",
+    ]
+    assert len(list((out / "grids").glob("*.png"))) == 3
+    assert len(list((out / "reference").glob("ref-*.pt"))) == 1  # computed once, shared
+
+    rows = {r["schedule"]: r for r in json.loads((out / "results.json").read_text())}
+    assert set(rows) == {"H2", "H1P2R2", "euler:4"}
+    header = (out / "results.csv").read_text().splitlines()[0].split(",")
+    assert set(COLUMNS) <= set(header) and header[:3] == ["sampler", "schedule", "fid"]
+    h2, ft, eu = rows["H2"], rows["H1P2R2"], rows["euler:4"]
+    assert (h2["sampler"], h2["base_nfe"], h2["refiner_nfe"], h2["steps"]) == ("heun", 4, 0, 2)
+    assert (ft["sampler"], ft["base_nfe"], ft["refiner_nfe"], ft["steps"]) == (
+        "flowturbo",
+        4,
+        4,
+        5,
+    )
+    assert (eu["sampler"], eu["base_nfe"], eu["refiner_nfe"]) == ("euler", 4, 0)
+    for r in rows.values():
+        assert r["num_images"] == 64 and r["seed"] == 0 and r["batch"] == 4
+        assert r["device"] == "cpu" and r["dtype"] == "float32" and r["cfg_scale"] == 1.0
+        assert r["fid"] is not None and r["fid"] >= 0 and r["isc_mean"] > 0
+        assert 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1
+        assert r["ms_per_image_eager"] > 0
+        assert r["ms_per_image_compiled"] is None  # latency.compiled=false
+        assert r["ref_error"] > 0 and r["ref_error_images"] == 8
+    assert ft["refiner_input"] == "d0" and h2["refiner_input"] is None
+    assert eu["ref_error"] > h2["ref_error"]  # first order vs second order, same NFE
+
+    tables = json.loads((out / "acceleration.json").read_text())
+    modes = {(t["candidate"], t["quality_key"], t["mode"]) for t in tables}
+    assert ("flowturbo", "fid", "eager") in modes and ("flowturbo", "fid", "compiled") in modes
+    eager = next(
+        t for t in tables if (t["candidate"], t["quality_key"], t["mode"]) == modes_key("eager")
+    )
+    assert [r["baseline_schedule"] for r in eager["rows"]] == ["H2"]
+    assert result["rows"] and result["acceleration"] == tables
+
+
+def modes_key(mode):
+    return ("flowturbo", "fid", mode)
+
+
+def test_interrupted_sweep_resumes_without_redoing_finished_entries(assets, tmp_path, monkeypatch):
+    out = tmp_path / "sweep"
+    real_latency = sweep.measure_entry_latency
+
+    def interrupted(entry, *args, **kwargs):
+        if entry.label == "H1P2R2":
+            raise KeyboardInterrupt  # the job dies during the second entry's latency
+        return real_latency(entry, *args, **kwargs)
+
+    monkeypatch.setattr(sweep, "measure_entry_latency", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_sweep(tiny(assets, out))
+    first = mtimes(out)
+    assert set(first) == {"H2.json", "H1P2R2.json"}  # H1P2R2's quality part was written
+    partial = json.loads((out / "rows" / "H1P2R2.json").read_text())
+    assert set(partial["parts"]) == {"quality", "ref_error"}
+
+    monkeypatch.setattr(sweep, "measure_entry_latency", real_latency)
+    generated = Counter(monkeypatch, "generate")
+    timed = Counter(monkeypatch, "measure_entry_latency")
+    sweep.run_sweep(tiny(assets, out))
+    assert generated.calls == ["euler:4"]  # only the entry that never started
+    assert timed.calls == ["H1P2R2", "euler:4"]
+    assert mtimes(out)["H2.json"] == first["H2.json"]  # finished: not even rewritten
+    rows = json.loads((out / "results.json").read_text())
+    assert all(r["ms_per_image_eager"] for r in rows) and len(rows) == 3
+
+    # a third run has nothing to do and loads no model
+    monkeypatch.setattr(sweep, "load_networks", _no_models)
+    before = mtimes(out)
+    sweep.run_sweep(tiny(assets, out))
+    assert mtimes(out) == before
+
+
+def _no_models(*args, **kwargs):
+    raise AssertionError("nothing to compute: no model should be loaded")
+
+
+def test_a_changed_setting_recomputes_only_what_it_affects(assets, tmp_path, monkeypatch):
+    out = tmp_path / "sweep"
+    settings = ["sweep.baselines.euler=[]"]
+    sweep.run_sweep(tiny(assets, out, *settings))
+    old = json.loads((out / "rows" / "H2.json").read_text())
+
+    generated = Counter(monkeypatch, "generate")
+    timed = Counter(monkeypatch, "measure_entry_latency")
+    settings.append("latency.batch=2")  # latency only
+    sweep.run_sweep(tiny(assets, out, *settings))
+    assert generated.calls == [] and timed.calls == ["H2", "H1P2R2"]
+    new = json.loads((out / "rows" / "H2.json").read_text())
+    assert new["parts"]["quality"] == old["parts"]["quality"]
+    assert new["parts"]["ref_error"] == old["parts"]["ref_error"]
+    assert new["parts"]["latency"]["result"]["batch"] == 2
+    assert new["settings_hash"] != old["settings_hash"]
+
+    settings.append("fid.num_images=48")  # images and FID only
+    sweep.run_sweep(tiny(assets, out, *settings))
+    assert generated.calls == ["H2", "H1P2R2"] and len(timed.calls) == 2
+    rows = json.loads((out / "results.json").read_text())
+    assert {r["num_images"] for r in rows} == {48}
+
+    # another refiner changes the FlowTurbo row only, all of it
+    torch.manual_seed(1)
+    other = VelocityRefiner.from_base(
+        SiT.from_name("SiT-Tiny/4", input_size=32, in_channels=1, num_classes=3, learn_sigma=False)
+    )
+    _randomise(other)
+    save_checkpoint(other, tmp_path / "refiner2.pt")
+    settings.append(f"model.refiner_ckpt={tmp_path / 'refiner2.pt'}")
+    sweep.run_sweep(tiny(assets, out, *settings))
+    assert generated.calls[2:] == ["H1P2R2"] and timed.calls[2:] == ["H1P2R2"]
+
+
+def test_single_schedule_jobs_share_the_folder_and_the_summary(assets, tmp_path, monkeypatch):
+    out = tmp_path / "sweep"
+    first = sweep.run_sweep(tiny(assets, out, "sampler.schedule=H1P2R2"))
+    assert [r["schedule"] for r in first["rows"]] == ["H1P2R2"]
+    generated = Counter(monkeypatch, "generate")
+    second = sweep.run_sweep(tiny(assets, out, "sampler.schedule=heun:2"))
+    assert generated.calls == ["H2"]  # heun:2 is H2
+    assert [r["schedule"] for r in second["rows"]] == ["H2", "H1P2R2"]  # heun first
+    assert sorted(p.name for p in (out / "rows").iterdir()) == ["H1P2R2.json", "H2.json"]
+
+
+def test_summarize_only_merges_the_rows_without_models(assets, tmp_path, monkeypatch):
+    out = tmp_path / "sweep"
+    with pytest.raises(FileNotFoundError, match="run the sweep first"):
+        sweep.run_sweep(tiny(assets, out, "summarize_only=true"))
+    sweep.run_sweep(tiny(assets, out, "sweep.baselines.euler=[]"))
+    for name in ["results.json", "results.csv", "pareto.png", "acceleration.json"]:
+        (out / name).unlink()
+    monkeypatch.setattr(sweep, "load_networks", _no_models)
+    result = sweep.run_sweep(tiny(assets, out, "summarize_only=true", "model.base_ckpt=gone.pt"))
+    assert [r["schedule"] for r in result["rows"]] == ["H2", "H1P2R2"]
+    for name in ["results.json", "results.csv", "pareto.png", "acceleration.json"]:
+        assert (out / name).is_file()
+
+
+def test_a_failed_compilation_is_recorded_not_reported_as_compiled(assets, tmp_path, monkeypatch):
+    clear_compile_cache()
+    monkeypatch.setattr(torch._dynamo, "is_dynamo_supported", lambda: False)
+    try:
+        with pytest.warns(RuntimeWarning, match="eagerly"):
+            result = sweep.run_sweep(
+                tiny(assets, tmp_path / "s", "sampler.schedule=H2", "latency.compiled=true")
+            )
+    finally:
+        clear_compile_cache()
+    (row,) = result["rows"]
+    assert row["compiled"] is False and row["ms_per_image_compiled"] is None
+    assert row["ms_per_image_eager"] > 0
+    stored = json.loads((tmp_path / "s" / "rows" / "H2.json").read_text())
+    assert stored["parts"]["latency"]["result"]["compiled"]["ms_per_image"] > 0  # kept raw
+
+
+def test_missing_checkpoints_and_values_are_clear_errors(assets, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"model\.base_ckpt"):
+        sweep.run_sweep(tiny(assets, tmp_path / "a", "model.base_ckpt=nope.pt"))
+    with pytest.raises(ValueError, match=r"model\.refiner_ckpt"):
+        sweep.run_sweep(tiny(assets, tmp_path / "b", "model.refiner_ckpt=null"))
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("evaluate", overrides=["experiment=sit_xl_sweep"])
+    keys = ["fid.inception_weights", "fid.reference", "model.base_ckpt", "model.refiner_ckpt"]
+    with pytest.raises(ValueError, match=", ".join(keys) + ", vae"):
+        sweep.run_sweep(cfg)
+
+
+# ----------------------------------------------------------------------------- summary parts
+
+
+def row(sampler, schedule, fid, eager, compiled, ok=True, **kw):
+    return {
+        "sampler": sampler,
+        "schedule": schedule,
+        "fid": fid,
+        "ref_error": fid / 100,
+        "ms_per_image_eager": eager,
+        "ms_per_image_compiled": compiled if ok else None,
+        "compiled": ok,
+        "batch": 8,
+        "device": "cpu",
+        "dtype": "float32",
+        **kw,
+    }
+
+
+def test_acceleration_is_like_for_like_eager_and_compiled():
+    rows = [
+        row("heun", "H4", 10.0, 8.0, 6.0),
+        row("heun", "H8", 5.0, 16.0, 12.0),
+        row("flowturbo", "H1P3R2", 9.0, 4.0, 3.0),
+        row("flowturbo", "H2P4R2", 4.5, 7.0, 2.0, ok=False),  # compilation failed
+        row("flowturbo", "H1P5R3", 4.0, 9.0, 7.0, batch=64),  # another batch size
+    ]
+    tables = {(t["candidate"], t["quality_key"], t["mode"]): t for t in acceleration_tables(rows)}
+    eager = tables["flowturbo", "fid", "eager"]["rows"]
+    assert [(r["baseline_schedule"], r["candidate_schedule"]) for r in eager] == [
+        ("H4", "H1P3R2"),
+        ("H8", "H2P4R2"),
+    ]
+    assert eager[1]["ratio"] == pytest.approx(1 - 7 / 16)
+    compiled = tables["flowturbo", "fid", "compiled"]["rows"]
+    assert compiled[0]["ratio"] == pytest.approx(1 - 3 / 6)
+    assert compiled[1]["candidate_schedule"] is None  # H2P4R2 did not compile, H1P5R3 is b64
+    assert tables["flowturbo", "ref_error", "eager"]["rows"][1]["candidate_schedule"] == "H2P4R2"
+    text = summary_mod.format_acceleration(list(tables.values()))
+    assert "H2P4R2" in text and "56.2%" in text and "50.0%" in text
+
+
+class FakeWandb:
+    """Records what would be logged to W&B (no process, no files)."""
+
+    def __init__(self):
+        self.init_kwargs, self.logged, self.finished = None, {}, False
+
+    def init(self, **kwargs):
+        self.init_kwargs = kwargs
+        return self
+
+    def log(self, data):
+        self.logged.update(data)
+
+    def finish(self):
+        self.finished = True
+
+    def Table(self, columns, data):  # noqa: N802 - wandb's name
+        return {"columns": columns, "data": data}
+
+    def Image(self, path):  # noqa: N802 - wandb's name
+        return {"image": path}
+
+
+def test_wandb_gets_the_table_and_the_plot_and_honours_wandb_mode(assets, tmp_path, monkeypatch):
+    out = tmp_path / "sweep"
+    sweep.run_sweep(tiny(assets, out, "sweep.baselines.euler=[]"))
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    sweep.run_sweep(tiny(assets, out, "summarize_only=true", "wandb.enabled=true"))
+    assert fake.init_kwargs["mode"] == "offline" and fake.finished
+    table = fake.logged["sweep/results"]
+    assert table["columns"][:2] == ["sampler", "schedule"] and len(table["data"]) == 2
+    assert fake.logged["sweep/pareto"]["image"].endswith("pareto.png")
+    assert fake.logged["sweep/acceleration"]["data"]
+
+    for env, enabled in [("disabled", "true"), (None, "false")]:
+        fake = FakeWandb()
+        monkeypatch.setitem(sys.modules, "wandb", fake)
+        if env:
+            monkeypatch.setenv("WANDB_MODE", env)
+        sweep.run_sweep(tiny(assets, out, "summarize_only=true", f"wandb.enabled={enabled}"))
+        assert fake.init_kwargs is None
+        monkeypatch.delenv("WANDB_MODE", raising=False)
+    # a single-schedule (multirun) job leaves logging to the summary
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    sweep.run_sweep(tiny(assets, out, "sampler.schedule=H2", "wandb.enabled=true"))
+    assert fake.init_kwargs is None
+
+
+# ----------------------------------------------------------------------------- references
+
+
+def test_fid_against_statistics_equals_fid_against_the_images(assets, tmp_path):
+    ref = load_reference(str(assets / "ref.npz"))
+    assert ref.images.shape == (64, 1, 32, 32) and ref.images.dtype == torch.uint8
+    gen = ref.images.flip(-1)[:40]
+    cache = tmp_path / "cache"
+    full = fidelity_metrics(
+        gen,
+        ref.images,
+        extractor="flowturbo-digits",
+        weights_path=assets / "digits.pt",
+        reference_cache_name="blobs",
+        cache_root=cache,
+        isc=False,
+        prc=False,
+    )
+    (stat_file,) = cache.glob("blobs-*-stat-fid-features.pt")
+    stats = torch.load(stat_file, weights_only=False)
+    np.savez(tmp_path / "stats.npz", mu=stats["mu"], sigma=stats["sigma"])
+    only = load_reference(str(tmp_path / "stats.npz"))
+    assert only.is_statistics
+    fid = fid_against_statistics(
+        gen,
+        only.mu,
+        only.sigma,
+        extractor="flowturbo-digits",
+        weights_path=assets / "digits.pt",
+        cache_root=tmp_path / "cache2",
+        isc=False,
+    )
+    assert fid["fid"] == pytest.approx(full["fid"], rel=1e-6)
+    with pytest.raises(FileNotFoundError, match="FID reference not found"):
+        load_reference(str(tmp_path / "missing.npz"))
+
+
+# ----------------------------------------------------------------------------- evaluate.py
+
+
+def test_evaluate_py_multirun_then_summarize_only(assets, tmp_path):
+    """The Hydra app itself: -m sampler.schedule=a,b runs one job per schedule into one folder."""
+    out = tmp_path / "sweep"
+    args = [a for a in tiny_overrides(assets, out) if not a.startswith("sweep.")]
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    run = [sys.executable, str(ROOT / "evaluate.py")]
+    hydra_dirs = [f"hydra.sweep.dir={tmp_path / 'multirun'}", f"hydra.run.dir={tmp_path / 'run'}"]
+    proc = subprocess.run(
+        [*run, "-m", *args, *hydra_dirs, "sampler.schedule=H2,H1P2R2"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in (out / "rows").iterdir()) == ["H1P2R2.json", "H2.json"]
+    (out / "results.csv").unlink()
+    proc = subprocess.run(
+        [*run, *args, *hydra_dirs, "summarize_only=true"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "acceleration of flowturbo at matched fid versus Heun" in proc.stdout
+    assert len((out / "results.csv").read_text().splitlines()) == 3

@@ -13,6 +13,11 @@ name); the reference's features and FID statistics are cached under ``cache_root
 that holds a hash of the reference images and of the extractor's weights file, so a changed
 reference or extractor never reuses stale statistics.
 
+References (:func:`load_reference`): the demo splits (``demo:train``), a folder of images, an
+``.npz`` of images (ADM's reference batches) or of FID statistics ``mu``/``sigma``, or a
+torch-fidelity statistics file; against statistics (:func:`fid_against_statistics`) only FID
+and IS can be computed.
+
 Precision/recall follow torch-fidelity's convention: precision is the fraction of generated
 images inside the reference manifold, recall the fraction of reference images inside the
 generated one (input1 = generated, input2 = reference).
@@ -22,13 +27,17 @@ from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch_fidelity
 from torch import Tensor
 from torch.utils.data import Dataset
+
+from flowturbo.eval.atomic import atomic_path
 
 INCEPTION = "inception-v3-compat"
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -232,5 +241,201 @@ def fidelity_metrics(
         reference_hash=ref_hash,
         num_generated=n,
         num_reference=m,
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------- references
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+class ImageFolderImages(Dataset):
+    """Every image file under a folder (recursively, sorted by path) as (3, H, W) uint8.
+
+    Images are read on access and converted to RGB; they are not resized, so they must all
+    have one size (InceptionV3 resizes to 299 inside; the digits extractor needs 32 x 32).
+    """
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.files = sorted(
+            p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+        )
+        if not self.files:
+            raise FileNotFoundError(
+                f"no image files ({', '.join(IMAGE_SUFFIXES)}) under the reference folder {root}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> Tensor:
+        from PIL import Image
+
+        with Image.open(self.files[i]) as img:
+            array = np.asarray(img.convert("RGB"))  # (H, W, 3)
+        return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+@dataclass
+class Reference:
+    """What generated images are compared with: images, or precomputed FID statistics.
+
+    Attributes:
+        name: cache-name prefix and label (``"demo-train"``, ``"VIRTUAL_imagenet256"``).
+        images: (M, C, H, W) uint8 tensor or a Dataset of (3, H, W) uint8; None for statistics.
+        mu, sigma: FID statistics of the reference features ((D,) and (D, D)); None for images.
+        source: where it came from, for the record.
+    """
+
+    name: str
+    source: str
+    images: Tensor | Dataset | None = None
+    mu: np.ndarray | None = None
+    sigma: np.ndarray | None = None
+
+    @property
+    def is_statistics(self) -> bool:
+        return self.images is None
+
+    def __len__(self) -> int:
+        return 0 if self.images is None else len(self.images)
+
+
+def load_reference(spec: str, cache_dir: str | os.PathLike | None = None) -> Reference:
+    """Reads the reference set of a FID measurement; nothing is downloaded.
+
+    Args:
+        spec: one of
+            - ``"demo:train"`` / ``"demo:val"``: the demo digits split, (M, 1, 32, 32) uint8;
+            - a folder: every image file under it (:class:`ImageFolderImages`);
+            - an ``.npz`` with ``arr_0`` (M, H, W, 3) or (M, H, W) uint8 images (e.g. ADM's
+              ``VIRTUAL_imagenet256_labeled.npz``), or only ``mu`` and ``sigma`` (statistics);
+            - a ``.pt`` torch-fidelity statistics file (a dict with ``mu`` and ``sigma``).
+        cache_dir: cache root of the demo shards (default: the project cache).
+
+    Returns:
+        A :class:`Reference`.
+
+    Raises:
+        FileNotFoundError: the file or folder does not exist.
+        ValueError: an unknown kind of reference.
+    """
+    if spec.startswith("demo:"):
+        from flowturbo.eval.digits import load_demo_split
+
+        split = spec.split(":", 1)[1]
+        images, _ = load_demo_split(split, cache_dir)
+        return Reference(f"demo-{split}", spec, images=images[:, None])  # (M, 1, 32, 32)
+    path = Path(spec)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"FID reference not found: {spec}. Give a folder of images, an .npz of images "
+            "(arr_0, N x H x W x 3 uint8) or of statistics (mu, sigma), a torch-fidelity .pt "
+            "statistics file, or demo:train / demo:val"
+        )
+    name = path.stem.replace(" ", "_")
+    if path.is_dir():
+        return Reference(name, str(path), images=ImageFolderImages(path))
+    if path.suffix == ".npz":
+        with np.load(path) as data:
+            if "arr_0" in data:
+                arr = data["arr_0"]
+                if arr.dtype != np.uint8 or arr.ndim not in (3, 4):
+                    raise ValueError(
+                        f"{path}: arr_0 must be (N, H, W[, C]) uint8, got {arr.dtype} {arr.shape}"
+                    )
+                images = torch.from_numpy(arr if arr.ndim == 4 else arr[..., None])
+                return Reference(name, str(path), images=images.permute(0, 3, 1, 2).contiguous())
+            if "mu" in data and "sigma" in data:
+                return Reference(name, str(path), mu=data["mu"], sigma=data["sigma"])
+            raise ValueError(f"{path} has neither arr_0 (images) nor mu and sigma (statistics)")
+    if path.suffix == ".pt":
+        stats = torch.load(path, map_location="cpu", weights_only=False)
+        if not (isinstance(stats, dict) and "mu" in stats and "sigma" in stats):
+            raise ValueError(f"{path} is not a torch-fidelity statistics file (mu, sigma)")
+        return Reference(name, str(path), mu=np.asarray(stats["mu"]), sigma=stats["sigma"])
+    raise ValueError(f"unknown kind of FID reference {spec!r} (folder, .npz, .pt or demo:...)")
+
+
+def fid_against_statistics(
+    generated: Tensor,
+    mu: np.ndarray,
+    sigma: np.ndarray,
+    *,
+    extractor: str,
+    weights_path: str | os.PathLike | None,
+    cache_root: str | os.PathLike,
+    isc: bool = True,
+    batch_size: int = 250,
+    isc_splits: int = 10,
+    verbose: bool = False,
+) -> dict[str, Any]:
+    """FID of ``generated`` against precomputed reference statistics (and optionally the IS).
+
+    The statistics are written once into torch-fidelity's cache under a name holding their
+    hash, so torch-fidelity compares against them without reading reference images.
+    Precision/recall need reference features and are not available this way.
+
+    Args:
+        generated: (N, C, H, W) uint8, C = 1 or 3.
+        mu: (D,) mean of the reference features at the extractor's FID layer.
+        sigma: (D, D) their covariance.
+        extractor, weights_path, cache_root, isc, batch_size, isc_splits, verbose: as in
+            :func:`fidelity_metrics`.
+
+    Returns:
+        ``fid`` (and ``isc_mean``, ``isc_std``), ``extractor``, ``extractor_weights``,
+        ``reference_hash`` (of the statistics), ``num_generated``, ``num_reference`` (None).
+    """
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+    if extractor == "flowturbo-digits":
+        from flowturbo.eval import digits
+
+        digits.register()
+    weights = resolve_weights(extractor, weights_path)
+    gen = UInt8Images(generated)
+    mu = np.asarray(mu, dtype=np.float32)  # torch-fidelity's own dtypes (asserted)
+    sigma = np.asarray(sigma, dtype=np.float64)
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise ValueError(
+            f"statistics must be mu (D,) and sigma (D, D), got {mu.shape}, {sigma.shape}"
+        )
+    stats_hash = hashlib.sha256(mu.tobytes() + sigma.tobytes()).hexdigest()[:16]
+    weights_tag = file_hash(weights)[:12]
+    cache_name = f"stats-{stats_hash}-w{weights_tag}"
+    layer = FEATURE_EXTRACTORS_REGISTRY[extractor].get_default_feature_layer_for_metric("fid")
+    stat_file = Path(cache_root) / f"{cache_name}-{extractor}-stat-fid-{layer}.pt"
+    if not stat_file.is_file():
+        with atomic_path(stat_file) as tmp:
+            torch.save({"mu": mu, "sigma": sigma}, tmp)
+    raw = torch_fidelity.calculate_metrics(
+        input1=gen,
+        input2=gen,  # never read: its statistics come from the cache entry above
+        input2_cache_name=cache_name,
+        cache=True,
+        cache_root=str(cache_root),
+        cuda=torch.cuda.is_available(),
+        batch_size=batch_size,
+        fid=True,
+        isc=isc,
+        feature_extractor=extractor,
+        feature_extractor_weights_path=str(weights),
+        isc_splits=isc_splits,
+        save_cpu_ram=True,
+        verbose=verbose,
+    )
+    out: dict[str, Any] = {"fid": raw[torch_fidelity.KEY_METRIC_FID]}
+    if isc:
+        out["isc_mean"] = raw[torch_fidelity.KEY_METRIC_ISC_MEAN]
+        out["isc_std"] = raw[torch_fidelity.KEY_METRIC_ISC_STD]
+    out.update(
+        extractor=extractor,
+        extractor_weights=weights_tag,
+        reference_hash=stats_hash,
+        num_generated=len(gen),
+        num_reference=None,
     )
     return out

@@ -170,62 +170,127 @@ def plot_pareto(
     Returns:
         ``path``.
     """
+    return plot_pareto_panels(rows, path, [(latency_key, title)], quality_key=quality_key)
+
+
+def plot_pareto_panels(
+    rows: Sequence[dict[str, Any]],
+    path: str | os.PathLike,
+    panels: Sequence[tuple[str, str]],
+    *,
+    quality_key: str = "fid",
+    suptitle: str | None = None,
+) -> Path:
+    """Several quality-versus-latency panels side by side (e.g. eager and compiled), one file.
+
+    Each panel is drawn as :func:`plot_pareto` draws its one; a sampler family keeps its
+    colour and marker in every panel. Written atomically.
+
+    Args:
+        rows: Result rows.
+        path: Image file to write.
+        panels: ``(latency_key, title)`` per panel, left to right.
+        quality_key: Key of the y axes.
+        suptitle: Title above all panels.
+
+    Returns:
+        ``path``.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    usable = [
-        r
-        for r in rows
-        if _value(r, latency_key) is not None and _value(r, quality_key) is not None
-    ]
-    families = list(dict.fromkeys(str(r.get("sampler")) for r in usable))
-    markers = "osD^v<>Pp*hX"
-    fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
+    families = list(dict.fromkeys(str(r.get("sampler")) for r in rows))
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 5), dpi=120, squeeze=False)
     try:
-        for i, family in enumerate(families):
-            pts = [r for r in usable if str(r.get("sampler")) == family]
-            pts.sort(key=lambda r: _value(r, latency_key))
-            ax.plot(
-                [_value(r, latency_key) for r in pts],
-                [_value(r, quality_key) for r in pts],
-                marker=markers[i % len(markers)],
-                linestyle=":",
-                linewidth=0.8,
-                label=family,
+        for ax, (latency_key, title) in zip(axes[0], panels, strict=True):
+            draw_pareto(
+                ax,
+                rows,
+                latency_key=latency_key,
+                title=title,
+                quality_key=quality_key,
+                families=families,
             )
-            for r in pts:
-                ax.annotate(
-                    str(r.get("schedule", "")),
-                    (_value(r, latency_key), _value(r, quality_key)),
-                    textcoords="offset points",
-                    xytext=(4, 4),
-                    fontsize=7,
-                )
-        front = pareto_front(usable, x=latency_key, y=quality_key)
-        if front:
-            ax.step(
-                [_value(r, latency_key) for r in front],
-                [_value(r, quality_key) for r in front],
-                where="post",
-                color="black",
-                alpha=0.5,
-                linewidth=1.5,
-                label="Pareto front",
-            )
-        ax.set_xlabel(f"{latency_key} (ms / image)")
-        ax.set_ylabel(quality_key.upper() if quality_key == "fid" else quality_key)
-        ax.set_title(title)
-        ax.grid(True, alpha=0.3)
-        if usable:
-            ax.legend()
+        if suptitle:
+            fig.suptitle(suptitle)
         fig.tight_layout()
         with atomic_path(path) as tmp:
             fig.savefig(tmp)
     finally:
         plt.close(fig)
     return Path(path)
+
+
+def draw_pareto(
+    ax: Any,
+    rows: Sequence[dict[str, Any]],
+    *,
+    latency_key: str,
+    title: str,
+    quality_key: str = "fid",
+    families: Sequence[str] | None = None,
+) -> None:
+    """Draw one quality-versus-latency panel on a matplotlib ``ax``.
+
+    Args:
+        ax: The axes to draw on.
+        rows: Result rows; those without both values are left out.
+        latency_key: Key of the x axis.
+        title: Panel title.
+        quality_key: Key of the y axis.
+        families: Sampler families in colour order (default: first-seen order in ``rows``).
+    """
+    usable = [
+        r
+        for r in rows
+        if _value(r, latency_key) is not None and _value(r, quality_key) is not None
+    ]
+    if families is None:
+        families = list(dict.fromkeys(str(r.get("sampler")) for r in usable))
+    markers = "osD^v<>Pp*hX"
+    for i, family in enumerate(families):
+        pts = [r for r in usable if str(r.get("sampler")) == family]
+        if not pts:
+            continue
+        pts.sort(key=lambda r: _value(r, latency_key))
+        ax.plot(
+            [_value(r, latency_key) for r in pts],
+            [_value(r, quality_key) for r in pts],
+            marker=markers[i % len(markers)],
+            color=f"C{i % 10}",
+            linestyle=":",
+            linewidth=0.8,
+            label=family,
+        )
+        for r in pts:
+            ax.annotate(
+                str(r.get("schedule", "")),
+                (_value(r, latency_key), _value(r, quality_key)),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize=7,
+            )
+    front = pareto_front(usable, x=latency_key, y=quality_key)
+    if front:
+        ax.step(
+            [_value(r, latency_key) for r in front],
+            [_value(r, quality_key) for r in front],
+            where="post",
+            color="black",
+            alpha=0.5,
+            linewidth=1.5,
+            label="Pareto front",
+        )
+    ax.set_xlabel(f"{latency_key} (ms / image)")
+    ax.set_ylabel(quality_key.upper() if quality_key == "fid" else quality_key)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    if usable:
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "no rows with both values", ha="center", transform=ax.transAxes)
 
 
 def _plain(v: Any) -> Any:

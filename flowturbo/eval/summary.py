@@ -1,0 +1,320 @@
+"""The summary of a sweep: merged rows, the Pareto plot, acceleration ratios, W&B.
+
+Reads every row file that :mod:`flowturbo.eval.sweep` wrote to ``<out_dir>/rows`` (one per
+entry, whichever job wrote it) and writes, atomically, into ``out_dir``:
+
+- ``results.json`` / ``results.csv``: one flat row per entry (:func:`flat_row`);
+- ``pareto.png``: FID against ms/img, eager and compiled panels, each with its front;
+- ``acceleration.json``: for every Heun row, the fastest FlowTurbo (and pseudo-corrector)
+  row whose FID (or error to the reference solution) is no worse, eager against eager and
+  compiled against compiled (:func:`acceleration_tables`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from flowturbo.eval.atomic import atomic_path
+from flowturbo.eval.pareto import acceleration_ratios, plot_pareto_panels, write_results
+
+log = logging.getLogger(__name__)
+
+#: Sampler families in the order tables and plots list them.
+FAMILIES = ("heun", "pseudo", "flowturbo", "euler", "midpoint", "multistep", "other")
+LATENCY_MODES = (("eager", "ms_per_image_eager"), ("compiled", "ms_per_image_compiled"))
+#: Keys a FlowTurbo row must share with the Heun row it is compared with.
+LIKE_FOR_LIKE = ("batch", "device", "dtype")
+
+
+def read_row(path: Path) -> dict[str, Any] | None:
+    """A row file's contents, or None if it is missing or unreadable (then recomputed)."""
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def finite(value: Any) -> Any:
+    """``value`` with NaN and infinite floats (also inside dicts) replaced by None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    return value
+
+
+def flat_row(row: dict[str, Any]) -> dict[str, Any]:
+    """One results.csv row from a row file: identity, NFE, quality, error, latency, settings.
+
+    ``ms_per_image_compiled`` is None where compilation failed (the eager fallback's time
+    is not a compiled latency).
+    """
+    parts = row.get("parts", {})
+    q = parts.get("quality", {}).get("result", {})
+    qs = parts.get("quality", {}).get("settings", {})
+    e = parts.get("ref_error", {}).get("result", {})
+    lat = parts.get("latency", {}).get("result", {})
+    lat_settings = parts.get("latency", {}).get("settings", {})
+    any_settings = qs or lat_settings or parts.get("ref_error", {}).get("settings", {})
+    compiled = lat.get("compiled")
+    decode = lat.get("decode", {}).get("ms_per_image")
+    return {
+        "sampler": row.get("family"),
+        "schedule": row.get("entry"),
+        "steps": row.get("steps"),
+        "base_nfe": row.get("base_nfe"),
+        "refiner_nfe": row.get("refiner_nfe"),
+        "fid": q.get("fid"),
+        "isc_mean": q.get("isc_mean"),
+        "isc_std": q.get("isc_std"),
+        "precision": q.get("precision"),
+        "recall": q.get("recall"),
+        "ref_error": e.get("ref_error"),
+        "ms_per_image_eager": lat.get("eager", {}).get("ms_per_image"),
+        "ms_per_image_compiled": compiled["ms_per_image"]
+        if compiled and compiled["compiled"]
+        else None,
+        "compiled": None if compiled is None else compiled["compiled"],
+        "compile_s": None if compiled is None else compiled.get("compile_s"),
+        "decode_ms_per_image": decode,
+        "batch": lat.get("batch"),
+        "device": lat.get("device") or any_settings.get("device"),
+        "machine": lat.get("machine"),
+        "dtype": any_settings.get("dtype"),
+        "seed": qs.get("seed"),
+        "num_images": q.get("num_generated"),
+        "ref_error_images": e.get("ref_error_images"),
+        "cfg_scale": any_settings.get("cfg_scale"),
+        "cfg_channels": any_settings.get("cfg_channels"),
+        "refiner_input": any_settings.get("refiner_input"),
+        "extractor": q.get("extractor"),
+        "reference": q.get("reference"),
+        "base_sha256": any_settings.get("base", {}).get("sha256"),
+        "refiner_sha256": (any_settings.get("refiner") or {}).get("sha256"),
+        "settings_hash": row.get("settings_hash"),
+    }
+
+
+def load_rows(out_dir: Path) -> list[dict[str, Any]]:
+    """Flat rows of every row file in ``out_dir/rows``, ordered by family, then cost."""
+    rows = []
+    for path in sorted((out_dir / "rows").glob("*.json")):
+        data = read_row(path)
+        if data is None:
+            log.warning("unreadable row file %s skipped", path)
+            continue
+        rows.append(flat_row(data))
+    order = {f: i for i, f in enumerate(FAMILIES)}
+    rows.sort(
+        key=lambda r: (
+            order.get(r["sampler"], len(order)),
+            (r["base_nfe"] or 0) + (r["refiner_nfe"] or 0) / 100,
+            r["schedule"],
+        )
+    )
+    return rows
+
+
+def acceleration_tables(
+    rows: Sequence[dict[str, Any]],
+    *,
+    candidates: Sequence[str] = ("flowturbo", "pseudo"),
+    quality_keys: Sequence[str] = ("fid", "ref_error"),
+) -> list[dict[str, Any]]:
+    """Acceleration at matched quality versus every Heun row, like for like.
+
+    Eager latencies are compared with eager ones and compiled with compiled ones (only rows
+    whose compilation succeeded), and a match must share batch, device and dtype.
+
+    Returns:
+        One table per (candidate family, quality key, mode): ``candidate``, ``quality_key``,
+        ``mode``, ``latency_key`` and ``rows`` from
+        :func:`flowturbo.eval.pareto.acceleration_ratios`.
+    """
+    tables = []
+    for candidate in candidates:
+        for quality_key in quality_keys:
+            for mode, key in LATENCY_MODES:
+                ratios = acceleration_ratios(
+                    rows,
+                    latency_key=key,
+                    baseline="heun",
+                    candidate=candidate,
+                    quality_key=quality_key,
+                    same=LIKE_FOR_LIKE,
+                )
+                tables.append(
+                    {
+                        "candidate": candidate,
+                        "quality_key": quality_key,
+                        "mode": mode,
+                        "latency_key": key,
+                        "rows": ratios,
+                    }
+                )
+    return tables
+
+
+def format_acceleration(tables: Sequence[dict[str, Any]], candidate: str = "flowturbo") -> str:
+    """A text table: per Heun row and quality key, the matched candidate in each mode."""
+    lines = []
+    for quality_key in dict.fromkeys(t["quality_key"] for t in tables):
+        chosen = [
+            t for t in tables if t["candidate"] == candidate and t["quality_key"] == quality_key
+        ]
+        if not chosen or not chosen[0]["rows"]:
+            continue
+        lines.append(f"acceleration of {candidate} at matched {quality_key} versus Heun:")
+        head = f"  {'heun':<8}{quality_key:>10}"
+        for t in chosen:
+            head += f" | {t['mode'] + ': match':<16}{quality_key:>10}{'ms/img':>9}{'ratio':>8}"
+        lines.append(head)
+        for i, base in enumerate(chosen[0]["rows"]):
+            line = f"  {base['baseline_schedule']:<8}{_num(base[f'baseline_{quality_key}']):>10}"
+            for t in chosen:
+                r = t["rows"][i] if i < len(t["rows"]) else {}
+                ratio = r.get("ratio")
+                line += (
+                    f" | {str(r.get('candidate_schedule') or '-'):<16}"
+                    f"{_num(r.get(f'candidate_{quality_key}')):>10}"
+                    f"{_num(r.get('candidate_latency')):>9}"
+                    f"{'-' if ratio is None else f'{100 * ratio:.1f}%':>8}"
+                )
+            lines.append(line)
+    return "\n".join(lines)
+
+
+def format_rows(rows: Sequence[dict[str, Any]]) -> str:
+    """A text table of the results: schedule, family, NFE, FID, error, ms/img."""
+    head = (
+        f"{'schedule':<14}{'sampler':<11}{'NFE':>7}{'FID':>9}{'IS':>7}{'ref_err':>10}"
+        f"{'eager':>9}{'compiled':>10}"
+    )
+    lines = [head]
+    for r in rows:
+        nfe = f"{r['base_nfe']}+{r['refiner_nfe']}" if r["refiner_nfe"] else f"{r['base_nfe']}"
+        lines.append(
+            f"{r['schedule']:<14}{r['sampler']:<11}{nfe:>7}{_num(r['fid']):>9}"
+            f"{_num(r['isc_mean']):>7}{_num(r['ref_error']):>10}"
+            f"{_num(r['ms_per_image_eager']):>9}{_num(r['ms_per_image_compiled']):>10}"
+        )
+    return "\n".join(lines)
+
+
+def _num(v: Any) -> str:
+    if v is None:
+        return "-"
+    v = float(v)
+    return f"{v:.4f}" if abs(v) < 0.1 else f"{v:.3g}" if abs(v) >= 1000 else f"{v:.2f}"
+
+
+def summarize(out_dir: str | os.PathLike, cfg: DictConfig | None = None) -> dict[str, Any]:
+    """Merges ``out_dir/rows/*.json`` into results.json/csv, pareto.png and acceleration.json.
+
+    Prints the results and the acceleration table; logs them to W&B when ``cfg.wandb``
+    enables it (offline unless configured or ``WANDB_MODE`` says otherwise) and the job
+    covers the whole sweep (not a single ``sampler.schedule`` job).
+
+    Returns:
+        ``{"rows": [...], "acceleration": [...], "out_dir": str}``.
+
+    Raises:
+        FileNotFoundError: no row file in ``out_dir/rows``.
+    """
+    out_dir = Path(out_dir)
+    rows = load_rows(out_dir)
+    if not rows:
+        raise FileNotFoundError(
+            f"no results in {out_dir / 'rows'}: run the sweep first (without summarize_only)"
+        )
+    write_results(rows, out_dir)
+    tables = acceleration_tables(rows)
+    with atomic_path(out_dir / "acceleration.json") as tmp:
+        tmp.write_text(json.dumps(finite(tables), indent=2, allow_nan=False) + "\n")
+    images = sorted({r["num_images"] for r in rows if r.get("num_images")})
+    title = f"{out_dir.name}: FID of {'/'.join(map(str, images)) or '?'} images vs latency"
+    plot_sweep(rows, out_dir / "pareto.png", title=title)
+    n = len(rows)
+    print(f"\n{n} {'schedule' if n == 1 else 'schedules'} in {out_dir}:\n{format_rows(rows)}")
+    text = format_acceleration(tables)
+    if text:
+        print(f"\n{text}")
+    if cfg is not None and cfg.get("sampler", {}).get("schedule") is None:
+        log_to_wandb(rows, tables, out_dir, cfg)
+    return {"rows": rows, "acceleration": tables, "out_dir": str(out_dir)}
+
+
+def plot_sweep(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
+    """``pareto.png``: FID against ms/img, eager and compiled panels, fronts highlighted."""
+    first = next((r for r in rows if r.get("batch")), rows[0])
+    setting = f"batch {first.get('batch')}, {first.get('device')}, {first.get('dtype')}"
+    return plot_pareto_panels(
+        rows,
+        path,
+        [(key, f"{mode} ({setting})") for mode, key in LATENCY_MODES],
+        quality_key="fid",
+        suptitle=title,
+    )
+
+
+def log_to_wandb(
+    rows: Sequence[dict[str, Any]],
+    tables: Sequence[dict[str, Any]],
+    out_dir: Path,
+    cfg: DictConfig,
+) -> None:
+    """Logs the results table, the acceleration table and pareto.png to a W&B run.
+
+    Off unless ``cfg.wandb.enabled``; ``WANDB_MODE`` (disabled, offline, online) wins over
+    ``cfg.wandb.offline``.
+    """
+    w = cfg.get("wandb")
+    mode = os.environ.get("WANDB_MODE")
+    if not w or not w.get("enabled") or mode == "disabled":
+        return
+    import wandb
+
+    mode = mode or ("offline" if w.get("offline", True) else "online")
+    run = wandb.init(
+        project=w.get("project", "flowturbo"),
+        name=str(cfg.get("name", out_dir.name)),
+        dir=str(out_dir),
+        mode=mode,
+        job_type="evaluate",
+        config=_plain_config(cfg),
+    )
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    ratios = [
+        {"candidate": t["candidate"], "quality_key": t["quality_key"], "mode": t["mode"], **r}
+        for t in tables
+        for r in t["rows"]
+    ]
+    ratio_columns = list(dict.fromkeys(k for r in ratios for k in r))
+    run.log(
+        {
+            "sweep/results": wandb.Table(
+                columns=columns, data=[[r.get(c) for c in columns] for r in rows]
+            ),
+            "sweep/acceleration": wandb.Table(
+                columns=ratio_columns, data=[[r.get(c) for c in ratio_columns] for r in ratios]
+            ),
+            "sweep/pareto": wandb.Image(str(out_dir / "pareto.png")),
+        }
+    )
+    run.finish()
+
+
+def _plain_config(cfg: DictConfig) -> dict[str, Any]:
+    """The config as plain values for the record; unresolvable values stay as written."""
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # noqa: BLE001 - e.g. a shipped asset not there when only summarising
+        return OmegaConf.to_container(cfg, resolve=False)
