@@ -160,3 +160,18 @@ def test_sample_grids_from_fixed_noise(tmp_path, base_file):
     second = torchvision.io.read_image(str(tmp_path / "b" / "step_000000.png"))
     assert torch.equal(first, second)
     assert first.shape[-2:] == (2 + 2 * 10, 2 + 3 * 10)  # 2 rows of 3 classes, 8 px + padding
+
+
+def test_ema_warms_up_and_forgets_the_initial_weights():
+    from flowturbo.lit.common import ema_copy
+
+    net = torch.nn.Linear(2, 1, bias=False)
+    torch.nn.init.zeros_(net.weight)
+    ema = ema_copy(net, 0.999)
+    ema.update_parameters(net)  # the first update copies the initial weights
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+    for _ in range(300):
+        ema.update_parameters(net)
+    # a fixed 0.999 would be at 1 - 0.999**300 = 0.26 here
+    assert 0.9 < float(ema.module.weight[0, 0]) < 1.0

@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
@@ -14,14 +14,27 @@ OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 def ema_copy(net: nn.Module, decay: float) -> AveragedModel:
     """An exponential moving average of ``net`` (weights and buffers), without gradients.
 
+    The decay warms up: after n updates it is ``min(decay, (1 + n) / (10 + n))``, so the average
+    forgets the random initial weights within a few hundred steps instead of ``1 / (1 - decay)``
+    (a fixed 0.999 still holds 37 % of the initial weights after 1,000 steps).
+
     Only the trained network is averaged, never a frozen base beside it (that would double the
     memory of a 675 M-parameter model for nothing).
     """
     if not 0.0 <= decay < 1.0:
         raise ValueError(f"ema_decay must be in [0, 1), got {decay}")
-    ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    ema = AveragedModel(net, multi_avg_fn=_warmup_ema(decay), use_buffers=True)
     ema.requires_grad_(False)
     return ema
+
+
+def _warmup_ema(decay: float) -> Callable:
+    def update(ema_params: list, params: list, num_averaged: torch.Tensor) -> None:
+        n = int(num_averaged)
+        d = min(decay, (1 + n) / (10 + n))
+        torch._foreach_lerp_(ema_params, params, 1.0 - d)
+
+    return update
 
 
 def optimizer_with_warmup(
