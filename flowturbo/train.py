@@ -47,8 +47,12 @@ def resume_path(cfg: DictConfig) -> str | None:
 
 
 def train(cfg: DictConfig) -> dict:
-    """Fits ``cfg.model`` on ``cfg.data`` and writes ``ckpt_dir/ema.pt``; returns final metrics."""
+    """Fits ``cfg.model`` on ``cfg.data`` and writes ``ckpt_dir/ema.pt`` (``export=net``: the
+    trained network's own weights, ``net.pt``); returns the final metrics."""
     check_required(cfg, f"python train.py experiment={cfg.get('name', '...')}")
+    export = cfg.get("export", "ema")
+    if export not in ("ema", "net"):
+        raise ValueError(f"export must be 'ema' or 'net', got {export!r}")
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.model)
@@ -59,8 +63,8 @@ def train(cfg: DictConfig) -> dict:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     skipped = getattr(datamodule, "skipped_summary", lambda: {})()
     if trainer.is_global_zero:
-        out = Path(cfg.ckpt_dir) / "ema.pt"
-        net = module.ema.module
+        out = Path(cfg.ckpt_dir) / f"{export}.pt"
+        net = module.ema.module if export == "ema" else module.trained_network
         save_checkpoint(
             net,
             out,
@@ -69,10 +73,10 @@ def train(cfg: DictConfig) -> dict:
             metrics=metrics,
             run=OmegaConf.to_yaml(cfg),
         )
-        log.info("EMA weights (step %d) written to %s", trainer.global_step, out)
+        log.info("%s weights (step %d) written to %s", export, trainer.global_step, out)
         summary = ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
         print(f"done: step {trainer.global_step}; {summary}; data skipped: {skipped or 0}")
-        print(f"EMA weights: {out}")
+        print(f"{'EMA' if export == 'ema' else 'network'} weights: {out}")
     return metrics
 
 

@@ -134,11 +134,11 @@ def test_demo_base_then_demo_refiner_run_end_to_end(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = cfg_for(["experiment=demo_base", *TINY, *tiny_net("net")], tmp_path / "run1")
     train(cfg)
-    base_file = tmp_path / "checkpoints" / "demo_base" / "ema.pt"
+    base_file = tmp_path / "checkpoints" / "demo_base" / "net.pt"  # demo_base exports net
     base = build_from_checkpoint(base_file)
     assert isinstance(base, SiT) and (tmp_path / "checkpoints/demo_base/last.ckpt").is_file()
 
-    tiny_base = ["model.base.path=checkpoints/demo_base/ema.pt"]  # instead of the shipped one
+    tiny_base = ["model.base.path=checkpoints/demo_base/net.pt"]  # instead of the shipped one
     cfg = cfg_for(
         ["experiment=demo_refiner", *TINY, *tiny_net("refiner"), *tiny_base], tmp_path / "run2"
     )

@@ -41,6 +41,11 @@ class FlowMatchingModule(L.LightningModule):
         """The network to sample with: the EMA weights."""
         return self.ema.module
 
+    @property
+    def trained_network(self) -> nn.Module:
+        """The network being trained (not its EMA)."""
+        return self.net
+
     def sampling_models(self) -> tuple[nn.Module, None]:
         """(base, refiner) for sample grids: the EMA weights, no refiner."""
         return self.ema.module, None

@@ -105,6 +105,11 @@ class RefinerModule(L.LightningModule):
             raise RuntimeError("the base model is loaded in setup(); call trainer.fit/validate")
         return self._base[0]
 
+    @property
+    def trained_network(self) -> nn.Module:
+        """The network being trained (not its EMA)."""
+        return self.refiner
+
     def sampling_models(self) -> tuple[nn.Module | None, nn.Module]:
         """(base, refiner) for sample grids: the frozen base (None if not loaded), EMA refiner."""
         return (self._base[0] if self._base else None), self.ema.module
@@ -125,7 +130,10 @@ class RefinerModule(L.LightningModule):
         if self._base is not None:
             self.base.to(self.device).eval()
 
-    def _examples(self, batch: tuple[Tensor, Tensor], seed: int | None):
+    def examples(
+        self, batch: tuple[Tensor, Tensor], seed: int | None
+    ) -> tuple[RefinerBatch, dict]:
+        """Training examples of a batch (random, or fixed by ``seed``) and the model kwargs."""
         if self.uses_base:
             return self._interpolant_examples(batch, seed)
         return self._trajectory_examples(batch, seed)
@@ -166,7 +174,7 @@ class RefinerModule(L.LightningModule):
         return examples, {"y": y, "force_drop_ids": torch.zeros_like(y)}  # labels as cached
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        examples, kw = self._examples(batch, seed=None)
+        examples, kw = self.examples(batch, seed=None)
         loss = refiner_loss(self.refiner, examples, **kw)
         self.log("train/loss", loss, prog_bar=True)
         return loss
@@ -175,7 +183,7 @@ class RefinerModule(L.LightningModule):
         self.ema.update_parameters(self.refiner)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        examples, kw = self._examples(batch, seed=batch_idx)
+        examples, kw = self.examples(batch, seed=batch_idx)
         loss = refiner_loss(self.ema.module, examples, **kw)
         unrefined = examples.target.float().pow(2).mean()  # keeping v unchanged: delta = 0
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)

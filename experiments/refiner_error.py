@@ -1,0 +1,95 @@
+"""Held-out one-step velocity error of trained refiners, against keeping the velocity unchanged.
+
+For each refiner file, on two fixed held-out sets of examples (the same for every refiner):
+
+- interpolant: the demo validation digits, x_t on the path, v = V(x_t, t), one step dt along v
+  (the refiner's second call in an R step);
+- trajectory: pairs of points of held-out cached base trajectories at most dt_max apart, the
+  earlier velocity given (the refiner's first call in an R step);
+
+it reports MSE(R(x', t', v), V(x', t') - v) and the same with R = 0 (the cached velocity used
+unchanged), and their ratio (< 1: the refiner helps).
+
+    python experiments/refiner_error.py --refiners checkpoints/demo_refiner/ema.pt \\
+        checkpoints/demo_refiner_traj/ema.pt --trajectories trajectories/demo/val
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+
+import torch
+
+from flowturbo.assets import asset_path
+from flowturbo.data import ShardDataModule
+from flowturbo.flow import refiner_loss
+from flowturbo.lit import RefinerModule, load_frozen_base
+from flowturbo.models import build_from_checkpoint
+
+
+@torch.no_grad()
+def errors(module: RefinerModule, loader, refiner) -> dict:
+    total = {"refined": 0.0, "unrefined": 0.0, "n": 0}
+    for i, batch in enumerate(loader):
+        examples, kw = module.examples(batch, seed=i)
+        n = examples.x.shape[0]
+        total["refined"] += float(refiner_loss(refiner, examples, **kw)) * n
+        total["unrefined"] += float(examples.target.float().pow(2).mean()) * n
+        total["n"] += n
+    mse, base = total["refined"] / total["n"], total["unrefined"] / total["n"]
+    return {"mse_refined": mse, "mse_unrefined": base, "ratio": mse / base, "examples": total["n"]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--base", default=asset_path("demo_base.pt"))
+    p.add_argument("--refiners", nargs="+", required=True)
+    p.add_argument("--trajectories", default="trajectories/demo/val")
+    p.add_argument("--dt-max", type=float, default=0.12)
+    p.add_argument("--batches", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--out")
+    args = p.parse_args()
+
+    torch.manual_seed(0)
+    base = functools.partial(load_frozen_base, args.base)
+    sets = {
+        "interpolant": ShardDataModule(
+            source="demo", val_batch_size=args.batch_size, num_workers=0, val_batches=args.batches
+        ),
+        "trajectory": ShardDataModule(
+            val_shards=args.trajectories,
+            kind="trajectory",
+            val_batch_size=args.batch_size,
+            num_workers=0,
+            val_batches=args.batches,
+        ),
+    }
+    results = {}
+    for path in args.refiners:
+        refiner = build_from_checkpoint(path)
+        row = {}
+        for target, data in sets.items():
+            data.setup("validate")
+            module = RefinerModule(
+                refiner, base, torch.optim.AdamW, target=target, dt_max=args.dt_max
+            )
+            module.setup("validate")
+            if module._base is not None:
+                module.base.eval()
+            row[target] = errors(module, data.val_dataloader(), refiner)
+        results[path] = row
+        for target, r in row.items():
+            print(
+                f"{path} [{target}]: refined {r['mse_refined']:.5f}, unrefined "
+                f"{r['mse_unrefined']:.5f}, ratio {r['ratio']:.3f} ({r['examples']} examples)"
+            )
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"settings": vars(args), "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
