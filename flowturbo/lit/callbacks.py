@@ -125,9 +125,11 @@ class SampleGrid(L.Callback):
         self._last_step = -1
         self._warned = False
 
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_start(self, trainer, module, batch, batch_idx: int) -> None:
+        # at the start of the next batch, so that the module's EMA includes step N's update
         step = trainer.global_step
-        if self.every_n_steps > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+        due = self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0
+        if due and step != self._last_step:
             self._grid(trainer, module)
 
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
