@@ -143,6 +143,61 @@ def resolve_weights(extractor: str, weights_path: str | os.PathLike | None) -> P
     return Path(weights_path)
 
 
+def _extractor_weights(extractor: str, weights_path: str | os.PathLike | None) -> Path:
+    """Registers the project's extractor when it is the one asked for; the weights file."""
+    if extractor == "flowturbo-digits":
+        from flowturbo.eval import digits
+
+        digits.register()
+    return resolve_weights(extractor, weights_path)
+
+
+def _calculate(
+    gen: Dataset,
+    ref: Dataset,
+    cache_name: str | None,
+    cache_root: str | os.PathLike,
+    extractor: str,
+    weights: Path,
+    *,
+    isc: bool,
+    prc: bool,
+    batch_size: int,
+    isc_splits: int,
+    prc_neighborhood: int = 3,
+    save_cpu_ram: bool,
+    verbose: bool,
+) -> dict[str, Any]:
+    """One torch-fidelity call; the reference (``ref``) is cached under ``cache_name``."""
+    raw = torch_fidelity.calculate_metrics(
+        input1=gen,
+        input2=ref,
+        input2_cache_name=cache_name,
+        cache=cache_name is not None,
+        cache_root=str(cache_root),
+        cuda=torch.cuda.is_available(),
+        batch_size=batch_size,
+        fid=True,
+        isc=isc,
+        prc=prc,
+        # named explicitly: with no extractor, torch-fidelity would use vgg16 for prc
+        feature_extractor=extractor,
+        feature_extractor_weights_path=str(weights),
+        isc_splits=isc_splits,
+        prc_neighborhood=prc_neighborhood,
+        save_cpu_ram=save_cpu_ram,
+        verbose=verbose,
+    )
+    out: dict[str, Any] = {"fid": raw[torch_fidelity.KEY_METRIC_FID]}
+    if isc:
+        out["isc_mean"] = raw[torch_fidelity.KEY_METRIC_ISC_MEAN]
+        out["isc_std"] = raw[torch_fidelity.KEY_METRIC_ISC_STD]
+    if prc:
+        out["precision"] = raw[torch_fidelity.KEY_METRIC_PRECISION]
+        out["recall"] = raw[torch_fidelity.KEY_METRIC_RECALL]
+    return out
+
+
 def fidelity_metrics(
     generated: Tensor,
     reference: Dataset | Tensor,
@@ -188,11 +243,7 @@ def fidelity_metrics(
         weights file), ``reference_hash`` (sha256 prefix of the reference images, only when
         cached), ``num_generated``, ``num_reference``.
     """
-    if extractor == "flowturbo-digits":
-        from flowturbo.eval import digits
-
-        digits.register()
-    weights = resolve_weights(extractor, weights_path)
+    weights = _extractor_weights(extractor, weights_path)
     gen = UInt8Images(generated)
     ref = UInt8Images(reference) if torch.is_tensor(reference) else reference
     n, m = len(gen), len(ref)
@@ -209,32 +260,21 @@ def fidelity_metrics(
         ref_hash = content_hash(reference)[:16]
         cache_name = f"{reference_cache_name}-{ref_hash}-w{weights_tag}"
 
-    raw = torch_fidelity.calculate_metrics(
-        input1=gen,  # generated: no cache name, ever
-        input2=ref,
-        input2_cache_name=cache_name,
-        cache=cache_name is not None,
-        cache_root=str(cache_root),
-        cuda=torch.cuda.is_available(),
-        batch_size=batch_size,
-        fid=True,
+    out = _calculate(
+        gen,  # generated: no cache name, ever
+        ref,
+        cache_name,
+        cache_root,
+        extractor,
+        weights,
         isc=isc,
         prc=prc,
-        # named explicitly: with no extractor, torch-fidelity would use vgg16 for prc
-        feature_extractor=extractor,
-        feature_extractor_weights_path=str(weights),
+        batch_size=batch_size,
         isc_splits=isc_splits,
         prc_neighborhood=prc_neighborhood,
         save_cpu_ram=save_cpu_ram,
         verbose=verbose,
     )
-    out: dict[str, Any] = {"fid": raw[torch_fidelity.KEY_METRIC_FID]}
-    if isc:
-        out["isc_mean"] = raw[torch_fidelity.KEY_METRIC_ISC_MEAN]
-        out["isc_std"] = raw[torch_fidelity.KEY_METRIC_ISC_STD]
-    if prc:
-        out["precision"] = raw[torch_fidelity.KEY_METRIC_PRECISION]
-        out["recall"] = raw[torch_fidelity.KEY_METRIC_RECALL]
     out.update(
         extractor=extractor,
         extractor_weights=weights_tag,
@@ -391,11 +431,7 @@ def fid_against_statistics(
     """
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
-    if extractor == "flowturbo-digits":
-        from flowturbo.eval import digits
-
-        digits.register()
-    weights = resolve_weights(extractor, weights_path)
+    weights = _extractor_weights(extractor, weights_path)
     gen = UInt8Images(generated)
     mu = np.asarray(mu, dtype=np.float32)  # torch-fidelity's own dtypes (asserted)
     sigma = np.asarray(sigma, dtype=np.float64)
@@ -411,26 +447,20 @@ def fid_against_statistics(
     if not stat_file.is_file():
         with atomic_path(stat_file) as tmp:
             torch.save({"mu": mu, "sigma": sigma}, tmp)
-    raw = torch_fidelity.calculate_metrics(
-        input1=gen,
-        input2=gen,  # never read: its statistics come from the cache entry above
-        input2_cache_name=cache_name,
-        cache=True,
-        cache_root=str(cache_root),
-        cuda=torch.cuda.is_available(),
-        batch_size=batch_size,
-        fid=True,
+    out = _calculate(
+        gen,
+        gen,  # never read: its statistics come from the cache entry above
+        cache_name,
+        cache_root,
+        extractor,
+        weights,
         isc=isc,
-        feature_extractor=extractor,
-        feature_extractor_weights_path=str(weights),
+        prc=False,
+        batch_size=batch_size,
         isc_splits=isc_splits,
         save_cpu_ram=True,
         verbose=verbose,
     )
-    out: dict[str, Any] = {"fid": raw[torch_fidelity.KEY_METRIC_FID]}
-    if isc:
-        out["isc_mean"] = raw[torch_fidelity.KEY_METRIC_ISC_MEAN]
-        out["isc_std"] = raw[torch_fidelity.KEY_METRIC_ISC_STD]
     out.update(
         extractor=extractor,
         extractor_weights=weights_tag,
