@@ -30,9 +30,11 @@ def ema_copy(net: nn.Module, decay: float) -> AveragedModel:
 
 def _warmup_ema(decay: float) -> Callable:
     def update(ema_params: list, params: list, num_averaged: torch.Tensor) -> None:
-        n = int(num_averaged)
-        d = min(decay, (1 + n) / (10 + n))
-        torch._foreach_lerp_(ema_params, params, 1.0 - d)
+        # a tensor on the parameters' device: no host sync per training step
+        n = num_averaged.to(ema_params[0].dtype)
+        keep = torch.clamp((1 + n) / (10 + n), max=decay)
+        torch._foreach_mul_(ema_params, keep)
+        torch._foreach_add_(ema_params, torch._foreach_mul(params, 1 - keep))
 
     return update
 
