@@ -116,7 +116,8 @@ class SampleGrid(L.Callback):
     ):
         from flowturbo.sampling import parse_schedule
 
-        parse_schedule(schedule), parse_schedule(base_schedule)  # fail now, not at step 250
+        for text in (schedule, base_schedule):
+            parse_schedule(text)  # a bad schedule fails now, not at step 250
         self.every_n_steps, self.num_images = int(every_n_steps), int(num_images)
         self.schedule, self.base_schedule = schedule, base_schedule
         self.cfg_scale, self.seed = float(cfg_scale), int(seed)
