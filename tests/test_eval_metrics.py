@@ -18,8 +18,10 @@ from flowturbo.eval.digits import (
 from flowturbo.eval.fidelity import UInt8Images, content_hash, fidelity_metrics
 from flowturbo.eval.pareto import (
     acceleration_ratios,
+    draw_pareto,
     pareto_front,
     plot_pareto,
+    plot_pareto_panels,
     write_results,
 )
 
@@ -96,6 +98,34 @@ def test_write_results_and_plot(tmp_path):
         "results.csv",
         "results.json",
     ]  # no temporary files left
+
+
+def test_pareto_axes_go_logarithmic_only_for_a_wide_quality_range(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    wide = [*TABLE, row("heun", "H2", 370.0, 2.0)]  # one very coarse schedule: 3 to 370
+    fig, (narrow_ax, wide_ax) = plt.subplots(1, 2)
+    draw_pareto(narrow_ax, TABLE, latency_key="ms_per_image", title="narrow")
+    draw_pareto(wide_ax, wide, latency_key="ms_per_image", title="wide")
+    assert narrow_ax.get_yscale() == "linear" and wide_ax.get_yscale() == "log"
+    assert "log scale" in wide_ax.get_ylabel()
+    plt.close(fig)
+
+    # one row of panels per quality key, one column per latency key, in one file
+    rows = [dict(r, ref_error=r["fid"] / 100, compiled=r["ms_per_image"] / 2) for r in TABLE]
+    png = plot_pareto_panels(
+        rows,
+        tmp_path / "grid.png",
+        [("ms_per_image", "eager"), ("compiled", "compiled")],
+        quality_key=("fid", "ref_error"),
+    )
+    from PIL import Image
+
+    width, height = Image.open(png).size
+    assert (width, height) == (2 * 7 * 120, 2 * 5 * 120)
 
 
 # ----------------------------------------------------------------------------- FID

@@ -178,10 +178,10 @@ def plot_pareto_panels(
     path: str | os.PathLike,
     panels: Sequence[tuple[str, str]],
     *,
-    quality_key: str = "fid",
+    quality_key: str | Sequence[str] = "fid",
     suptitle: str | None = None,
 ) -> Path:
-    """Several quality-versus-latency panels side by side (e.g. eager and compiled), one file.
+    """Quality-versus-latency panels in one file: a column per latency, a row per quality.
 
     Each panel is drawn as :func:`plot_pareto` draws its one; a sampler family keeps its
     colour and marker in every panel. Written atomically.
@@ -189,8 +189,9 @@ def plot_pareto_panels(
     Args:
         rows: Result rows.
         path: Image file to write.
-        panels: ``(latency_key, title)`` per panel, left to right.
-        quality_key: Key of the y axes.
+        panels: ``(latency_key, title)`` per column, left to right (e.g. eager, compiled).
+        quality_key: Key of the y axes, or several keys, one row of panels each, top to bottom
+            (e.g. ``("fid", "ref_error")``).
         suptitle: Title above all panels.
 
     Returns:
@@ -201,18 +202,26 @@ def plot_pareto_panels(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    qualities = [quality_key] if isinstance(quality_key, str) else list(quality_key)
     families = list(dict.fromkeys(str(r.get("sampler")) for r in rows))
-    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 5), dpi=120, squeeze=False)
+    fig, axes = plt.subplots(
+        len(qualities),
+        len(panels),
+        figsize=(7 * len(panels), 5 * len(qualities)),
+        dpi=120,
+        squeeze=False,
+    )
     try:
-        for ax, (latency_key, title) in zip(axes[0], panels, strict=True):
-            draw_pareto(
-                ax,
-                rows,
-                latency_key=latency_key,
-                title=title,
-                quality_key=quality_key,
-                families=families,
-            )
+        for ax_row, quality in zip(axes, qualities, strict=True):
+            for ax, (latency_key, title) in zip(ax_row, panels, strict=True):
+                draw_pareto(
+                    ax,
+                    rows,
+                    latency_key=latency_key,
+                    title=title,
+                    quality_key=quality,
+                    families=families,
+                )
         if suptitle:
             fig.suptitle(suptitle)
         fig.tight_layout()
@@ -284,7 +293,17 @@ def draw_pareto(
             label="Pareto front",
         )
     ax.set_xlabel(f"{latency_key} (ms / image)")
-    ax.set_ylabel(quality_key.upper() if quality_key == "fid" else quality_key)
+    label = quality_key.upper() if quality_key == "fid" else quality_key
+    values = [_value(r, quality_key) for r in usable]
+    if values and min(values) > 0 and max(values) > 10 * min(values):
+        from matplotlib.ticker import FuncFormatter
+
+        ax.set_yscale("log")  # a few very coarse schedules would flatten everything else
+        plain = FuncFormatter(lambda v, _: f"{v:g}")
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
+        label += " (log scale)"
+    ax.set_ylabel(label)
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     if usable:

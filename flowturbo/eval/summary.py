@@ -253,14 +253,16 @@ def summarize(out_dir: str | os.PathLike, cfg: DictConfig | None = None) -> dict
 
 
 def plot_sweep(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
-    """``pareto.png``: FID against ms/img, eager and compiled panels, fronts highlighted."""
+    """``pareto.png``: FID (top) and, where measured, the error to the reference ODE solution
+    (bottom) against ms/img, eager and compiled columns, fronts highlighted."""
     first = next((r for r in rows if r.get("batch")), rows[0])
     setting = f"batch {first.get('batch')}, {first.get('device')}, {first.get('dtype')}"
+    measured = [q for q in ("fid", "ref_error") if any(finite(r.get(q)) is not None for r in rows)]
     return plot_pareto_panels(
         rows,
         path,
         [(key, f"{mode} ({setting})") for mode, key in LATENCY_MODES],
-        quality_key="fid",
+        quality_key=measured or ["fid"],
         suptitle=title,
     )
 
