@@ -84,7 +84,8 @@ def cache_trajectories(cfg: DictConfig) -> dict:
     """Writes the trajectory cache ``cfg.cache`` describes to ``cfg.out_dir`` (resumable).
 
     Runs ``Trainer.predict`` over the plan of shards, so the work is split across every device
-    and node the trainer config names; returns the manifest summary.
+    and node the trainer config names; returns the manifest summary (trajectories, shards,
+    complete, per split) and how many shards this run wrote (``shards_written``).
     """
     from torch.utils.data import DataLoader
 
@@ -97,6 +98,7 @@ def cache_trajectories(cfg: DictConfig) -> dict:
     module = TrajectoryCache(instantiate(cfg.cache.base), out_dir=cfg.out_dir, **settings)
     loader = DataLoader(ShardPlan(module.shards_per_split()), batch_size=1, shuffle=False)
     trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
+    before = _count_shards(module)  # counted here: ranks of a spawned run have their own module
     trainer.predict(module, dataloaders=loader, return_predictions=False)
     summary = {}
     if trainer.is_global_zero:
@@ -104,9 +106,19 @@ def cache_trajectories(cfg: DictConfig) -> dict:
             m = Manifest.load(Path(cfg.out_dir) / split)
             summary[split] = {"trajectories": m.total, "shards": len(m.shards)}
             summary[split]["complete"] = m.complete
-        print(f"trajectory cache {cfg.out_dir}: {summary}; this run wrote {module.written} shards")
+        summary["shards_written"] = _count_shards(module) - before
+        print(f"trajectory cache {cfg.out_dir}: {summary}")
         print(
             "train a refiner on it: python train.py experiment=demo_refiner_traj "
             f"data.train_shards={cfg.out_dir}/train data.val_shards={cfg.out_dir}/val"
         )
     return summary
+
+
+def _count_shards(module) -> int:
+    """Shards of ``module``'s plan present on disk (files appear only when complete)."""
+    return sum(
+        module.shard_path(split, k).is_file()
+        for split, n in module.shards_per_split().items()
+        for k in range(n)
+    )

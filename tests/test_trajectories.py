@@ -80,6 +80,7 @@ def test_cache_resumes_and_refuses_other_settings(base_file, tmp_path):
     other = (out / "train" / "shard-000000.tar").stat().st_mtime_ns
     summary = cache_trajectories(cache_cfg(base_file, out))
     assert summary["train"]["complete"] and shard.read_bytes() == before  # same content
+    assert summary["shards_written"] == 1
     assert (out / "train" / "shard-000000.tar").stat().st_mtime_ns == other  # not rewritten
     with pytest.raises(RuntimeError, match="steps"):
         cache_trajectories(cache_cfg(base_file, out, "cache.steps=5"))
@@ -90,6 +91,7 @@ def test_cache_is_split_across_ddp_ranks(base_file, tmp_path):
     extra = ["trainer.devices=2", "+trainer.strategy=ddp_spawn"]
     summary = cache_trajectories(cache_cfg(base_file, out, *extra))
     assert summary["train"]["trajectories"] == 10 and summary["val"]["complete"]
+    assert summary["shards_written"] == len(list(out.glob("*/*.tar")))  # by both ranks
     single = tmp_path / "single"
     cache_trajectories(cache_cfg(base_file, single))
     for split in ("train", "val"):

@@ -98,7 +98,6 @@ class TrajectoryCache(L.LightningModule):
         self.steps, self.per_shard, self.batch_size = int(steps), int(per_shard), int(batch_size)
         self.label_dropout, self.seed = float(label_dropout), int(seed)
         self._base: tuple[nn.Module] | None = None  # a tuple keeps it out of the module tree
-        self.written = 0
 
     # -- the plan
 
@@ -174,7 +173,6 @@ class TrajectoryCache(L.LightningModule):
             start = self.first_index(split, k)
             end = min(start + self.per_shard, self.first_index(split, 0) + self.counts[split])
             write_tar(path, self._records(start, end))
-            self.written += 1
 
     def on_predict_end(self) -> None:
         self.trainer.strategy.barrier()
