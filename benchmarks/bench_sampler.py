@@ -4,7 +4,12 @@ CPU (default): the demo SiT (SiT-Demo/4 on 1x32x32 digits, the shipped demo base
 SiT-S/2 (4x32x32 latent).
 GPU: SiT-XL/2 at 256 px (4x32x32 latent), bf16 autocast, batch 8 and 64. Random weights: the
 latency does not depend on them. Classifier-free guidance (scale 1.5, all channels) doubles each
-evaluation's batch, as in the paper's setting. VAE decoding is not included.
+evaluation's batch, as in the paper's setting.
+
+Modes: ``eager``; ``compiled``, each step kind compiled (``sample(..., compile=True)``, CUDA
+graphs per step on a GPU); ``sampler``, the whole loop as one static program
+(``compiled_sampler``, one CUDA graph on a GPU). ``--decode`` adds the SD VAE decoder (its
+architecture, random weights; needs diffusers) to every mode; without it decoding is excluded.
 
     python benchmarks/bench_sampler.py
     python benchmarks/bench_sampler.py --models SiT-XL/2 --batch 8 64 --dtype bf16 --repeats 20
@@ -27,7 +32,14 @@ import torch
 
 from flowturbo.eval import measure_latency
 from flowturbo.models import SiT, VelocityRefiner
-from flowturbo.sampling import ClassifierFreeGuidance, parse_schedule, sample
+from flowturbo.sampling import (
+    ClassifierFreeGuidance,
+    compiled_sampler,
+    decode_latents,
+    parse_schedule,
+    sample,
+)
+from flowturbo.sampling.compile import compiled_function
 
 # name -> (in_channels, num_classes): the data each model works on
 MODELS = {
@@ -51,6 +63,7 @@ def bench_model(name: str, batch: int, args: argparse.Namespace, device: torch.d
     noise = torch.randn(batch, in_ch, 32, 32, device=device)
     y = torch.randint(0, classes, (batch,), device=device)
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    decode = sd_vae_decoder(device) if args.decode else None
 
     def autocast():
         return torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
@@ -62,6 +75,7 @@ def bench_model(name: str, batch: int, args: argparse.Namespace, device: torch.d
             )
 
     rows = []
+    fwd_decode = timed(lambda: decode(noise)) if decode is not None else None
     fwd_base = timed(lambda: g_base(noise, torch.rand(batch, device=device), y=y))
     v = torch.randn_like(noise)
     fwd_ref = timed(lambda: g_ref(noise, torch.rand(batch, device=device), v, y=y))
@@ -70,12 +84,14 @@ def bench_model(name: str, batch: int, args: argparse.Namespace, device: torch.d
         f"refiner forward {fwd_ref.median_ms:.2f} ms "
         f"({fwd_ref.median_ms / fwd_base.median_ms:.1%}); "
         f"params {sum(p.numel() for p in base.parameters()) / 1e6:.1f} M / "
-        f"{sum(p.numel() for p in refiner.parameters()) / 1e6:.2f} M",
+        f"{sum(p.numel() for p in refiner.parameters()) / 1e6:.2f} M"
+        + (f"; VAE decode {fwd_decode.median_ms:.2f} ms" if fwd_decode else ""),
         flush=True,
     )
     for schedule in args.schedules:
         s = parse_schedule(schedule)
         forward_sum = s.base_nfe * fwd_base.median_ms + s.refiner_nfe * fwd_ref.median_ms
+        forward_sum += fwd_decode.median_ms if fwd_decode else 0.0
         row = {
             "model": name,
             "schedule": s.text,
@@ -83,12 +99,10 @@ def bench_model(name: str, batch: int, args: argparse.Namespace, device: torch.d
             "base_nfe": s.base_nfe,
             "refiner_nfe": s.refiner_nfe,
             "forward_sum_ms_per_img": forward_sum / batch,
+            "decode": bool(decode),
         }
         for mode in args.modes:
-            compile_ = mode == "compiled"
-            lat = timed(
-                lambda s=s, c=compile_: sample(g_base, noise, s, refiner=g_ref, compile=c, y=y)
-            )
+            lat = timed(sampler_call(mode, s, g_base, g_ref, noise, y, decode))
             row[f"{mode}_ms_per_img"] = lat.ms_per_image
             row[f"{mode}_min_ms_per_img"] = lat.min_ms / batch
         rows.append(row)
@@ -102,6 +116,44 @@ def bench_model(name: str, batch: int, args: argparse.Namespace, device: torch.d
     return rows
 
 
+def sampler_call(mode, schedule, model, refiner, noise, y, decode):
+    """The call timed for one mode: sampling plus, with ``decode``, decoding."""
+    if mode == "sampler":  # built by the first (warm-up) call, under the caller's autocast
+        plan = schedule.plan
+        return lambda: compiled_sampler(plan, model, noise, refiner=refiner, decode=decode, y=y)(
+            noise, y=y
+        )
+    compile_ = mode == "compiled"
+    if decode is not None and compile_:
+        decode = compiled_function(decode, {"dynamic": False})
+
+    def call():
+        x = sample(model, noise, schedule, refiner=refiner, compile=compile_, y=y)
+        return x if decode is None else decode(x)
+
+    return call
+
+
+def sd_vae_decoder(device: torch.device):
+    """The SD VAE's decoder (sd-vae-ft-ema architecture, random weights) as ``z -> images``."""
+    try:
+        from diffusers import AutoencoderKL
+    except ImportError as e:
+        raise SystemExit("--decode needs diffusers: pip install -e '.[vae]'") from e
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=256,
+    )
+    vae = vae.to(device).eval().requires_grad_(False)
+    return lambda z: decode_latents(z, vae)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     on_gpu = torch.cuda.is_available()
@@ -111,8 +163,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", nargs="+", type=int, default=[8, 64] if on_gpu else [8])
     p.add_argument("--schedules", nargs="+", default=["H8", "H1P7", "H2P4R3", "H1P5R3"])
     p.add_argument(
-        "--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"]
+        "--modes",
+        nargs="+",
+        default=["eager", "compiled", "sampler"],
+        choices=["eager", "compiled", "sampler"],
     )
+    p.add_argument("--decode", action="store_true", help="include the SD VAE decode (latents)")
     p.add_argument(
         "--dtype", default="bf16" if on_gpu else "fp32", choices=["fp32", "bf16", "fp16"]
     )
@@ -125,6 +181,8 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [m for m in args.models if m not in MODELS]
     if unknown:
         p.error(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
+    if args.decode and any(MODELS[m][0] != 4 for m in args.models):
+        p.error("--decode decodes 4-channel latents: use it with latent (4-channel) models only")
     device = torch.device(args.device)
     machine = {
         "device": torch.cuda.get_device_name(device)

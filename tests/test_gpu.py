@@ -1,4 +1,5 @@
-"""GPU-only checks (skipped without CUDA): CUDA-graph compiled sampling equals eager."""
+"""GPU-only checks (skipped without CUDA): CUDA-graph compiled sampling equals eager, per step
+kind and as one graph of the whole sampler."""
 
 import pytest
 import torch
@@ -9,18 +10,20 @@ from flowturbo.sampling import ClassifierFreeGuidance, sample
 pytestmark = pytest.mark.gpu
 
 
+def _tiny_pair():
+    torch.manual_seed(0)
+    base = SiT.from_name("SiT-Tiny/2", in_channels=4, num_classes=10).cuda().eval()
+    refiner = VelocityRefiner.from_base(base).cuda().eval()
+    for net in (base, refiner):  # non-zero heads so outputs are not trivially 0
+        for p in net.final_layer.parameters():
+            torch.nn.init.normal_(p, std=0.02)
+    return ClassifierFreeGuidance(base, 1.5, 10), ClassifierFreeGuidance(refiner, 1.5, 10)
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_graph_sampling_equals_eager(dtype):
-    torch.manual_seed(0)
-    base = SiT.from_name("SiT-Tiny/2", in_channels=4, num_classes=10).cuda().eval()
-    for p in base.final_layer.parameters():  # non-zero head so outputs are not trivially 0
-        torch.nn.init.normal_(p, std=0.02)
-    refiner = VelocityRefiner.from_base(base).cuda().eval()
-    for p in refiner.final_layer.parameters():
-        torch.nn.init.normal_(p, std=0.02)
-    v = ClassifierFreeGuidance(base, 1.5, 10)
-    r = ClassifierFreeGuidance(refiner, 1.5, 10)
+    v, r = _tiny_pair()
     noise = torch.randn(8, 4, 32, 32, device="cuda")
     y = torch.randint(0, 10, (8,), device="cuda")
     with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
@@ -32,3 +35,28 @@ def test_cuda_graph_sampling_equals_eager(dtype):
     torch.testing.assert_close(first.float(), eager.float(), rtol=tol, atol=tol)
     torch.testing.assert_close(again, first)  # a replay overwrote no returned tensor
     assert not torch.allclose(second, first)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_whole_sampler_cuda_graph_equals_eager(dtype):
+    from flowturbo.sampling import compiled_sampler
+
+    v, r = _tiny_pair()
+    decoder = torch.nn.Conv2d(4, 3, 3, padding=1).cuda().eval()  # stands in for the VAE
+    noise = torch.randn(8, 4, 32, 32, device="cuda")
+    y = torch.randint(0, 10, (8,), device="cuda")
+    with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+        eager = decoder(sample(v, noise, "H2P4R2", refiner=r, y=y))
+        run = compiled_sampler("HHPPPPRR", v, noise, refiner=r, decode=decoder, y=y)
+        assert run.graph is not None  # recorded, not the uncaptured fallback
+        first = run(noise, y=y)
+        second = run(noise * 0.5, y=y.flip(0))
+        again = run(noise, y=y)
+        via_sample = sample(v, noise, "H2P4R2", refiner=r, compile="sampler", y=y)
+        plain = sample(v, noise, "H2P4R2", refiner=r, y=y)
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(first.float(), eager.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(again, first)  # a replay overwrote no returned tensor
+    assert not torch.allclose(second, first)
+    torch.testing.assert_close(via_sample.float(), plain.float(), rtol=tol, atol=tol)

@@ -343,3 +343,91 @@ def test_errors_in_the_model_are_not_hidden_by_the_fallback(monkeypatch):
 
     with pytest.raises(KeyError, match="model bug"):
         sample(bad, torch.randn(1, 2, 4, 4), "E1", compile={"backend": "eager"}, y=None)
+
+
+# ------------------------------------------------------- whole-sampler compilation
+
+
+@pytest.fixture
+def fresh_compile_caches(monkeypatch):
+    from flowturbo.sampling import compile as compile_mod
+
+    monkeypatch.setattr(compile_mod, "_CACHE", {})
+    compile_mod.SAMPLERS.clear()
+    yield compile_mod.SAMPLERS
+    compile_mod.SAMPLERS.clear()
+
+
+def test_compiled_sampler_equals_eager_and_is_reused_per_setting(fresh_compile_caches):
+    from flowturbo.sampling import compiled_sampler
+
+    torch.manual_seed(0)
+    model, refiner = TinyVelocity().eval(), TinyRefiner().eval()
+    backend, compiled = _counting_backend()
+    opts = {"backend": backend}
+    guided = ClassifierFreeGuidance(model, 2.0, 3)
+    x, y = torch.randn(2, 2, 4, 4), torch.tensor([0, 2])
+    with torch.no_grad():
+        eager = sample(guided, x, "H1P2R2", refiner=refiner, y=y)
+    run = compiled_sampler("HPPRR", guided, x, refiner=refiner, compile_options=opts, y=y)
+    torch.testing.assert_close(run(x, y=y), eager)
+    assert len(compiled) == 2  # the guided base and the refiner, each compiled once
+    assert not torch.is_grad_enabled() or not run(x, y=y).requires_grad
+
+    # the same settings give the same sampler, and nothing is compiled again
+    assert compiled_sampler("HPPRR", guided, x, refiner=refiner, compile_options=opts, y=y) is run
+    out_a = run(x, y=y)
+    out_b = run(x * 0.5, y=torch.tensor([1, 1]))  # fresh inputs after a replay ...
+    assert not torch.allclose(out_b, out_a)  # ... give fresh outputs
+    torch.testing.assert_close(out_a, eager)  # and the earlier output is untouched
+    with torch.no_grad():
+        expected_b = sample(guided, x * 0.5, "H1P2R2", refiner=refiner, y=torch.tensor([1, 1]))
+    torch.testing.assert_close(out_b, expected_b)
+    assert len(compiled) == 2
+
+    # any setting that changes the program builds another sampler
+    others = [
+        compiled_sampler("HPPPRR", guided, x, refiner=refiner, compile_options=opts, y=y),
+        compiled_sampler("HPPRR", guided, x[:1], refiner=refiner, compile_options=opts, y=y[:1]),
+        compiled_sampler("HPPRR", guided, x, refiner=refiner, refiner_input="cache", y=y),
+        compiled_sampler("HPPRR", guided, x.double(), refiner=refiner, y=y),
+    ]
+    assert len({id(s) for s in [run, *others]}) == 5 and len(fresh_compile_caches) == 5
+
+
+def test_compiled_sampler_refuses_inputs_it_was_not_built_for(fresh_compile_caches):
+    from flowturbo.sampling import CompiledSampler
+
+    model = TinyVelocity().eval()
+    x, y = torch.randn(2, 2, 4, 4), torch.tensor([0, 1])
+    run = CompiledSampler("HH", model, x, compile=False, y=y)
+    with pytest.raises(ValueError, match=r"noise: \(3, 2, 4, 4\) float32 on cpu instead of \(2"):
+        run(torch.randn(3, 2, 4, 4), y=y)
+    with pytest.raises(ValueError, match=r"y: \(2,\) int32 .* instead of \(2,\) int64"):
+        run(x, y=y.int())
+    with pytest.raises(ValueError, match="keyword arguments"):
+        run(x)
+    with pytest.raises(ValueError, match="no refiner"):
+        CompiledSampler("HR", model, x, y=y)
+
+
+def test_sample_compile_sampler_mode(fresh_compile_caches):
+    torch.manual_seed(0)
+    model, refiner = TinyVelocity().eval(), TinyRefiner().eval()
+    x, y = torch.randn(2, 2, 4, 4), torch.tensor([3, 1])
+    with torch.no_grad():
+        eager = sample(model, x, "H1P2R2", refiner=refiner, refiner_input="cache", y=y)
+        whole = sample(
+            model, x, "H1P2R2", refiner=refiner, refiner_input="cache", compile="sampler", y=y
+        )
+        torch.testing.assert_close(whole, eager, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            BASELINES["midpoint"](model, x, 3, compile="sampler", y=y),
+            BASELINES["midpoint"](model, x, 3, y=y),
+            rtol=1e-5,
+            atol=1e-5,
+        )
+    with pytest.raises(ValueError, match="per-step callback"):
+        sample(model, x, "H2", compile="sampler", progress=True, y=y)
+    with pytest.raises(ValueError, match="'steps', 'sampler'"):
+        sample(model, x, "H2", compile="graph", y=y)

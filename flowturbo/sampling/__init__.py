@@ -5,7 +5,10 @@ x1, the path is x_t = t x1 + (1 - t) x0 and the velocity is v = dx/dt = x1 - x0.
 integrate from t = 0 to t = 1.
 
 Entry points:
-- :func:`sample`: FlowTurbo schedules (``"H8"``, ``"H1P7"``, ``"H2P4R3"``), optionally compiled.
+- :func:`sample`: FlowTurbo schedules (``"H8"``, ``"H1P7"``, ``"H2P4R3"``), optionally compiled
+  per step kind (``compile=True``) or as one static program (``compile="sampler"``).
+- :func:`compiled_sampler`: that static program as an object, one per setting, replayed per call
+  (a CUDA graph of the whole loop on a GPU).
 - :data:`BASELINES`: Euler, Heun, midpoint and Adams-Bashforth 2 under one call, and
   :func:`dopri5`, an adaptive reference solver.
 - :class:`ClassifierFreeGuidance`: guidance as a wrapper around the base model or the refiner.
@@ -13,6 +16,7 @@ Entry points:
 
 from flowturbo.sampling.compile import clear_compile_cache
 from flowturbo.sampling.decode import decode_latents, to_uint8
+from flowturbo.sampling.graph import CompiledSampler, compiled_sampler
 from flowturbo.sampling.guidance import ClassifierFreeGuidance
 from flowturbo.sampling.sampler import integrate, sample
 from flowturbo.sampling.schedule import (
@@ -38,10 +42,12 @@ __all__ = [
     "BASELINES",
     "SCHEDULE_LETTERS",
     "ClassifierFreeGuidance",
+    "CompiledSampler",
     "Schedule",
     "baseline_nfe",
     "check_grid",
     "clear_compile_cache",
+    "compiled_sampler",
     "decode_latents",
     "dopri5",
     "euler",

@@ -11,15 +11,18 @@ so a non-uniform grid does not recompile. On a GPU the default mode is ``reduce-
 from __future__ import annotations
 
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Any
 
 import torch
 
-from flowturbo.sampling.steps import STEPS, Step
+from flowturbo.sampling.steps import STEPS
 
-_CACHE: dict[tuple[str, Hashable], CompiledStep] = {}
+_CACHE: dict[tuple[Hashable, ...], CompiledFunction] = {}
 _WARNED: set[str] = set()
+#: Whole compiled samplers (flowturbo.sampling.graph), least recently used first.
+SAMPLERS: OrderedDict[tuple, Any] = OrderedDict()
 
 
 def default_compile_options(device: torch.device) -> dict[str, Any]:
@@ -40,14 +43,14 @@ def _warn_once(reason: str) -> None:
     )
 
 
-class CompiledStep:
-    """A compiled step function that falls back to its eager version if compilation fails.
+class CompiledFunction:
+    """A compiled function (a step, a network) that falls back to eager if compilation fails.
 
     A failure that the eager function reproduces is the caller's error and is raised as is;
     only a failure of the compiler itself switches to eager, with one warning per process.
     """
 
-    def __init__(self, fn: Step, options: dict[str, Any]):
+    def __init__(self, fn: Callable, options: dict[str, Any]):
         self.eager = fn
         self.options = dict(options)
         self.compiled: Callable | None = None
@@ -57,30 +60,36 @@ class CompiledStep:
         else:
             self.compiled = torch.compile(fn, **self.options)
 
-    def __call__(self, *args):
+    def __call__(self, *args, **kwargs):
         if self.failed:
-            return self.eager(*args)
+            return self.eager(*args, **kwargs)
         try:
-            return self.compiled(*args)
+            return self.compiled(*args, **kwargs)
         except Exception as compile_error:  # noqa: BLE001 - decided by the eager re-run below
-            out = self.eager(*args)  # a genuine error in the model raises here, unchanged
+            out = self.eager(*args, **kwargs)  # a genuine error in the model raises here
             self.failed = True
             _warn_once(f"{type(compile_error).__name__}: {str(compile_error).splitlines()[0]}")
             return out
 
 
-def compiled_steps(options: dict[str, Any]) -> dict[str, CompiledStep]:
+def compiled_steps(options: dict[str, Any]) -> dict[str, CompiledFunction]:
     """The compiled step functions for one set of torch.compile options (cached)."""
-    key = tuple(sorted(options.items()))
-    steps = {}
-    for kind, fn in STEPS.items():
-        if (kind, key) not in _CACHE:
-            _CACHE[kind, key] = CompiledStep(fn, options)
-        steps[kind] = _CACHE[kind, key]
-    return steps
+    return {kind: compiled_function(fn, options) for kind, fn in STEPS.items()}
+
+
+def compiled_function(fn: Callable, options: dict[str, Any]) -> CompiledFunction:
+    """``fn`` (a function, a network, a guidance wrapper) compiled with ``options`` (cached).
+
+    The cache holds ``fn`` itself, so its identity, the key, stays unique while cached.
+    """
+    key = (id(fn), tuple(sorted(options.items())))
+    if key not in _CACHE:
+        _CACHE[key] = CompiledFunction(fn, options)
+    return _CACHE[key]
 
 
 def clear_compile_cache() -> None:
-    """Forgets every compiled step (and torch.compile's own caches)."""
+    """Forgets every compiled step, network and sampler (and torch.compile's own caches)."""
     _CACHE.clear()
+    SAMPLERS.clear()
     torch._dynamo.reset()

@@ -10,6 +10,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from flowturbo.sampling.compile import compiled_steps, default_compile_options
+from flowturbo.sampling.graph import compiled_sampler
 from flowturbo.sampling.schedule import (
     STEP_COST,
     Schedule,
@@ -17,7 +18,7 @@ from flowturbo.sampling.schedule import (
     parse_schedule,
     uniform_grid,
 )
-from flowturbo.sampling.steps import STEPS
+from flowturbo.sampling.steps import STEPS, run_steps, step_kinds
 
 VelocityFn = Callable[..., Tensor]
 Callback = Callable[[dict[str, Any]], None]
@@ -32,7 +33,7 @@ def integrate(
     refiner: VelocityFn | None = None,
     timesteps: Tensor | Sequence[float] | None = None,
     refiner_input: RefinerInput = "d0",
-    compile: bool | dict[str, Any] = False,
+    compile: bool | str | dict[str, Any] = False,
     callback: Callback | None = None,
     progress: bool = False,
     desc: str | None = None,
@@ -50,7 +51,9 @@ def integrate(
         timesteps: N + 1 increasing times in [0, 1]; default ``k / N``.
         refiner_input: velocity the second refiner call of an R step sees: ``"d0"`` (default,
             as trained) or ``"cache"`` (the public FlowTurbo sampler's choice).
-        compile: False, True (default options) or a dict of ``torch.compile`` options.
+        compile: False; True or a dict of ``torch.compile`` options: each step kind compiled
+            once (:mod:`flowturbo.sampling.compile`); ``"sampler"``: the whole loop as one
+            static program, a CUDA graph on a GPU (:func:`.graph.compiled_sampler`).
         callback: called after every step with a dict: step, kind, t, x, velocity,
             base_nfe and refiner_nfe (running totals).
         progress: show a progress bar.
@@ -59,49 +62,48 @@ def integrate(
     Returns:
         (B, C, H, W) state at the last grid time, a tensor the caller owns.
     """
-    if refiner_input not in ("d0", "cache"):
-        raise ValueError(f"refiner_input must be 'd0' or 'cache', got {refiner_input!r}")
+    kinds = step_kinds(plan, refiner_input)
     if "R" in plan and refiner is None:
         raise ValueError("the schedule has R steps but no refiner was given: pass refiner=...")
     n = len(plan)
     ts = uniform_grid(n) if timesteps is None else check_grid(timesteps, n)
-    times = ts.tolist()
-    time_dtype = torch.float64 if noise.dtype == torch.float64 else torch.float32
-    ts_dev = ts.to(device=noise.device, dtype=time_dtype)
+    if isinstance(compile, str) and compile not in ("steps", "sampler"):
+        raise ValueError(f"compile must be a bool, 'steps', 'sampler' or a dict, got {compile!r}")
+    if compile == "sampler":
+        if callback is not None or progress:
+            raise ValueError(
+                "compile='sampler' runs the whole loop as one program, with no per-step "
+                "callback or progress bar: use compile=True for those"
+            )
+        run = compiled_sampler(
+            plan, model, noise, refiner=refiner, timesteps=ts, refiner_input=refiner_input,
+            **model_kwargs,
+        )  # fmt: skip
+        return run(noise, **model_kwargs)
 
     steps = STEPS
     if compile:
         options = default_compile_options(noise.device)
-        if isinstance(compile, dict):
-            options.update(compile)
+        options.update(compile if isinstance(compile, dict) else {})
         steps = compiled_steps(options)
         if options.get("mode") in ("reduce-overhead", "max-autotune") and noise.is_cuda:
             torch.compiler.cudagraph_mark_step_begin()
-    step_r = "R:cache" if refiner_input == "cache" else "R"
 
-    x, c = noise, None
-    base_nfe = refiner_nfe = 0
-    for k in tqdm(range(n), desc=desc, disable=not progress, leave=False):
-        kind = plan[k]
-        if kind == "P" and c is None:
-            kind = "H"  # no cached velocity yet: evaluate it, at one more NFE
-        fn = steps[step_r if kind == "R" else kind]
-        tp = ts_dev[max(k - 1, 0)]
-        x, c = fn(model, refiner, x, c, tp, ts_dev[k], ts_dev[k + 1], model_kwargs)
-        b, r = STEP_COST[kind]
-        base_nfe, refiner_nfe = base_nfe + b, refiner_nfe + r
+    times = ts.tolist()
+    nfe = [0, 0]
+    bar = tqdm(total=n, desc=desc, disable=not progress, leave=False)
+
+    def after_step(k: int, x: Tensor, c: Tensor) -> None:
+        b, r = STEP_COST[kinds[k][0]]
+        nfe[0], nfe[1] = nfe[0] + b, nfe[1] + r
+        bar.update()
         if callback is not None:
-            callback(
-                {
-                    "step": k,
-                    "kind": plan[k],
-                    "t": times[k + 1],
-                    "x": x,
-                    "velocity": c,
-                    "base_nfe": base_nfe,
-                    "refiner_nfe": refiner_nfe,
-                }
-            )
+            info = {"step": k, "kind": plan[k], "t": times[k + 1], "x": x, "velocity": c}
+            callback({**info, "base_nfe": nfe[0], "refiner_nfe": nfe[1]})
+
+    ts_dev = ts.to(noise.device, torch.float64 if noise.dtype == torch.float64 else torch.float32)
+    x = run_steps(steps, kinds, model, refiner, noise, ts_dev, model_kwargs, after_step)
+    bar.close()
     # A compiled (CUDA-graph) step may return a buffer that its next replay overwrites.
     return x.clone() if compile else x
 
@@ -114,7 +116,7 @@ def sample(
     refiner: VelocityFn | None = None,
     timesteps: Tensor | Sequence[float] | None = None,
     refiner_input: RefinerInput = "d0",
-    compile: bool | dict[str, Any] = False,
+    compile: bool | str | dict[str, Any] = False,
     callback: Callback | None = None,
     progress: bool = False,
     **model_kwargs: Any,
@@ -132,7 +134,9 @@ def sample(
         timesteps: optional custom grid of N + 1 increasing times in [0, 1].
         refiner_input: ``"d0"`` (default) or ``"cache"`` (public FlowTurbo sampler compat.).
         compile: sample-aware compilation: each step kind compiled once and reused
-            (True, or a dict of ``torch.compile`` options); eager fallback with one warning.
+            (True, or a dict of ``torch.compile`` options), or ``"sampler"``: the whole loop
+            compiled as one static program (one CUDA graph per setting on a GPU; no callback
+            or progress bar, no gradients). Eager fallback with one warning.
         callback: called after each step with the running state and NFE counts.
         progress: show a progress bar.
         **model_kwargs: passed to the model and refiner (e.g. ``y=labels``).

@@ -25,7 +25,7 @@ def _fixed_step(letter: str, name: str) -> Callable[..., Tensor]:
         steps: int,
         *,
         timesteps: Tensor | Sequence[float] | None = None,
-        compile: bool | dict[str, Any] = False,
+        compile: bool | str | dict[str, Any] = False,
         callback: Callback | None = None,
         progress: bool = False,
         **model_kwargs: Any,

@@ -98,3 +98,40 @@ STEPS: dict[str, Step] = {
     "M": midpoint_step,
     "A": adams_bashforth2_step,
 }
+
+
+def step_kinds(plan: str, refiner_input: str = "d0") -> list[str]:
+    """The :data:`STEPS` key each step of ``plan`` runs.
+
+    A P step with no cached velocity (the first step) runs as H, at one more NFE; R runs as
+    ``"R"`` or, with ``refiner_input="cache"``, as the compatibility variant ``"R:cache"``.
+    """
+    if refiner_input not in ("d0", "cache"):
+        raise ValueError(f"refiner_input must be 'd0' or 'cache', got {refiner_input!r}")
+    kinds = ["R:cache" if kind == "R" and refiner_input == "cache" else kind for kind in plan]
+    if kinds and kinds[0] == "P":
+        kinds[0] = "H"
+    return kinds
+
+
+def run_steps(
+    steps: dict[str, Step],
+    kinds: list[str],
+    model,
+    refiner,
+    x: Tensor,
+    ts: Tensor,
+    kw: dict[str, Any],
+    after_step: Callable[[int, Tensor, Tensor], None] | None = None,
+) -> Tensor:
+    """The sampling loop: step k runs ``steps[kinds[k]]`` from ``ts[k]`` to ``ts[k + 1]``.
+
+    ``ts`` holds the grid on ``x``'s device; ``after_step(k, x, cache)`` is called after each
+    step. Returns the last state.
+    """
+    c = None
+    for k, kind in enumerate(kinds):
+        x, c = steps[kind](model, refiner, x, c, ts[max(k - 1, 0)], ts[k], ts[k + 1], kw)
+        if after_step is not None:
+            after_step(k, x, c)
+    return x
