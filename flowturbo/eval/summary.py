@@ -240,7 +240,7 @@ def summarize(out_dir: str | os.PathLike, cfg: DictConfig | None = None) -> dict
     with atomic_path(out_dir / "acceleration.json") as tmp:
         tmp.write_text(json.dumps(finite(tables), indent=2, allow_nan=False) + "\n")
     images = sorted({r["num_images"] for r in rows if r.get("num_images")})
-    title = f"{out_dir.name}: FID of {'/'.join(map(str, images)) or '?'} images vs latency"
+    title = f"{out_dir.name}: {'/'.join(map(str, images)) or '?'} images per schedule"
     plot_sweep(rows, out_dir / "pareto.png", title=title)
     n = len(rows)
     print(f"\n{n} {'schedule' if n == 1 else 'schedules'} in {out_dir}:\n{format_rows(rows)}")
