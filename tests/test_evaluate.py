@@ -313,14 +313,19 @@ def test_summarize_only_merges_the_rows_without_models(assets, tmp_path, monkeyp
         assert (out / name).is_file()
 
 
-def test_a_failed_compilation_is_recorded_not_reported_as_compiled(assets, tmp_path, monkeypatch):
+@pytest.mark.parametrize("mode", ["steps", "sampler"])
+def test_a_failed_compilation_is_recorded_not_reported_as_compiled(
+    assets, tmp_path, monkeypatch, mode
+):
+    from flowturbo.sampling import compile as compile_mod
+
     clear_compile_cache()
     monkeypatch.setattr(torch._dynamo, "is_dynamo_supported", lambda: False)
+    monkeypatch.setattr(compile_mod, "_WARNED", set())
+    overrides = ["sampler.schedule=H2", "latency.compiled=true", f"latency.compile_mode={mode}"]
     try:
         with pytest.warns(RuntimeWarning, match="eagerly"):
-            result = sweep.run_sweep(
-                tiny(assets, tmp_path / "s", "sampler.schedule=H2", "latency.compiled=true")
-            )
+            result = sweep.run_sweep(tiny(assets, tmp_path / "s", *overrides))
     finally:
         clear_compile_cache()
     (row,) = result["rows"]

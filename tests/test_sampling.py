@@ -371,6 +371,7 @@ def test_compiled_sampler_equals_eager_and_is_reused_per_setting(fresh_compile_c
         eager = sample(guided, x, "H1P2R2", refiner=refiner, y=y)
     run = compiled_sampler("HPPRR", guided, x, refiner=refiner, compile_options=opts, y=y)
     torch.testing.assert_close(run(x, y=y), eager)
+    assert run.fully_compiled and run.graph is None  # no CUDA graph on the CPU
     assert len(compiled) == 2  # the guided base and the refiner, each compiled once
     assert not torch.is_grad_enabled() or not run(x, y=y).requires_grad
 
@@ -401,6 +402,7 @@ def test_compiled_sampler_refuses_inputs_it_was_not_built_for(fresh_compile_cach
     model = TinyVelocity().eval()
     x, y = torch.randn(2, 2, 4, 4), torch.tensor([0, 1])
     run = CompiledSampler("HH", model, x, compile=False, y=y)
+    assert not run.fully_compiled
     with pytest.raises(ValueError, match=r"noise: \(3, 2, 4, 4\) float32 on cpu instead of \(2"):
         run(torch.randn(3, 2, 4, 4), y=y)
     with pytest.raises(ValueError, match=r"y: \(2,\) int32 .* instead of \(2,\) int64"):

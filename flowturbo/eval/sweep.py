@@ -70,6 +70,7 @@ from flowturbo.sampling import (
     sample,
     to_uint8,
 )
+from flowturbo.sampling.steps import step_kinds
 
 log = logging.getLogger(__name__)
 
@@ -341,7 +342,7 @@ def run_entry(
     labels: Tensor,
     *,
     refiner_input: str = "d0",
-    compile: bool = False,
+    compile: bool | str = False,
 ) -> Tensor:
     """Samples one batch with an entry's sampler (no gradients, under the sweep's autocast).
 
@@ -351,7 +352,7 @@ def run_entry(
         noise: (B, C, H, W) on ``nets.device``.
         labels: (B,) long class labels on ``nets.device``.
         refiner_input: ``"d0"`` or ``"cache"`` (R steps only).
-        compile: sample-aware compilation (``sample(..., compile=True)``).
+        compile: sample-aware compilation (``sample(..., compile=...)``: True or "sampler").
 
     Returns:
         (B, C, H, W) float32 sampler output at t = 1.
@@ -505,6 +506,7 @@ def part_settings(cfg: DictConfig, entry: SweepEntry, device: torch.device) -> d
             "repeats": int(lat.repeats),
             "eager": bool(lat.eager),
             "compiled": bool(lat.compiled),
+            "compile_mode": compile_mode(lat),
             "decode": bool(lat.decode),
             "machine": machine(device),
             "torch": torch.__version__,
@@ -690,13 +692,23 @@ def _strict_dynamo() -> Iterator[None]:
     yield
 
 
-def compiled_for(entry: SweepEntry, refiner_input: str, device: torch.device) -> bool:
-    """Whether every step kind the entry ran compiled (no eager fallback happened)."""
-    from flowturbo.sampling.compile import compiled_steps, default_compile_options
+def compile_mode(lat: DictConfig) -> str:
+    """``latency.compile_mode``, checked: "steps" or "sampler"."""
+    mode = str(lat.get("compile_mode", "steps"))
+    if mode not in ("steps", "sampler"):
+        raise ValueError(f"latency.compile_mode must be 'steps' or 'sampler', got {mode!r}")
+    return mode
 
-    steps = compiled_steps(default_compile_options(device))
-    kinds = {"R:cache" if k == "R" and refiner_input == "cache" else k for k in entry.plan}
-    return not any(steps[k].failed for k in kinds)
+
+def compiled_for(entry: SweepEntry, nets: Networks, cfg: DictConfig) -> bool:
+    """Whether the entry's compiled sampling ran compiled (no eager fallback happened)."""
+    from flowturbo.sampling.compile import compiled_steps, default_compile_options
+    from flowturbo.sampling.graph import fell_back
+
+    if compile_mode(cfg.latency) == "sampler":
+        return not fell_back(nets.velocity)
+    steps = compiled_steps(default_compile_options(nets.device))
+    return not any(steps[k].failed for k in step_kinds(entry.plan, cfg.sampler.refiner_input))
 
 
 def measure_entry_latency(entry: SweepEntry, nets: Networks, cfg: DictConfig) -> dict[str, Any]:
@@ -713,10 +725,12 @@ def measure_entry_latency(entry: SweepEntry, nets: Networks, cfg: DictConfig) ->
     labels = (idx % nets.num_classes).to(device)
     refiner_input = cfg.sampler.refiner_input
 
-    def run(compile: bool) -> Callable[[], Tensor]:
+    def run(compile: bool | str) -> Callable[[], Tensor]:
         return lambda: run_entry(
             entry, nets, noise, labels, refiner_input=refiner_input, compile=compile
         )
+
+    compiled = True if compile_mode(lat) == "steps" else "sampler"
 
     timing = dict(batch=b, device=device, warmup=int(lat.warmup), repeats=int(lat.repeats))
     out: dict[str, Any] = {"batch": b, "device": str(device), "machine": machine(device)}
@@ -725,12 +739,12 @@ def measure_entry_latency(entry: SweepEntry, nets: Networks, cfg: DictConfig) ->
     if lat.compiled:
         with _strict_dynamo():
             start = time.perf_counter()
-            run(True)()
+            run(compiled)()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             compile_s = time.perf_counter() - start
-            measured = measure_latency(run(True), **timing).as_dict()
-        ok = compiled_for(entry, refiner_input, device)
+            measured = measure_latency(run(compiled), **timing).as_dict()
+        ok = compiled_for(entry, nets, cfg)
         out["compiled"] = {**measured, "compiled": ok, "compile_s": compile_s}
     if lat.decode and nets.vae is not None:
         z = run(False)()

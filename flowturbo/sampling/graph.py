@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from flowturbo.sampling.compile import SAMPLERS, compiled_function
+from flowturbo.sampling.compile import SAMPLERS, CompiledFunction, compiled_function
 from flowturbo.sampling.schedule import check_grid, uniform_grid
 from flowturbo.sampling.steps import STEPS, run_steps, step_kinds
 
@@ -98,9 +98,17 @@ class CompiledSampler:
         self.constants = {k: v for k, v in model_kwargs.items() if not _is_t(v)}
         self.graph: torch.cuda.CUDAGraph | None = None
         self._output: Tensor | None = None
-        if noise.is_cuda if cuda_graph is None else cuda_graph:
+        self.wants_graph = bool(noise.is_cuda if cuda_graph is None else cuda_graph)
+        if self.wants_graph:
             with torch.no_grad():
                 self._record(max(int(warmup), 1))
+
+    @property
+    def fully_compiled(self) -> bool:
+        """Every network compiled without fallback and, if asked for, the graph recorded."""
+        nets = [f for f in (self.model, self.refiner, self.decode) if f is not None]
+        compiled = all(isinstance(f, CompiledFunction) and not f.failed for f in nets)
+        return compiled and (self.graph is not None or not self.wants_graph)
 
     def _program(self) -> Tensor:
         """The whole loop over the static inputs."""
@@ -183,14 +191,15 @@ def compiled_sampler(
     timesteps: Tensor | Sequence[float] | None = None,
     refiner_input: str = "d0",
     decode: Callable[[Tensor], Tensor] | None = None,
+    compile_options: dict[str, Any] | None = None,
     **model_kwargs: Any,
 ) -> CompiledSampler:
     """The :class:`CompiledSampler` for these settings, built on first use and then reused.
 
     The key is every setting the program depends on: the plan, grid and refiner input; the
     model, refiner and decoder objects; the shape, dtype and device of every tensor input; the
-    other keyword values; the autocast state. The :data:`MAX_CACHED_SAMPLERS` most recently
-    used samplers are kept.
+    other keyword values; the torch.compile options; the autocast state. The
+    :data:`MAX_CACHED_SAMPLERS` most recently used samplers are kept.
     """
     device_type = noise.device.type
     autocast = torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type)
@@ -201,18 +210,26 @@ def compiled_sampler(
             for k, v in {"noise": noise, **model_kwargs}.items()
         )
     )
-    key = (plan, grid, refiner_input, id(model), id(refiner), id(decode), inputs, str(autocast))
+    options = repr(sorted((compile_options or {}).items()))
+    key = (plan, grid, refiner_input, id(model), id(refiner), id(decode), inputs, options)
+    key += (str(autocast),)
     if key in SAMPLERS:
         SAMPLERS.move_to_end(key)
         return SAMPLERS[key][0]
     sampler = CompiledSampler(
         plan, model, noise, refiner=refiner, timesteps=timesteps, refiner_input=refiner_input,
-        decode=decode, **model_kwargs,
+        decode=decode, compile_options=compile_options, **model_kwargs,
     )  # fmt: skip
     SAMPLERS[key] = (sampler, model, refiner, decode)  # the objects keep their ids unique
     while len(SAMPLERS) > MAX_CACHED_SAMPLERS:
         SAMPLERS.popitem(last=False)
     return sampler
+
+
+def fell_back(model: Callable[..., Tensor]) -> bool:
+    """Whether a cached compiled sampler of ``model`` runs less compiled than it was built to
+    (a network fell back to eager, or recording the CUDA graph failed)."""
+    return any(m is model and not s.fully_compiled for s, m, *_ in SAMPLERS.values())
 
 
 def _is_t(value: Any) -> bool:
