@@ -98,7 +98,7 @@ def cache_trajectories(cfg: DictConfig) -> dict:
     module = TrajectoryCache(instantiate(cfg.cache.base), out_dir=cfg.out_dir, **settings)
     loader = DataLoader(ShardPlan(module.shards_per_split()), batch_size=1, shuffle=False)
     trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
-    before = _count_shards(module)  # counted here: ranks of a spawned run have their own module
+    before = module.shards_on_disk()  # counted here: ranks of a spawned run have own modules
     trainer.predict(module, dataloaders=loader, return_predictions=False)
     summary = {}
     if trainer.is_global_zero:
@@ -106,19 +106,10 @@ def cache_trajectories(cfg: DictConfig) -> dict:
             m = Manifest.load(Path(cfg.out_dir) / split)
             summary[split] = {"trajectories": m.total, "shards": len(m.shards)}
             summary[split]["complete"] = m.complete
-        summary["shards_written"] = _count_shards(module) - before
+        summary["shards_written"] = module.shards_on_disk() - before
         print(f"trajectory cache {cfg.out_dir}: {summary}")
         print(
             "train a refiner on it: python train.py experiment=demo_refiner_traj "
             f"data.train_shards={cfg.out_dir}/train data.val_shards={cfg.out_dir}/val"
         )
     return summary
-
-
-def _count_shards(module) -> int:
-    """Shards of ``module``'s plan present on disk (files appear only when complete)."""
-    return sum(
-        module.shard_path(split, k).is_file()
-        for split, n in module.shards_per_split().items()
-        for k in range(n)
-    )

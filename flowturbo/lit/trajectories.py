@@ -107,6 +107,14 @@ class TrajectoryCache(L.LightningModule):
     def shard_path(self, split: str, k: int) -> Path:
         return self.out_dir / split / SHARD_NAME.format(k)
 
+    def shards_on_disk(self) -> int:
+        """Shards of the plan present on disk (a shard file appears only when complete)."""
+        return sum(
+            self.shard_path(split, k).is_file()
+            for split, n in self.shards_per_split().items()
+            for k in range(n)
+        )
+
     def first_index(self, split: str, k: int) -> int:
         """Global index of the first trajectory of shard k of ``split`` (val follows train)."""
         return (0 if split == "train" else self.counts["train"]) + k * self.per_shard

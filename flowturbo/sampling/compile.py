@@ -31,15 +31,18 @@ def default_compile_options(device: torch.device) -> dict[str, Any]:
     return {"mode": mode, "dynamic": False}
 
 
-def _warn_once(reason: str) -> None:
-    if reason in _WARNED:
+def warn_once(message: str) -> None:
+    """A RuntimeWarning with ``message``, once per process."""
+    if message in _WARNED:
         return
-    _WARNED.add(reason)
-    warnings.warn(
+    _WARNED.add(message)
+    warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def _warn_once(reason: str) -> None:
+    warn_once(
         f"torch.compile is unavailable here ({reason}); sampling runs eagerly instead. "
-        "Results are the same, latency is not that of compiled sampling.",
-        RuntimeWarning,
-        stacklevel=4,
+        "Results are the same, latency is not that of compiled sampling."
     )
 
 

@@ -16,27 +16,18 @@ is what ``sample(..., compile="sampler")`` calls.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from flowturbo.sampling.compile import SAMPLERS, CompiledFunction, compiled_function
+from flowturbo.sampling.compile import SAMPLERS, CompiledFunction, compiled_function, warn_once
 from flowturbo.sampling.schedule import check_grid, uniform_grid
 from flowturbo.sampling.steps import STEPS, run_steps, step_kinds
 
 #: Compiled samplers kept by :func:`compiled_sampler` (each CUDA graph holds its own memory).
 MAX_CACHED_SAMPLERS = 8
-
-_WARNED: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _WARNED:
-        _WARNED.add(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
 class CompiledSampler:
@@ -132,7 +123,7 @@ class CompiledSampler:
         except Exception as error:  # noqa: BLE001 - the loop still runs, uncaptured
             self._output = None
             first = str(error).splitlines()[0] if str(error) else ""
-            _warn_once(
+            warn_once(
                 f"recording the sampler as a CUDA graph failed ({type(error).__name__}: "
                 f"{first}); it runs uncaptured instead: results are the same, latency is not "
                 "that of the whole-sampler graph"
