@@ -9,9 +9,11 @@ measured forward times (base, refiner, decode), so the sampler's own overhead is
 With ``--profile``, a torch profiler table of one whole-sampler call per batch size is saved
 beside the results: where the time goes, kernel by kernel.
 
-    PYTHONPATH=. python benchmarks/bench_gpu.py --out experiments/gpu/bench_gpu.json --profile
+    PYTHONPATH=. python benchmarks/bench_gpu.py --batch 8 --profile     # one device call each
+    PYTHONPATH=. python benchmarks/bench_gpu.py --batch 1 --profile
 
-Any option of bench_sampler.py may follow and overrides the presets (e.g. ``--batch 8``).
+Results go to experiments/gpu/bench_gpu_b<batch>.json (``--out`` to change); any other option
+of bench_sampler.py may follow and overrides the presets (e.g. ``--repeats 50``).
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ import bench_sampler  # noqa: E402
 
 PRESET = [
     "--models", "SiT-XL/2",
-    "--batch", "1", "8",
     "--schedules", "H8", "H24", "H1P5R3", "H2P4R2", "H8P9R5",
     "--modes", "eager", "compiled", "sampler",
     "--dtype", "bf16",
@@ -72,14 +73,18 @@ def profile(out: Path, batch: int, schedule: str = "H1P5R3") -> Path:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--profile", action="store_true")
-    p.add_argument("--out", type=Path, default=Path("experiments/gpu/bench_gpu.json"))
+    p.add_argument("--batch", nargs="+", type=int, default=[1, 8])
+    p.add_argument("--out", type=Path, default=None)  # experiments/gpu/bench_gpu_b<batch>.json
     known, rest = p.parse_known_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_gpu.py measures the GPU path: no CUDA device here")
-    bench_sampler.main([*PRESET, "--out", str(known.out), *rest])
+    tag = "_".join(map(str, known.batch))
+    out = known.out or Path(f"experiments/gpu/bench_gpu_b{tag}.json")
+    batches = [str(b) for b in known.batch]
+    bench_sampler.main([*PRESET, "--batch", *batches, "--out", str(out), *rest])
     if known.profile:
-        for batch in (1, 8):
-            print(f"profile written to {profile(known.out, batch)}", flush=True)
+        for batch in known.batch:
+            print(f"profile written to {profile(out, batch)}", flush=True)
 
 
 if __name__ == "__main__":
