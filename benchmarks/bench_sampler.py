@@ -2,7 +2,7 @@
 
 CPU (default): the demo SiT (SiT-Demo/4 on 1x32x32 digits, the shipped demo base's size) and
 SiT-S/2 (4x32x32 latent).
-GPU: SiT-XL/2 at 256 px (4x32x32 latent), bf16 autocast, batch 8 and 64. Random weights: the
+GPU: SiT-XL/2 at 256 px (4x32x32 latent), bf16 autocast, batch 1, 8 and 64. Random weights: the
 latency does not depend on them. Classifier-free guidance (scale 1.5, all channels) doubles each
 evaluation's batch, as in the paper's setting.
 
@@ -12,7 +12,7 @@ graphs per step on a GPU); ``sampler``, the whole loop as one static program
 architecture, random weights; needs diffusers) to every mode; without it decoding is excluded.
 
     python benchmarks/bench_sampler.py
-    python benchmarks/bench_sampler.py --models SiT-XL/2 --batch 8 64 --dtype bf16 --repeats 20
+    python benchmarks/bench_sampler.py --models SiT-XL/2 --batch 1 8 64 --dtype bf16 --decode --repeats 20
 
 Prints a markdown table and writes it, with every setting, as JSON (--out).
 """
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--models", nargs="+", default=["SiT-XL/2"] if on_gpu else ["SiT-Demo/4", "SiT-S/2"]
     )
-    p.add_argument("--batch", nargs="+", type=int, default=[8, 64] if on_gpu else [8])
+    p.add_argument("--batch", nargs="+", type=int, default=[1, 8, 64] if on_gpu else [8])
     p.add_argument("--schedules", nargs="+", default=["H8", "H1P7", "H2P4R3", "H1P5R3"])
     p.add_argument(
         "--modes",
