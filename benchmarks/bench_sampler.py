@@ -1,4 +1,4 @@
-"""Sampler latency: ms per image, eager and compiled, for a few schedules.
+r"""Sampler latency: ms per image, eager and compiled, for a few schedules.
 
 CPU (default): the demo SiT (SiT-Demo/4 on 1x32x32 digits, the shipped demo base's size) and
 SiT-S/2 (4x32x32 latent).
@@ -12,7 +12,8 @@ graphs per step on a GPU); ``sampler``, the whole loop as one static program
 architecture, random weights; needs diffusers) to every mode; without it decoding is excluded.
 
     python benchmarks/bench_sampler.py
-    python benchmarks/bench_sampler.py --models SiT-XL/2 --batch 1 8 64 --dtype bf16 --decode --repeats 20
+    python benchmarks/bench_sampler.py --models SiT-XL/2 --batch 1 8 64 --dtype bf16 --decode \
+        --repeats 20
 
 Prints a markdown table and writes it, with every setting, as JSON (--out).
 """

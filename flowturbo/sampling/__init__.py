@@ -11,11 +11,14 @@ Entry points:
   (a CUDA graph of the whole loop on a GPU).
 - :data:`BASELINES`: Euler, Heun, midpoint and Adams-Bashforth 2 under one call, and
   :func:`dopri5`, an adaptive reference solver.
+- :func:`edit` and :func:`inpaint`: re-generate an image from its noised state (SDEdit), or
+  fill a masked region keeping the rest, with any schedule.
 - :class:`ClassifierFreeGuidance`: guidance as a wrapper around the base model or the refiner.
 """
 
 from flowturbo.sampling.compile import clear_compile_cache
 from flowturbo.sampling.decode import decode_latents, to_uint8
+from flowturbo.sampling.edit import edit, inpaint, resize_mask
 from flowturbo.sampling.graph import CompiledSampler, compiled_sampler
 from flowturbo.sampling.guidance import ClassifierFreeGuidance
 from flowturbo.sampling.sampler import integrate, sample
@@ -50,14 +53,17 @@ __all__ = [
     "compiled_sampler",
     "decode_latents",
     "dopri5",
+    "edit",
     "euler",
     "heun",
     "heun_trajectory",
+    "inpaint",
     "integrate",
     "midpoint",
     "multistep",
     "parse_schedule",
     "plan_nfe",
+    "resize_mask",
     "sample",
     "to_uint8",
     "uniform_grid",

@@ -18,7 +18,7 @@ from flowturbo.sampling.schedule import (
     parse_schedule,
     uniform_grid,
 )
-from flowturbo.sampling.steps import STEPS, run_steps, step_kinds
+from flowturbo.sampling.steps import STEPS, Constraint, run_steps, step_kinds
 
 VelocityFn = Callable[..., Tensor]
 Callback = Callable[[dict[str, Any]], None]
@@ -37,6 +37,7 @@ def integrate(
     callback: Callback | None = None,
     progress: bool = False,
     desc: str | None = None,
+    constrain: Constraint | None = None,
     **model_kwargs: Any,
 ) -> Tensor:
     """Runs a step plan (one letter per step, see ``steps.STEPS``) from ``noise``.
@@ -58,6 +59,9 @@ def integrate(
             base_nfe and refiner_nfe (running totals).
         progress: show a progress bar.
         desc: progress bar label.
+        constrain: ``constrain(x, cache, t) -> (x, cache)`` applied after every step, e.g. to
+            keep known pixels on their path (:func:`flowturbo.sampling.inpaint`). Not with
+            ``compile="sampler"``, whose program holds only the steps.
 
     Returns:
         (B, C, H, W) state at the last grid time, a tensor the caller owns.
@@ -70,10 +74,10 @@ def integrate(
     if isinstance(compile, str) and compile not in ("steps", "sampler"):
         raise ValueError(f"compile must be a bool, 'steps', 'sampler' or a dict, got {compile!r}")
     if compile == "sampler":
-        if callback is not None or progress:
+        if callback is not None or progress or constrain is not None:
             raise ValueError(
                 "compile='sampler' runs the whole loop as one program, with no per-step "
-                "callback or progress bar: use compile=True for those"
+                "callback, progress bar or constraint (inpainting): use compile=True for those"
             )
         run = compiled_sampler(
             plan, model, noise, refiner=refiner, timesteps=ts, refiner_input=refiner_input,
@@ -102,7 +106,7 @@ def integrate(
             callback({**info, "base_nfe": nfe[0], "refiner_nfe": nfe[1]})
 
     ts_dev = ts.to(noise.device, torch.float64 if noise.dtype == torch.float64 else torch.float32)
-    x = run_steps(steps, kinds, model, refiner, noise, ts_dev, model_kwargs, after_step)
+    x = run_steps(steps, kinds, model, refiner, noise, ts_dev, model_kwargs, after_step, constrain)
     bar.close()
     # A compiled (CUDA-graph) step may return a buffer that its next replay overwrites.
     return x.clone() if compile else x

@@ -15,6 +15,8 @@ from typing import Any
 from torch import Tensor
 
 Step = Callable[..., tuple[Tensor, Tensor]]
+#: ``constrain(x, cache, t) -> (x, cache)``, applied after every step (see :func:`run_steps`).
+Constraint = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
 def euler_step(model, refiner, x: Tensor, c, tp, t0: Tensor, t1: Tensor, kw: dict[str, Any]):
@@ -123,15 +125,19 @@ def run_steps(
     ts: Tensor,
     kw: dict[str, Any],
     after_step: Callable[[int, Tensor, Tensor], None] | None = None,
+    constrain: Constraint | None = None,
 ) -> Tensor:
     """The sampling loop: step k runs ``steps[kinds[k]]`` from ``ts[k]`` to ``ts[k + 1]``.
 
-    ``ts`` holds the grid on ``x``'s device; ``after_step(k, x, cache)`` is called after each
-    step. Returns the last state.
+    ``ts`` holds the grid on ``x``'s device. After each step, ``constrain(x, cache, t)`` (if
+    given) returns the state and cache to go on with (inpainting pins the known pixels to their
+    path), then ``after_step(k, x, cache)`` is called. Returns the last state.
     """
     c = None
     for k, kind in enumerate(kinds):
         x, c = steps[kind](model, refiner, x, c, ts[max(k - 1, 0)], ts[k], ts[k + 1], kw)
+        if constrain is not None:
+            x, c = constrain(x, c, ts[k + 1])
         if after_step is not None:
             after_step(k, x, c)
     return x
