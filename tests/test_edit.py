@@ -169,3 +169,21 @@ def test_edit_rejects_strengths_outside_0_1(two_modes, pattern, strength):
     image, _, noise = draws(pattern, n=2)
     with pytest.raises(ValueError, match=r"strength must be in \(0, 1\]"):
         edit(two_modes, image, noise, "H2", strength=strength)
+
+
+def test_edit_runs_as_one_compiled_program(pattern):
+    """The edit's grid [t0, 1] is part of the compiled sampler's setting."""
+    from flowturbo.sampling import compile as compile_mod
+
+    model = ModeOfLabel(pattern)
+    image, _, noise = draws(pattern, n=4)
+    y = torch.tensor([1, 0, 1, 0])
+    eager = edit(model, image, noise, "H1P2", strength=0.6, y=y)
+    compile_mod.SAMPLERS.clear()
+    try:
+        whole = edit(model, image, noise, "H1P2", strength=0.6, compile="sampler", y=y)
+        ((run, *_),) = compile_mod.SAMPLERS.values()
+        assert run.ts.tolist() == pytest.approx([0.4, 0.6, 0.8, 1.0])
+    finally:
+        compile_mod.SAMPLERS.clear()
+    torch.testing.assert_close(whole, eager, rtol=1e-9, atol=1e-9)
