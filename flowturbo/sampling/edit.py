@@ -70,7 +70,7 @@ def edit(
     t0 = 1.0 - float(strength)
     ts = t0 + (1.0 - t0) * uniform_grid(sched.num_steps)
     ts[-1] = 1.0
-    x = t0 * image.to(noise.dtype) + (1.0 - t0) * noise
+    x = t0 * image.to(noise) + (1.0 - t0) * noise
     return integrate(
         sched.plan,
         model,
@@ -132,9 +132,9 @@ def inpaint(
     ts = uniform_grid(n) if timesteps is None else check_grid(timesteps, n)
     if float(ts[0]) != 0.0:
         raise ValueError(f"inpaint integrates from noise: timesteps must start at 0, not {ts[0]}")
-    generate = resize_mask(mask, image.shape).to(noise.dtype)
+    generate = resize_mask(mask, image.shape).to(noise)  # noise's dtype and device
     keep = 1.0 - generate
-    x1 = image.to(noise.dtype)
+    x1 = image.to(noise)
     path_velocity = x1 - noise
 
     def replace_known(x: Tensor, c: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
