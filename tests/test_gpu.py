@@ -60,3 +60,21 @@ def test_whole_sampler_cuda_graph_equals_eager(dtype):
     torch.testing.assert_close(again, first)  # a replay overwrote no returned tensor
     assert not torch.allclose(second, first)
     torch.testing.assert_close(via_sample.float(), plain.float(), rtol=tol, atol=tol)
+
+
+@torch.no_grad()
+def test_compiled_inpainting_on_cuda_keeps_the_known_latents():
+    """A pixel mask made on the CPU drives inpainting of CUDA latents, compiled per step kind."""
+    from flowturbo.sampling import inpaint
+
+    v, r = _tiny_pair()
+    latents = torch.randn(4, 4, 32, 32, device="cuda")
+    noise = torch.randn(4, 4, 32, 32, device="cuda")
+    y = torch.randint(0, 10, (4,), device="cuda")
+    pixels = torch.zeros(1, 1, 256, 256)
+    pixels[..., 128:, :] = 1  # regenerate the bottom half of 256 px images
+    eager = inpaint(v, latents, pixels, noise, "H1P3R2", refiner=r, y=y)
+    compiled = inpaint(v, latents, pixels, noise, "H1P3R2", refiner=r, compile=True, y=y)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(compiled[..., :16, :], latents[..., :16, :], rtol=0, atol=1e-6)
+    assert not torch.allclose(compiled[..., 16:, :], latents[..., 16:, :])
