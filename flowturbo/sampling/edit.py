@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from flowturbo.flow import interpolate, target_velocity
 from flowturbo.sampling.sampler import Callback, RefinerInput, VelocityFn, integrate
 from flowturbo.sampling.schedule import Schedule, check_grid, parse_schedule, uniform_grid
 
@@ -70,7 +71,7 @@ def edit(
     t0 = 1.0 - float(strength)
     ts = t0 + (1.0 - t0) * uniform_grid(sched.num_steps)
     ts[-1] = 1.0
-    x = t0 * image.to(noise) + (1.0 - t0) * noise
+    x = interpolate(noise, image.to(noise), torch.tensor(t0, dtype=torch.float64))
     return integrate(
         sched.plan,
         model,
@@ -135,10 +136,10 @@ def inpaint(
     generate = resize_mask(mask, image.shape).to(noise)  # noise's dtype and device
     keep = 1.0 - generate
     x1 = image.to(noise)
-    path_velocity = x1 - noise
+    path_velocity = target_velocity(noise, x1)
 
     def replace_known(x: Tensor, c: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        known = t * x1 + (1 - t) * noise
+        known = interpolate(noise, x1, t)  # t: the step's end time, 0-dim
         return generate * x + keep * known, generate * c + keep * path_velocity
 
     # The start, t = 0, is the noise itself: already on every known pixel's path.
