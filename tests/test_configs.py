@@ -12,12 +12,19 @@ from flowturbo.train import train
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 ALL_EXPERIMENTS = sorted(p.stem for p in Path(CONF, "experiment").glob("*.yaml"))
-# experiments named *_sweep are evaluation sweeps (evaluate.yaml); the others train (train.yaml)
+# experiments named *_sweep are evaluation sweeps (evaluate.yaml), *_generate are generate.py
+# jobs (generate.yaml); the others train (train.yaml)
 SWEEPS = [name for name in ALL_EXPERIMENTS if name.endswith("_sweep")]
-EXPERIMENTS = [name for name in ALL_EXPERIMENTS if not name.endswith("_sweep")]
+GENERATE = [name for name in ALL_EXPERIMENTS if name.endswith("_generate")]
+EXPERIMENTS = sorted(set(ALL_EXPERIMENTS) - set(SWEEPS) - set(GENERATE))
 # values a user must supply (???), filled for composition
 REQUIRED = {
     "sit_refiner": ["model.base.path=base.pt", "data.train_shards=/data/train"],
+    "sit_xl_generate": [
+        "model.base_ckpt=SiT-XL-2-256x256.pt",
+        "model.refiner_ckpt=SiT-XL-2-Refiner.pt",
+        "vae=sd-vae-ft-ema",
+    ],
     "sit_xl_sweep": [
         "model.base_ckpt=SiT-XL-2-256x256.pt",
         "model.refiner_ckpt=SiT-XL-2-Refiner.pt",
@@ -40,6 +47,35 @@ def cfg_for(overrides, run_dir, config_name="train"):
 def test_every_experiment_is_tested():
     assert set(EXPERIMENTS) >= {"demo_base", "demo_refiner", "sit_refiner"}
     assert set(SWEEPS) >= {"demo_sweep", "sit_xl_sweep"}
+    assert set(GENERATE) >= {"demo_generate", "sit_xl_generate"}
+
+
+@pytest.mark.parametrize("name", GENERATE)
+def test_generate_experiment_composes_with_generate_yaml(name, tmp_path):
+    from flowturbo.config import check_required
+    from flowturbo.eval.sweep import parse_entry
+
+    cfg = cfg_for([f"experiment={name}", *REQUIRED.get(name, [])], tmp_path, "generate")
+    assert cfg.name == f"{name}_sample" and cfg.out_dir == f"generated/{name}_sample"
+    check_required(cfg, f"python generate.py experiment={name}")
+    assert parse_entry(cfg.sampler.schedule).family == "flowturbo"
+    if name == "sit_xl_generate":
+        assert cfg.trainer.accelerator == "gpu" and cfg.trainer.strategy == "ddp"
+        assert cfg.num_images == 50000 and cfg.npz and cfg.sampler.cfg_scale == 1.5
+    if name == "demo_generate":  # the shipped models: runs here, no downloads
+        from flowturbo.generate import generate_images
+
+        with open_dict(cfg):
+            cfg.out_dir, cfg.num_images, cfg.progress = str(tmp_path / "out"), 8, False
+        summary = generate_images(cfg)
+        assert summary == {
+            "task": "sample",
+            "sampler": "H1P3R3",
+            "images": 8,
+            "written": 8,
+            "skipped_inputs": 0,
+            "out_dir": str(tmp_path / "out"),
+        }
 
 
 @pytest.mark.parametrize("name", SWEEPS)

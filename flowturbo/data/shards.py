@@ -689,12 +689,13 @@ class _LatentEncoder:
         """(B, H, W, 3) uint8 -> float16 latents (B, C, h, w) and their flipped twins."""
         import torch
 
-        x = torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2)
-        x = x.to(self.dtype) / 127.5 - 1.0
+        from flowturbo.sampling.decode import encode_images, from_uint8
+
+        x = from_uint8(torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2))
+        x = x.to(self.dtype)
         if flip:
             x = torch.cat([x, x.flip(3)])
-        with torch.no_grad():
-            z = self.vae.encode(x).latent_dist.mean * self.scale
+        z = encode_images(x, self.vae, self.scale)
         z = z.float().cpu().numpy().astype(np.float16)
         n = len(images)
         return z[:n], (z[n:] if flip else None)

@@ -17,7 +17,7 @@ Entry points:
 """
 
 from flowturbo.sampling.compile import clear_compile_cache
-from flowturbo.sampling.decode import decode_latents, to_uint8
+from flowturbo.sampling.decode import decode_latents, encode_images, from_uint8, to_uint8
 from flowturbo.sampling.edit import edit, inpaint, resize_mask
 from flowturbo.sampling.graph import CompiledSampler, compiled_sampler
 from flowturbo.sampling.guidance import ClassifierFreeGuidance
@@ -54,7 +54,9 @@ __all__ = [
     "decode_latents",
     "dopri5",
     "edit",
+    "encode_images",
     "euler",
+    "from_uint8",
     "heun",
     "heun_trajectory",
     "inpaint",

@@ -1,4 +1,4 @@
-"""From the sampler's output to images: VAE decoding for latent models, uint8 quantisation."""
+"""Between images and the sampler's space: VAE encoding and decoding for latent models, uint8."""
 
 from __future__ import annotations
 
@@ -27,6 +27,29 @@ def decode_latents(latents: Tensor, vae: Any | None = None, scale: float = SD_VA
     if vae is None:
         return latents
     return vae.decode(latents / scale).sample
+
+
+@torch.no_grad()
+def encode_images(images: Tensor, vae: Any | None = None, scale: float = SD_VAE_SCALE) -> Tensor:
+    """Encodes images in [-1, 1] into the sampler's space, the inverse of :func:`decode_latents`.
+
+    Args:
+        images: (B, C, H, W) images, float in [-1, 1].
+        vae: a diffusers ``AutoencoderKL`` for latent models (the posterior mean is used, not a
+            sample); None for pixel-space models.
+        scale: latent scale factor the model was trained with.
+
+    Returns:
+        (B, C', h, w) scaled latents, or ``images`` itself without a VAE.
+    """
+    if vae is None:
+        return images
+    return vae.encode(images).latent_dist.mean * scale
+
+
+def from_uint8(images: Tensor) -> Tensor:
+    """uint8 images in [0, 255] to float32 in [-1, 1], the inverse of :func:`to_uint8`."""
+    return images.float() / 127.5 - 1.0
 
 
 def to_uint8(images: Tensor) -> Tensor:

@@ -1,0 +1,683 @@
+"""Generating, editing and inpainting images with one chosen sampler: what ``generate.py`` runs.
+
+This is how a schedule is deployed once a sweep has chosen it. Three tasks share one output
+layout in ``out_dir`` (default ``generated/<name>``, outside Hydra's run folder so that a rerun
+resumes into it):
+
+- ``sample``: ``num_images`` new images. Image i's noise depends only on (seed, i) exactly as in
+  ``evaluate.py``, so with the same seed, schedule and labels image i here is image i of the
+  sweep's FID set. Its label is i % classes unless ``labels`` says otherwise.
+- ``edit``: the images of ``input`` re-generated from t0 = 1 - ``edit.strength`` (SDEdit,
+  :func:`flowturbo.sampling.edit`), usually towards another ``labels``.
+- ``inpaint``: the region of each ``input`` image that ``mask`` marks is generated anew, the
+  rest kept (:func:`flowturbo.sampling.inpaint`).
+
+::
+
+    out_dir/
+      images/<name>.png   one per image, written atomically: a rerun skips the existing ones
+      job.json            the settings; resuming a folder made with other settings is refused
+      grid.png            the first ``grid.num_images`` (edit/inpaint: inputs, masked, outputs)
+      samples.npz         with ``npz=true``: ``arr_0`` (N, H, W, C) uint8 in index order and
+                          ``arr_1`` the labels, the format of ADM's evaluation suite
+
+The sampler is ``sampler.schedule`` (a schedule such as ``H1P5R3`` or a baseline such as
+``euler:16``), or the one :func:`pick_row` chooses from a finished sweep's ``results.json``
+under a quality or latency target (``pick.sweep``, ``pick.max_fid`` / ``pick.max_ms``).
+The work is split with Lightning's ``Trainer.predict``: its distributed sampler deals the
+image indices to the ranks and every rank writes the images it is dealt; rank 0 then writes the
+grid and the ``.npz``. Latent models go through the SD VAE (encode for edit/inpaint, decode).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+from torch import Tensor
+
+from flowturbo.eval.atomic import atomic_path
+from flowturbo.eval.fidelity import IMAGE_SUFFIXES
+from flowturbo.eval.sweep import (
+    Networks,
+    SweepEntry,
+    fingerprint,
+    load_networks,
+    parse_entry,
+    run_entry,
+    seeded_noise,
+    settings_hash,
+)
+from flowturbo.sampling import decode_latents, edit, encode_images, from_uint8, inpaint, to_uint8
+
+log = logging.getLogger(__name__)
+
+TASKS = ("sample", "edit", "inpaint")
+JOB_NAME = "job.json"
+#: ``mask=`` names of fixed regions to regenerate (of the image at the model's resolution).
+MASK_REGIONS = ("bottom", "top", "left", "right", "center")
+
+
+# ----------------------------------------------------------------------------- the sampler
+
+
+def pick_row(
+    rows: Sequence[dict[str, Any]],
+    *,
+    max_fid: float | None = None,
+    max_ms: float | None = None,
+    latency: str = "compiled",
+) -> dict[str, Any]:
+    """The sweep row to deploy under a quality or a latency target.
+
+    Args:
+        rows: rows of a sweep's ``results.json``.
+        max_fid: choose the fastest row whose FID is at most this.
+        max_ms: choose the row with the lowest FID among those at most this many ms/img.
+            With both, the fastest row that meets both.
+        latency: ``"compiled"`` or ``"eager"``: which ms/img column counts.
+
+    Raises:
+        ValueError: no target, an unknown latency column, or no row meets the target (the
+            message names the best FID and the lowest latency the sweep has).
+    """
+    if max_fid is None and max_ms is None:
+        raise ValueError(
+            "set pick.max_fid (the fastest entry at or below this FID) or pick.max_ms (the "
+            "lowest FID at or below this many ms/img)"
+        )
+    if latency not in ("compiled", "eager"):
+        raise ValueError(f"pick.latency must be 'compiled' or 'eager', got {latency!r}")
+    column = f"ms_per_image_{latency}"
+
+    def measured(row: dict[str, Any]) -> bool:
+        return all(
+            isinstance(row.get(k), int | float) and math.isfinite(row[k]) for k in ("fid", column)
+        )
+
+    usable = [r for r in rows if measured(r)]
+    if not usable:
+        raise ValueError(
+            f"no row of the sweep has both an FID and {column} (set pick.latency=eager if the "
+            "sweep ran with latency.compiled=false)"
+        )
+    chosen = [
+        r
+        for r in usable
+        if (max_fid is None or r["fid"] <= max_fid) and (max_ms is None or r[column] <= max_ms)
+    ]
+    if not chosen:
+        best = min(usable, key=lambda r: r["fid"])
+        fastest = min(usable, key=lambda r: r[column])
+        raise ValueError(
+            f"no entry of the sweep has FID <= {max_fid} and {latency} latency <= {max_ms} "
+            f"ms/img; its best FID is {best['fid']:.4g} ({best['schedule']}, "
+            f"{best[column]:.4g} ms/img), its fastest entry {fastest['schedule']} "
+            f"({fastest[column]:.4g} ms/img, FID {fastest['fid']:.4g})"
+        )
+    if max_fid is not None:
+        return min(chosen, key=lambda r: (r[column], r["fid"]))
+    return min(chosen, key=lambda r: (r["fid"], r[column]))
+
+
+def sweep_rows_for(cfg: DictConfig) -> list[dict[str, Any]]:
+    """The rows of ``pick.sweep``'s results.json measured with this job's models and guidance.
+
+    Raises:
+        FileNotFoundError: the sweep has no results.json.
+        ValueError: none of its rows was measured with these checkpoints and this guidance.
+    """
+    path = Path(str(cfg.pick.sweep))
+    path = path / "results.json" if path.is_dir() or path.suffix != ".json" else path
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"pick.sweep: {path} not found. Give the folder of a finished sweep "
+            "(sweeps/<name>, written by evaluate.py) or its results.json"
+        )
+    rows = json.loads(path.read_text())
+    base = fingerprint(cfg.model.base_ckpt)
+    refiner = fingerprint(cfg.model.get("refiner_ckpt"))
+    s = cfg.sampler
+
+    def same_models(row: dict[str, Any]) -> bool:
+        if row.get("base_sha256") != base or row.get("cfg_scale") != float(s.cfg_scale):
+            return False
+        if row.get("refiner_nfe"):
+            return row.get("refiner_sha256") == refiner and row.get("refiner_input") == str(
+                s.refiner_input
+            )
+        return True
+
+    same = [r for r in rows if same_models(r)]
+    if not same:
+        raise ValueError(
+            f"no row of {path} was measured with these models and this guidance (base "
+            f"{base}, refiner {refiner}, cfg_scale {s.cfg_scale}): its rows have base "
+            f"{sorted({str(r.get('base_sha256')) for r in rows})}. Pick from a sweep of these "
+            "checkpoints, or set sampler.schedule yourself"
+        )
+    return same
+
+
+def choose_entry(cfg: DictConfig) -> tuple[SweepEntry, dict[str, Any] | None]:
+    """``sampler.schedule``, or the entry picked from ``pick.sweep`` (and its sweep row)."""
+    pick = cfg.get("pick") or {}
+    if not pick.get("sweep"):
+        if cfg.sampler.get("schedule") is None:
+            raise ValueError("set sampler.schedule (e.g. H1P5R3) or pick.sweep=sweeps/<name>")
+        return parse_entry(str(cfg.sampler.schedule)), None
+    row = pick_row(
+        sweep_rows_for(cfg),
+        max_fid=pick.get("max_fid"),
+        max_ms=pick.get("max_ms"),
+        latency=pick.get("latency", "compiled"),
+    )
+    return parse_entry(row["schedule"]), row
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def load_image(path: str | Path, channels: int, size: int) -> Tensor:
+    """An image file as (channels, size, size) uint8: grey or RGB, center-cropped and resized
+    as the training shards are (:func:`flowturbo.data.shards.center_crop_resize`)."""
+    from flowturbo.data.shards import center_crop_resize
+
+    if channels not in (1, 3):
+        raise ValueError(f"images have 1 or 3 channels; this model's images have {channels}")
+    with Image.open(path) as img:
+        img = center_crop_resize(img.convert("L" if channels == 1 else "RGB"), size)
+        array = np.asarray(img)
+    tensor = torch.from_numpy(array.copy())
+    return tensor[None] if channels == 1 else tensor.permute(2, 0, 1)
+
+
+@dataclass
+class Inputs:
+    """The images a job edits or inpaints, at the model's pixel resolution.
+
+    Attributes:
+        names: output names (relative paths without suffix), one per image.
+        files: the image files, or None for in-memory images (the demo digits).
+        images: (N, C, H, W) uint8 for in-memory images, else None.
+        labels: (N,) the images' own labels where the source has them (the demo digits).
+        skipped: unreadable files and why; they are left out of ``names``.
+    """
+
+    names: list[str]
+    files: list[Path] | None = None
+    images: Tensor | None = None
+    labels: Tensor | None = None
+    skipped: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def load(self, indices: Sequence[int], channels: int, size: int) -> Tensor:
+        if self.images is not None:
+            return self.images[list(indices)]
+        return torch.stack([load_image(self.files[i], channels, size) for i in indices])
+
+
+def load_inputs(spec: str, channels: int, size: int, limit: int | None = None) -> Inputs:
+    """``demo:train`` / ``demo:val`` (the shipped digits), an image file, or a folder of them.
+
+    Folders are read recursively in sorted order; an output keeps its input's relative path.
+    Files that cannot be read are skipped and reported (``Inputs.skipped``), not dropped
+    silently. ``limit`` keeps the first images.
+    """
+    spec = str(spec)
+    if spec.startswith("demo:"):
+        from flowturbo.eval.digits import load_demo_split
+
+        split = spec.removeprefix("demo:")
+        if (channels, size) != (1, 32):
+            raise ValueError(
+                f"input={spec}: the demo digits are 1 x 32 x 32 images, this model makes "
+                f"{channels} x {size} x {size} ones; give a folder of images instead"
+            )
+        images, labels = load_demo_split(split)
+        n = len(images) if limit is None else min(limit, len(images))
+        names = [f"{split}{i:05d}" for i in range(n)]
+        return Inputs(names, images=images[:n, None], labels=labels[:n])
+    root = Path(spec)
+    if root.is_file():
+        files, base = [root], root.parent
+    elif root.is_dir():
+        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        base = root
+    else:
+        raise FileNotFoundError(
+            f"input={spec}: no such file or folder. Give a folder of images "
+            f"({', '.join(IMAGE_SUFFIXES)}), one image, or demo:val / demo:train"
+        )
+    good, skipped = [], {}
+    for f in files:
+        if limit is not None and len(good) >= limit:
+            break
+        try:
+            with Image.open(f) as img:
+                img.load()
+            good.append(f)
+        except (OSError, ValueError, Image.DecompressionBombError) as exn:
+            skipped[str(f)] = f"{type(exn).__name__}: {exn}"
+    if not good:
+        raise FileNotFoundError(
+            f"input={spec}: no readable image ({', '.join(IMAGE_SUFFIXES)}) there"
+            + (f"; unreadable: {skipped}" if skipped else "")
+        )
+    names = [f.relative_to(base).with_suffix("").as_posix() for f in good]
+    return Inputs(names, files=good, skipped=skipped)
+
+
+def region_mask(region: str, size: int) -> Tensor:
+    """A (1, 1, size, size) mask, 1 on the named region (:data:`MASK_REGIONS`)."""
+    mask = torch.zeros(1, 1, size, size)
+    half, quarter = size // 2, size // 4
+    if region == "bottom":
+        mask[..., half:, :] = 1
+    elif region == "top":
+        mask[..., :half, :] = 1
+    elif region == "left":
+        mask[..., :half] = 1
+    elif region == "right":
+        mask[..., half:] = 1
+    elif region == "center":
+        mask[..., quarter : size - quarter, quarter : size - quarter] = 1
+    else:
+        raise ValueError(f"unknown mask region {region!r}; known: {', '.join(MASK_REGIONS)}")
+    return mask
+
+
+@dataclass
+class Masks:
+    """Where to generate, per image: one mask for all (``shared``) or a file per name."""
+
+    spec: str
+    size: int
+    shared: Tensor | None = None
+    files: list[Path] | None = None
+
+    def load(self, indices: Sequence[int]) -> Tensor:
+        """(B or 1, 1, size, size) float masks, 1 = generate."""
+        if self.shared is not None:
+            return self.shared
+        return torch.cat([_read_mask(self.files[i], self.size) for i in indices])
+
+
+def _read_mask(path: Path, size: int) -> Tensor:
+    """A mask image: white (>= 128 after the images' crop and resize) = generate."""
+    return (load_image(path, 1, size)[None].float() >= 128).float()
+
+
+def load_masks(spec: str, names: Sequence[str], size: int) -> Masks:
+    """``mask=``: a region name, one mask image for every input, or a folder with
+    ``<name>.png`` for every input name (white = generate, as in diffusers)."""
+    spec = str(spec)
+    if spec in MASK_REGIONS:
+        return Masks(spec, size, shared=region_mask(spec, size))
+    path = Path(spec)
+    if path.is_file():
+        return Masks(spec, size, shared=_read_mask(path, size))
+    if path.is_dir():
+        files = [path / f"{name}.png" for name in names]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"mask={spec}: {len(missing)} of {len(files)} inputs have no mask, e.g. "
+                f"{missing[:3]}; the folder needs <input name>.png for every input"
+            )
+        return Masks(spec, size, files=files)
+    raise FileNotFoundError(
+        f"mask={spec}: not a region ({', '.join(MASK_REGIONS)}), an image or a folder of masks"
+    )
+
+
+def resolve_labels(
+    spec: Any, n: int, num_classes: int, *, task: str, own: Tensor | None = None
+) -> Tensor:
+    """The (n,) class labels of a job; ``num_classes`` is the null class (no label).
+
+    ``labels=null``: i % num_classes for ``sample``; for edit and inpaint the inputs' own labels
+    where known (the demo digits), else the null class. ``"null"``: the null class for all. An
+    int: that class for all. A list: cycled over the images.
+    """
+    if spec is None:
+        if task == "sample":
+            return torch.arange(n) % num_classes
+        if own is not None:
+            return own[:n].clone()
+        spec = "null"
+    if spec == "null":
+        return torch.full((n,), num_classes, dtype=torch.long)
+    values = [spec] if isinstance(spec, int) else list(spec)
+    bad = [v for v in values if not isinstance(v, int) or not 0 <= v <= num_classes]
+    if not values or bad:
+        raise ValueError(
+            f"labels must be null, 'null', a class in [0, {num_classes}] ({num_classes}: the "
+            f"null class) or a list of them; got {spec!r}"
+        )
+    return torch.tensor(values, dtype=torch.long)[torch.arange(n) % len(values)]
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+@dataclass
+class Job:
+    """Everything a rank needs to write its images."""
+
+    task: str
+    entry: SweepEntry
+    names: list[str]
+    labels: Tensor
+    out_dir: Path
+    seed: int
+    settings: dict[str, Any]
+    inputs: Inputs | None = None
+    masks: Masks | None = None
+    strength: float = 1.0
+    refiner_input: str = "d0"
+    compile: bool = False
+    pixel_size: int = 32
+    pixel_channels: int = 1
+
+    def path(self, i: int) -> Path:
+        return self.out_dir / "images" / f"{self.names[i]}.png"
+
+    def done(self) -> int:
+        return sum(self.path(i).is_file() for i in range(len(self.names)))
+
+    def check_folder(self) -> None:
+        """Refuses to resume into a folder written with other settings."""
+        path = self.out_dir / JOB_NAME
+        if path.is_file():
+            old = json.loads(path.read_text())
+            if old != self.settings:
+                diff = sorted(
+                    k
+                    for k in old.keys() | self.settings.keys()
+                    if old.get(k) != self.settings.get(k)
+                )
+                raise RuntimeError(
+                    f"{self.out_dir} holds images made with other settings (differs in {diff}); "
+                    "use another out_dir (or name) or delete that folder"
+                )
+            return
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(self.settings, indent=1) + "\n")
+
+
+def make_job(cfg: DictConfig, entry: SweepEntry, nets: Networks) -> Job:
+    """Checks the task's settings and gathers its inputs, masks and labels."""
+    task = str(cfg.task)
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    if task != "sample" and entry.baseline is not None:
+        raise ValueError(
+            f"{task} runs FlowTurbo schedules; {entry.label} is a baseline solver. Use a "
+            "schedule, e.g. E16 (Euler) or H8 (Heun)"
+        )
+    channels, size = nets.shape[0], nets.shape[1]
+    if nets.vae is not None:  # SD VAE: 3 x (8 h) x (8 w) images
+        channels, size = 3, size * 2 ** (len(nets.vae.config.block_out_channels) - 1)
+    limit = None if cfg.get("num_images") is None else int(cfg.num_images)
+    inputs = masks = None
+    if task == "sample":
+        if limit is None or limit < 1:
+            raise ValueError(f"task=sample needs num_images >= 1, got {cfg.get('num_images')}")
+        names = [f"{i:06d}" for i in range(limit)]
+    else:
+        if not cfg.get("input"):
+            raise ValueError(f"task={task} needs input=<folder of images> (or demo:val)")
+        inputs = load_inputs(cfg.input, channels, size, limit)
+        names = inputs.names
+        for f, why in inputs.skipped.items():
+            log.warning("unreadable input skipped: %s (%s)", f, why)
+        if task == "inpaint":
+            masks = load_masks(cfg.mask, names, size)
+    labels_spec = (
+        OmegaConf.to_container(cfg.labels) if OmegaConf.is_list(cfg.labels) else cfg.labels
+    )
+    labels = resolve_labels(
+        labels_spec, len(names), nets.num_classes, task=task, own=inputs.labels if inputs else None
+    )
+    strength = float(cfg.edit.strength) if task == "edit" else 1.0
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"edit.strength must be in (0, 1], got {strength}")
+    m, s = cfg.model, cfg.sampler
+    settings = {
+        "task": task,
+        "sampler": entry.label,
+        "seed": int(cfg.seed),
+        "num_images": len(names),
+        "names": settings_hash(names),
+        "labels": settings_hash(labels.tolist()),
+        "base": fingerprint(m.base_ckpt),
+        "refiner": fingerprint(m.get("refiner_ckpt")) if entry.uses_refiner else None,
+        "refiner_input": str(s.refiner_input) if entry.uses_refiner else None,
+        "vae": fingerprint(cfg.get("vae")),
+        "cfg_scale": float(s.cfg_scale),
+        "cfg_channels": s.get("cfg_channels"),
+        "dtype": str(s.dtype),
+        "input": str(cfg.input) if inputs else None,
+        "mask": str(cfg.mask) if masks else None,
+        "strength": strength if task == "edit" else None,
+    }
+    return Job(
+        task,
+        entry,
+        names,
+        labels,
+        Path(cfg.out_dir),
+        int(cfg.seed),
+        settings,
+        inputs,
+        masks,
+        strength,
+        str(s.refiner_input),
+        bool(s.get("compile", False)),
+        size,
+        channels,
+    )
+
+
+def save_png(image: Tensor, path: Path) -> None:
+    """(C, H, W) uint8 -> a PNG, written atomically (grey for one channel)."""
+    array = image.permute(1, 2, 0).numpy()
+    with atomic_path(path) as tmp:
+        Image.fromarray(array[..., 0] if array.shape[2] == 1 else array).save(tmp, format="PNG")
+
+
+def read_png(path: Path) -> Tensor:
+    """A PNG written by :func:`save_png` as (C, H, W) uint8."""
+    with Image.open(path) as img:
+        array = np.asarray(img)
+    tensor = torch.from_numpy(array.copy())
+    return tensor[None] if tensor.dim() == 2 else tensor.permute(2, 0, 1)
+
+
+class ImageWriter(L.LightningModule):
+    """Writes a job's missing images, the batch of indices Lightning deals to this rank.
+
+    The networks are loaded by the caller (on the CPU) and moved to this rank's device when
+    prediction starts; they are not part of the module tree and never saved.
+    """
+
+    def __init__(self, job: Job, nets: Networks, *, grid_images: int = 32, npz: bool = False):
+        super().__init__()
+        self.job, self.nets = job, nets
+        self.grid_images, self.npz = int(grid_images), bool(npz)
+
+    def on_predict_start(self) -> None:
+        n = self.nets
+        for module in (n.base, n.refiner, n.vae):
+            if module is not None:
+                module.to(self.device)
+        self.nets = dataclasses.replace(n, device=self.device)
+        self.job.check_folder()
+
+    def predict_step(self, batch: Tensor, batch_idx: int) -> int:
+        """Writes the batch's images that do not exist yet; returns how many it wrote."""
+        job, nets = self.job, self.nets
+        todo = [i for i in batch.tolist() if not job.path(i).is_file()]
+        if not todo:
+            return 0  # written by an earlier run (files appear only when complete)
+        noise = seeded_noise(job.seed, todo, nets.shape).to(self.device)
+        y = job.labels[todo].to(self.device)
+        with torch.no_grad(), nets.autocast():
+            if job.task == "sample":
+                x = run_entry(
+                    job.entry, nets, noise, y, refiner_input=job.refiner_input, compile=job.compile
+                )
+            else:
+                images = job.inputs.load(todo, job.pixel_channels, job.pixel_size)
+                x1 = encode_images(from_uint8(images).to(self.device), nets.vae)
+                common = dict(
+                    refiner=nets.refiner_velocity if job.entry.uses_refiner else None,
+                    refiner_input=job.refiner_input,
+                    compile=job.compile,
+                    y=y,
+                )
+                if job.task == "edit":
+                    x = edit(
+                        nets.velocity, x1, noise, job.entry.label, strength=job.strength, **common
+                    )
+                else:
+                    mask = job.masks.load(todo).to(self.device)
+                    x = inpaint(nets.velocity, x1, mask, noise, job.entry.label, **common)
+            out = to_uint8(decode_latents(x.float(), nets.vae)).cpu()
+        for i, image in zip(todo, out, strict=True):
+            save_png(image, job.path(i))
+        return len(todo)
+
+    def on_predict_end(self) -> None:
+        self.trainer.strategy.barrier()
+        if self.trainer.is_global_zero:
+            self.finish()
+        self.trainer.strategy.barrier()
+
+    def finish(self) -> None:
+        """The grid and the .npz, once every image exists."""
+        job = self.job
+        missing = [job.names[i] for i in range(len(job.names)) if not job.path(i).is_file()]
+        if missing:
+            log.warning(
+                "%d images are missing (e.g. %s): rerun to write them", len(missing), missing[:3]
+            )
+            return
+        n = min(self.grid_images, len(job.names))
+        if n > 0:
+            write_grid(job, n)
+        if self.npz:
+            write_npz(job)
+
+
+def write_grid(job: Job, n: int) -> None:
+    """``grid.png``: the first n outputs (one class a column for ``sample``); for edit and
+    inpaint three rows of up to 16, inputs, inputs with the mask grey, outputs."""
+    from torchvision.utils import save_image
+
+    outputs = torch.stack([read_png(job.path(i)) for i in range(n)])
+    if job.task == "sample":
+        classes = len(set(job.labels[:n].tolist()))  # i % classes: one class a column
+        rows, nrow = outputs, min(classes if classes > 1 else 8, n)
+    else:
+        n = min(n, 16)
+        outputs = outputs[:n]
+        inputs = job.inputs.load(range(n), job.pixel_channels, job.pixel_size)
+        if inputs.shape[1] != outputs.shape[1]:  # grey inputs of an RGB model, or the reverse
+            inputs = inputs.expand_as(outputs)
+        shown = [inputs]
+        if job.task == "inpaint":
+            mask = job.masks.load(range(n)).bool().expand_as(inputs)
+            shown.append(torch.where(mask, torch.full_like(inputs, 128), inputs))
+        rows, nrow = torch.cat([*shown, outputs]), n
+    with atomic_path(job.out_dir / "grid.png") as tmp:
+        save_image(rows.float() / 255, tmp, nrow=max(1, nrow), padding=1, format="PNG")
+
+
+def write_npz(job: Job) -> None:
+    """``samples.npz``: every image, (N, H, W, C) uint8 in index order, and the labels."""
+    first = read_png(job.path(0))
+    arr = np.empty((len(job.names), *first.shape[1:], first.shape[0]), dtype=np.uint8)
+    for i in range(len(job.names)):
+        arr[i] = read_png(job.path(i)).permute(1, 2, 0).numpy()
+    with atomic_path(job.out_dir / "samples.npz") as tmp:
+        np.savez(tmp, arr_0=arr, arr_1=job.labels.numpy())
+
+
+def generate_images(cfg: DictConfig) -> dict[str, Any]:
+    """Runs a ``generate.py`` job (resumable): see the module docstring.
+
+    Returns:
+        What was done: ``sampler``, ``task``, ``images`` (in the job), ``written`` (by this
+        run), ``skipped_inputs``, ``out_dir`` and, when picked from a sweep, ``picked``.
+    """
+    from hydra.utils import instantiate
+    from torch.utils.data import DataLoader
+
+    from flowturbo.config import check_required, register_resolvers
+
+    register_resolvers()
+    check_required(cfg, f"python generate.py experiment={cfg.get('name', '...')}")
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    entry, row = choose_entry(cfg)
+    if row is not None:
+        log.info(
+            "picked %s from %s: FID %.4g, %.4g ms/img %s at batch %s on %s",
+            entry.label,
+            cfg.pick.sweep,
+            row["fid"],
+            row[f"ms_per_image_{cfg.pick.latency}"],
+            cfg.pick.latency,
+            row.get("batch"),
+            row.get("machine"),
+        )
+    nets = load_networks(cfg, torch.device("cpu"), need_refiner=entry.uses_refiner)
+    job = make_job(cfg, entry, nets)
+    writer = ImageWriter(job, nets, grid_images=cfg.grid.num_images, npz=cfg.npz)
+    before = job.done()
+    loader = DataLoader(torch.arange(len(job.names)), batch_size=int(cfg.sampler.batch_size))
+    trainer = instantiate(
+        cfg.trainer,
+        logger=False,
+        callbacks=[],
+        enable_checkpointing=False,
+        enable_progress_bar=bool(cfg.get("progress", True)),
+        precision="32-true",  # the networks run under sampler.dtype's autocast instead
+    )
+    trainer.predict(writer, dataloaders=loader, return_predictions=False)
+    summary = {
+        "task": job.task,
+        "sampler": entry.label,
+        "images": len(job.names),
+        "written": job.done() - before,
+        "skipped_inputs": len(job.inputs.skipped) if job.inputs else 0,
+        "out_dir": str(job.out_dir),
+    }
+    if row is not None:
+        summary["picked"] = {
+            k: row.get(k)
+            for k in ("fid", "ms_per_image_eager", "ms_per_image_compiled", "batch", "machine")
+        }
+    if trainer.is_global_zero:
+        print(
+            f"{job.task} with {entry.label}: {summary['images']} images in {job.out_dir}/images "
+            f"({summary['written']} written now), grid: {job.out_dir}/grid.png"
+            + (
+                f", skipped {summary['skipped_inputs']} unreadable inputs"
+                if summary["skipped_inputs"]
+                else ""
+            )
+        )
+    return summary

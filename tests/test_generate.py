@@ -1,0 +1,271 @@
+"""generate.py: sampling, editing and inpainting jobs, resume, the sweep pick; tiny models."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+from flowturbo import generate as gen
+from flowturbo.eval import sweep
+from flowturbo.generate import generate_images, pick_row, region_mask, resolve_labels
+from flowturbo.models import SiT, VelocityRefiner, save_checkpoint
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A tiny base and refiner (SiT-Tiny/4, 1 x 32 x 32, 3 classes) with random weights."""
+    d = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    base = SiT.from_name(
+        "SiT-Tiny/4", input_size=32, in_channels=1, num_classes=3, learn_sigma=False
+    )
+    refiner = VelocityRefiner.from_base(base)
+    with torch.no_grad():  # SiT starts with zero heads (velocity 0): make every weight random
+        for p in [*base.parameters(), *refiner.parameters()]:
+            p.normal_(0, 0.05)
+    save_checkpoint(base, d / "base.pt")
+    save_checkpoint(refiner, d / "refiner.pt")
+    return d
+
+
+def job_cfg(models, out_dir, *overrides, config="generate"):
+    common = [
+        f"model.base_ckpt={models / 'base.pt'}",
+        f"model.refiner_ckpt={models / 'refiner.pt'}",
+        f"out_dir={out_dir}",
+        "threads=1",
+        "progress=false",
+        "sampler.batch_size=4",
+    ]
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose(config, overrides=common + list(overrides))
+
+
+def read(path):
+    return np.asarray(Image.open(path))
+
+
+def digits_folder(root, n=5):
+    """n random 1 x 32 x 32 grey PNGs under root (one in a subfolder) and one corrupt file."""
+    rng = np.random.default_rng(0)
+    names = [f"img{i}" for i in range(n - 1)] + ["sub/img9"]
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8)).save(root / f"{name}.png")
+    (root / "broken.png").write_bytes(b"not a png")
+    return names
+
+
+def test_sample_job_writes_the_sweeps_images_and_resumes_only_whats_missing(
+    models, tmp_path, monkeypatch
+):
+    out = tmp_path / "gen"
+    cfg = job_cfg(models, out, "sampler.schedule=H1P2R2", "num_images=10", "npz=true")
+    summary = generate_images(cfg)
+    assert summary["images"] == 10 and summary["written"] == 10
+    files = sorted((out / "images").glob("*.png"))
+    assert [f.stem for f in files] == [f"{i:06d}" for i in range(10)]
+    assert (out / "grid.png").is_file() and (out / "job.json").is_file()
+    npz = np.load(out / "samples.npz")
+    assert npz["arr_0"].shape == (10, 32, 32, 1) and npz["arr_0"].dtype == np.uint8
+    assert npz["arr_1"].tolist() == [i % 3 for i in range(10)]
+
+    # image i is image i of evaluate.py's FID set: same noise, label and sampler
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        ecfg = compose(
+            "evaluate",
+            overrides=[
+                f"model.base_ckpt={models / 'base.pt'}",
+                f"model.refiner_ckpt={models / 'refiner.pt'}",
+                "vae=null",
+                "sampler.batch_size=4",
+                "progress=false",
+            ],
+        )
+    entry = sweep.parse_entry("H1P2R2")
+    nets = sweep.load_networks(ecfg, torch.device("cpu"), need_refiner=True)
+    images, _ = sweep.generate(entry, nets, ecfg, 10)
+    for i, f in enumerate(files):
+        assert np.array_equal(read(f), images[i, 0].numpy())
+    assert np.array_equal(npz["arr_0"][..., 0], images[:, 0].numpy())
+
+    # a rerun samples only the deleted image, and writes it again byte for byte
+    calls = []
+    run_entry = gen.run_entry
+
+    def counted(entry, nets, noise, *args, **kwargs):
+        calls.append(len(noise))
+        return run_entry(entry, nets, noise, *args, **kwargs)
+
+    monkeypatch.setattr(gen, "run_entry", counted)
+    before = files[3].read_bytes()
+    files[3].unlink()
+    assert generate_images(cfg)["written"] == 1 and calls == [1]
+    assert files[3].read_bytes() == before
+
+
+def test_a_folder_made_with_other_settings_is_refused(models, tmp_path):
+    out = tmp_path / "gen"
+    generate_images(job_cfg(models, out, "sampler.schedule=H2", "num_images=4"))
+    with pytest.raises(RuntimeError, match=r"other settings.*seed"):
+        generate_images(job_cfg(models, out, "sampler.schedule=H2", "num_images=4", "seed=1"))
+
+
+def test_inpaint_keeps_the_known_pixels_exactly_and_counts_unreadable_inputs(models, tmp_path):
+    names = digits_folder(tmp_path / "in")
+    out = tmp_path / "gen"
+    common = [
+        "task=inpaint",
+        f"input={tmp_path / 'in'}",
+        "num_images=null",
+        "labels=1",
+        "sampler.schedule=H1P2R2",
+    ]
+    summary = generate_images(job_cfg(models, out, *common, "mask=bottom"))
+    assert summary["images"] == len(names) and summary["skipped_inputs"] == 1
+    for name in names:
+        x, y = read(tmp_path / "in" / f"{name}.png"), read(out / "images" / f"{name}.png")
+        assert np.array_equal(y[:16], x[:16])  # the top half is kept, exactly
+        assert not np.array_equal(y[16:], x[16:])  # the bottom half is generated
+    assert (out / "grid.png").is_file()
+
+    # a folder of masks: one per input name, white = generate
+    masks = tmp_path / "masks"
+    for name in names:
+        (masks / name).parent.mkdir(parents=True, exist_ok=True)
+        m = np.zeros((32, 32), np.uint8)
+        m[:, :8] = 255
+        Image.fromarray(m).save(masks / f"{name}.png")
+    out2 = tmp_path / "gen2"
+    generate_images(job_cfg(models, out2, *common, f"mask={masks}"))
+    for name in names:
+        x, y = read(tmp_path / "in" / f"{name}.png"), read(out2 / "images" / f"{name}.png")
+        assert np.array_equal(y[:, 8:], x[:, 8:]) and not np.array_equal(y[:, :8], x[:, :8])
+    (masks / "img0.png").unlink()
+    with pytest.raises(FileNotFoundError, match="1 of 5 inputs have no mask"):
+        generate_images(job_cfg(models, tmp_path / "gen3", *common, f"mask={masks}"))
+
+
+def test_edit_at_full_strength_is_sampling_and_weak_edits_stay_close(models, tmp_path):
+    names = digits_folder(tmp_path / "in")
+    sampled = tmp_path / "sampled"
+    generate_images(
+        job_cfg(models, sampled, "sampler.schedule=H1P2R2", "num_images=5", "labels=2")
+    )
+    common = [
+        "task=edit",
+        f"input={tmp_path / 'in'}",
+        "num_images=null",
+        "labels=2",
+        "sampler.schedule=H1P2R2",
+    ]
+    full = tmp_path / "full"
+    generate_images(job_cfg(models, full, *common, "edit.strength=1.0"))
+    for i, name in enumerate(names):  # input i gets image i's noise: strength 1 ignores the input
+        assert np.array_equal(
+            read(full / "images" / f"{name}.png"), read(sampled / "images" / f"{i:06d}.png")
+        )
+    weak = tmp_path / "weak"
+    generate_images(job_cfg(models, weak, *common, "edit.strength=0.1"))
+    for name in names:
+        x = read(tmp_path / "in" / f"{name}.png").astype(float)
+        d_weak = np.abs(read(weak / "images" / f"{name}.png") - x).mean()
+        d_full = np.abs(read(full / "images" / f"{name}.png") - x).mean()
+        assert d_weak < 0.5 * d_full
+    with pytest.raises(ValueError, match="strength"):
+        generate_images(job_cfg(models, tmp_path / "bad", *common, "edit.strength=0"))
+    with pytest.raises(ValueError, match="baseline solver"):
+        generate_images(
+            job_cfg(
+                models,
+                tmp_path / "bad",
+                "task=edit",
+                f"input={tmp_path / 'in'}",
+                "sampler.schedule=euler:4",
+            )
+        )
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+        generate_images(
+            job_cfg(models, tmp_path / "bad", "task=edit", f"input={tmp_path / 'nope'}")
+        )
+
+
+ROWS = [
+    {"schedule": "H8", "fid": 40.0, "ms_per_image_eager": 60.0, "ms_per_image_compiled": 50.0},
+    {"schedule": "H1P2R2", "fid": 34.6, "ms_per_image_eager": 20.0, "ms_per_image_compiled": 18.0},
+    {"schedule": "H1P3R3", "fid": 33.4, "ms_per_image_eager": 26.0, "ms_per_image_compiled": 19.0},
+    {"schedule": "H2", "fid": 370.0, "ms_per_image_eager": 17.0, "ms_per_image_compiled": 14.0},
+    {"schedule": "H4", "fid": 77.0, "ms_per_image_eager": 34.0, "ms_per_image_compiled": None},
+]
+
+
+def test_pick_row_meets_the_target_at_the_least_cost():
+    assert pick_row(ROWS, max_fid=35)["schedule"] == "H1P2R2"  # fastest at FID <= 35
+    assert pick_row(ROWS, max_fid=34)["schedule"] == "H1P3R3"
+    assert pick_row(ROWS, max_ms=18.5)["schedule"] == "H1P2R2"  # best FID at <= 18.5 ms
+    assert pick_row(ROWS, max_ms=15)["schedule"] == "H2"
+    assert pick_row(ROWS, max_fid=100, max_ms=30, latency="eager")["schedule"] == "H1P2R2"
+    assert pick_row(ROWS, max_fid=100, max_ms=30)["schedule"] == "H1P2R2"
+    assert pick_row(ROWS, max_fid=80, latency="eager")["schedule"] == "H1P2R2"
+    with pytest.raises(ValueError, match=r"best FID is 33.4 \(H1P3R3"):
+        pick_row(ROWS, max_fid=30)
+    with pytest.raises(ValueError, match="max_fid"):
+        pick_row(ROWS)
+    with pytest.raises(ValueError, match="latency"):
+        pick_row(ROWS, max_fid=40, latency="fast")
+
+
+def test_pick_from_a_sweep_of_these_models_only(models, tmp_path):
+    fp = sweep.fingerprint(str(models / "base.pt"))
+    rfp = sweep.fingerprint(str(models / "refiner.pt"))
+    rows = [
+        {**r, "base_sha256": fp, "cfg_scale": 1.0, "refiner_nfe": 4 if "R" in r["schedule"] else 0}
+        for r in ROWS
+    ]
+    for r in rows:
+        r.update(refiner_sha256=rfp if r["refiner_nfe"] else None, refiner_input="d0")
+    rows[1]["refiner_sha256"] = "another refiner"  # H1P2R2 measured with another refiner
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / "results.json").write_text(json.dumps(rows))
+    pick = [f"pick.sweep={tmp_path / 'sweep'}", "pick.max_fid=35", "num_images=3"]
+    summary = generate_images(job_cfg(models, tmp_path / "gen", *pick))
+    assert summary["sampler"] == "H1P3R3" and summary["picked"]["fid"] == 33.4
+    for r in rows:
+        r["base_sha256"] = "another base"
+    (tmp_path / "sweep" / "results.json").write_text(json.dumps(rows))
+    with pytest.raises(ValueError, match="measured with these models"):
+        generate_images(job_cfg(models, tmp_path / "gen2", *pick))
+
+
+def test_labels_and_mask_regions():
+    assert resolve_labels(None, 5, 3, task="sample").tolist() == [0, 1, 2, 0, 1]
+    assert resolve_labels(None, 3, 3, task="edit").tolist() == [3, 3, 3]  # the null class
+    own = torch.tensor([2, 0, 1])
+    assert resolve_labels(None, 3, 3, task="inpaint", own=own).tolist() == [2, 0, 1]
+    assert resolve_labels([1, 2], 3, 3, task="edit").tolist() == [1, 2, 1]
+    assert resolve_labels("null", 2, 3, task="sample").tolist() == [3, 3]
+    with pytest.raises(ValueError, match=r"labels must be"):
+        resolve_labels(7, 2, 3, task="sample")
+    m = region_mask("bottom", 8)
+    assert m.shape == (1, 1, 8, 8) and m[..., 4:, :].all() and not m[..., :4, :].any()
+    assert region_mask("center", 8)[0, 0].sum() == 16
+    with pytest.raises(ValueError, match="known: bottom"):
+        region_mask("middle", 8)
+
+
+def test_images_are_dealt_across_ddp_ranks(models, tmp_path):
+    single, spread = tmp_path / "single", tmp_path / "spread"
+    sched = ["sampler.schedule=H2", "num_images=7", "sampler.batch_size=2"]
+    generate_images(job_cfg(models, single, *sched))
+    ddp = ["trainer.devices=2", "+trainer.strategy=ddp_spawn"]
+    generate_images(job_cfg(models, spread, *sched, *ddp))
+    files = sorted((single / "images").glob("*.png"))
+    assert len(files) == 7 and (spread / "grid.png").is_file()
+    for f in files:
+        assert (spread / "images" / f.name).read_bytes() == f.read_bytes()
