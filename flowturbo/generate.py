@@ -57,7 +57,6 @@ from flowturbo.eval.sweep import (
     parse_entry,
     run_entry,
     seeded_noise,
-    settings_hash,
 )
 from flowturbo.sampling import decode_latents, edit, encode_images, from_uint8, inpaint, to_uint8
 
@@ -397,7 +396,8 @@ class Job:
         return sum(self.path(i).is_file() for i in range(len(self.names)))
 
     def check_folder(self) -> None:
-        """Refuses to resume into a folder written with other settings."""
+        """Refuses to resume into a folder written with other settings (more or fewer images are
+        the same settings: a rerun with a larger ``num_images`` adds the missing ones)."""
         path = self.out_dir / JOB_NAME
         if path.is_file():
             old = json.loads(path.read_text())
@@ -458,9 +458,9 @@ def make_job(cfg: DictConfig, entry: SweepEntry, nets: Networks) -> Job:
         "task": task,
         "sampler": entry.label,
         "seed": int(cfg.seed),
-        "num_images": len(names),
-        "names": settings_hash(names),
-        "labels": settings_hash(labels.tolist()),
+        # rules, not lists: image i's label and noise depend only on i, so a rerun with more
+        # images extends the folder
+        "labels": labels_spec,
         "base": fingerprint(m.base_ckpt),
         "refiner": fingerprint(m.get("refiner_ckpt")) if entry.uses_refiner else None,
         "refiner_input": str(s.refiner_input) if entry.uses_refiner else None,

@@ -110,11 +110,18 @@ def test_sample_job_writes_the_sweeps_images_and_resumes_only_whats_missing(
     assert files[3].read_bytes() == before
 
 
-def test_a_folder_made_with_other_settings_is_refused(models, tmp_path):
+def test_a_folder_made_with_other_settings_is_refused_and_more_images_extend_it(models, tmp_path):
     out = tmp_path / "gen"
     generate_images(job_cfg(models, out, "sampler.schedule=H2", "num_images=4"))
     with pytest.raises(RuntimeError, match=r"other settings.*seed"):
         generate_images(job_cfg(models, out, "sampler.schedule=H2", "num_images=4", "seed=1"))
+    with pytest.raises(RuntimeError, match=r"other settings.*sampler"):
+        generate_images(job_cfg(models, out, "sampler.schedule=H3", "num_images=4"))
+    # more images are the same job: image i depends only on i
+    assert (
+        generate_images(job_cfg(models, out, "sampler.schedule=H2", "num_images=6"))["written"]
+        == 2
+    )
 
 
 def test_inpaint_keeps_the_known_pixels_exactly_and_counts_unreadable_inputs(models, tmp_path):
