@@ -671,13 +671,10 @@ def generate_images(cfg: DictConfig) -> dict[str, Any]:
             for k in ("fid", "ms_per_image_eager", "ms_per_image_compiled", "batch", "machine")
         }
     if trainer.is_global_zero:
+        skipped = summary["skipped_inputs"]
         print(
             f"{job.task} with {entry.label}: {summary['images']} images in {job.out_dir}/images "
             f"({summary['written']} written now), grid: {job.out_dir}/grid.png"
-            + (
-                f", skipped {summary['skipped_inputs']} unreadable inputs"
-                if summary["skipped_inputs"]
-                else ""
-            )
+            + (f"; {skipped} unreadable inputs skipped (see the log)" if skipped else "")
         )
     return summary
