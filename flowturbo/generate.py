@@ -1,8 +1,8 @@
 """Generating, editing and inpainting images with one chosen sampler: what ``generate.py`` runs.
 
 This is how a schedule is deployed once a sweep has chosen it. Three tasks share one output
-layout in ``out_dir`` (default ``generated/<name>``, outside Hydra's run folder so that a rerun
-resumes into it):
+layout, a folder per sampler in ``out_dir`` (default ``generated/<name>``, outside Hydra's run
+folder so that a rerun resumes into it, and a multirun over schedules fills one folder each):
 
 - ``sample``: ``num_images`` new images. Image i's noise depends only on (seed, i) exactly as in
   ``evaluate.py``, so with the same seed, schedule and labels image i here is image i of the
@@ -14,7 +14,7 @@ resumes into it):
 
 ::
 
-    out_dir/
+    out_dir/<sampler>/    e.g. generated/demo_generate_sample/H1P3R3/, euler-16/
       images/<name>.png   one per image, written atomically: a rerun skips the existing ones
       job.json            the settings; resuming a folder made with other settings is refused
       grid.png            the first ``grid.num_images`` (edit/inpaint: inputs, masked, outputs)
@@ -477,7 +477,7 @@ def make_job(cfg: DictConfig, entry: SweepEntry, nets: Networks) -> Job:
         entry,
         names,
         labels,
-        Path(cfg.out_dir),
+        Path(cfg.out_dir) / entry.key,
         int(cfg.seed),
         settings,
         inputs,
@@ -620,7 +620,8 @@ def generate_images(cfg: DictConfig) -> dict[str, Any]:
 
     Returns:
         What was done: ``sampler``, ``task``, ``images`` (in the job), ``written`` (by this
-        run), ``skipped_inputs``, ``out_dir`` and, when picked from a sweep, ``picked``.
+        run), ``skipped_inputs``, ``out_dir`` (the sampler's folder, ``out_dir/<sampler>``)
+        and, when picked from a sweep, ``picked``.
     """
     from hydra.utils import instantiate
     from torch.utils.data import DataLoader

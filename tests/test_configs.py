@@ -74,7 +74,7 @@ def test_generate_experiment_composes_with_generate_yaml(name, tmp_path):
             "images": 8,
             "written": 8,
             "skipped_inputs": 0,
-            "out_dir": str(tmp_path / "out"),
+            "out_dir": str(tmp_path / "out" / "H1P3R3"),
         }
 
 

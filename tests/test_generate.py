@@ -69,6 +69,8 @@ def test_sample_job_writes_the_sweeps_images_and_resumes_only_whats_missing(
     cfg = job_cfg(models, out, "sampler.schedule=H1P2R2", "num_images=10", "npz=true")
     summary = generate_images(cfg)
     assert summary["images"] == 10 and summary["written"] == 10
+    out = Path(summary["out_dir"])
+    assert out == tmp_path / "gen" / "H1P2R2"  # a folder per sampler
     files = sorted((out / "images").glob("*.png"))
     assert [f.stem for f in files] == [f"{i:06d}" for i in range(10)]
     assert (out / "grid.png").is_file() and (out / "job.json").is_file()
@@ -115,8 +117,8 @@ def test_a_folder_made_with_other_settings_is_refused_and_more_images_extend_it(
     generate_images(job_cfg(models, out, "sampler.schedule=H2", "num_images=4"))
     with pytest.raises(RuntimeError, match=r"other settings.*seed"):
         generate_images(job_cfg(models, out, "sampler.schedule=H2", "num_images=4", "seed=1"))
-    with pytest.raises(RuntimeError, match=r"other settings.*sampler"):
-        generate_images(job_cfg(models, out, "sampler.schedule=H3", "num_images=4"))
+    other = generate_images(job_cfg(models, out, "sampler.schedule=H3", "num_images=4"))
+    assert other["out_dir"] == str(out / "H3")  # another sampler: its own folder
     # more images are the same job: image i depends only on i
     assert (
         generate_images(job_cfg(models, out, "sampler.schedule=H2", "num_images=6"))["written"]
@@ -135,6 +137,7 @@ def test_inpaint_keeps_the_known_pixels_exactly_and_counts_unreadable_inputs(mod
         "sampler.schedule=H1P2R2",
     ]
     summary = generate_images(job_cfg(models, out, *common, "mask=bottom"))
+    out = Path(summary["out_dir"])
     assert summary["images"] == len(names) and summary["skipped_inputs"] == 1
     for name in names:
         x, y = read(tmp_path / "in" / f"{name}.png"), read(out / "images" / f"{name}.png")
@@ -150,7 +153,7 @@ def test_inpaint_keeps_the_known_pixels_exactly_and_counts_unreadable_inputs(mod
         m[:, :8] = 255
         Image.fromarray(m).save(masks / f"{name}.png")
     out2 = tmp_path / "gen2"
-    generate_images(job_cfg(models, out2, *common, f"mask={masks}"))
+    out2 = Path(generate_images(job_cfg(models, out2, *common, f"mask={masks}"))["out_dir"])
     for name in names:
         x, y = read(tmp_path / "in" / f"{name}.png"), read(out2 / "images" / f"{name}.png")
         assert np.array_equal(y[:, 8:], x[:, 8:]) and not np.array_equal(y[:, :8], x[:, :8])
@@ -161,10 +164,12 @@ def test_inpaint_keeps_the_known_pixels_exactly_and_counts_unreadable_inputs(mod
 
 def test_edit_at_full_strength_is_sampling_and_weak_edits_stay_close(models, tmp_path):
     names = digits_folder(tmp_path / "in")
-    sampled = tmp_path / "sampled"
     generate_images(
-        job_cfg(models, sampled, "sampler.schedule=H1P2R2", "num_images=5", "labels=2")
+        job_cfg(
+            models, tmp_path / "sampled", "sampler.schedule=H1P2R2", "num_images=5", "labels=2"
+        )
     )
+    sampled, full, weak = (tmp_path / d / "H1P2R2" for d in ("sampled", "full", "weak"))
     common = [
         "task=edit",
         f"input={tmp_path / 'in'}",
@@ -172,14 +177,12 @@ def test_edit_at_full_strength_is_sampling_and_weak_edits_stay_close(models, tmp
         "labels=2",
         "sampler.schedule=H1P2R2",
     ]
-    full = tmp_path / "full"
-    generate_images(job_cfg(models, full, *common, "edit.strength=1.0"))
+    generate_images(job_cfg(models, tmp_path / "full", *common, "edit.strength=1.0"))
     for i, name in enumerate(names):  # input i gets image i's noise: strength 1 ignores the input
         assert np.array_equal(
             read(full / "images" / f"{name}.png"), read(sampled / "images" / f"{i:06d}.png")
         )
-    weak = tmp_path / "weak"
-    generate_images(job_cfg(models, weak, *common, "edit.strength=0.1"))
+    generate_images(job_cfg(models, tmp_path / "weak", *common, "edit.strength=0.1"))
     for name in names:
         x = read(tmp_path / "in" / f"{name}.png").astype(float)
         d_weak = np.abs(read(weak / "images" / f"{name}.png") - x).mean()
@@ -272,7 +275,7 @@ def test_images_are_dealt_across_ddp_ranks(models, tmp_path):
     generate_images(job_cfg(models, single, *sched))
     ddp = ["trainer.devices=2", "+trainer.strategy=ddp_spawn"]
     generate_images(job_cfg(models, spread, *sched, *ddp))
-    files = sorted((single / "images").glob("*.png"))
-    assert len(files) == 7 and (spread / "grid.png").is_file()
+    files = sorted((single / "H2" / "images").glob("*.png"))
+    assert len(files) == 7 and (spread / "H2" / "grid.png").is_file()
     for f in files:
-        assert (spread / "images" / f.name).read_bytes() == f.read_bytes()
+        assert (spread / "H2" / "images" / f.name).read_bytes() == f.read_bytes()
