@@ -279,3 +279,37 @@ def test_images_are_dealt_across_ddp_ranks(models, tmp_path):
     assert len(files) == 7 and (spread / "H2" / "grid.png").is_file()
     for f in files:
         assert (spread / "H2" / "images" / f.name).read_bytes() == f.read_bytes()
+
+
+def test_latent_model_goes_through_the_vae(tmp_path):
+    """A 4-channel model: inputs are encoded, outputs decoded to RGB at the VAE's scale."""
+    pytest.importorskip("diffusers")
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=(32, 32),  # two levels: images are 2x the latents, 16 x 16
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=16,
+    )
+    vae.save_pretrained(tmp_path / "vae")
+    base = SiT.from_name("SiT-Tiny/4", input_size=8, in_channels=4, num_classes=3)
+    save_checkpoint(base, tmp_path / "base.pt")
+    rng = np.random.default_rng(0)
+    (tmp_path / "in").mkdir()
+    for i in range(3):  # RGB inputs of another size: center-cropped and resized to 16 x 16
+        image = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
+        Image.fromarray(image).save(tmp_path / "in" / f"in{i}.png")
+    paths = [f"model.base_ckpt={tmp_path / 'base.pt'}", f"vae={tmp_path / 'vae'}"]
+    common = [*paths, "sampler.schedule=H2", "num_images=3", "npz=true"]
+    summary = generate_images(job_cfg(tmp_path, tmp_path / "s", *common))
+    npz = np.load(Path(summary["out_dir"]) / "samples.npz")
+    assert npz["arr_0"].shape == (3, 16, 16, 3)
+    inpainted = [f"input={tmp_path / 'in'}", "task=inpaint", "mask=left", "labels=null"]
+    summary = generate_images(job_cfg(tmp_path, tmp_path / "i", *common, *inpainted))
+    out = Path(summary["out_dir"])
+    assert summary["images"] == 3 and read(out / "images" / "in0.png").shape == (16, 16, 3)
+    assert read(out / "grid.png").shape[:2] == (3 * 17 + 1, 3 * 17 + 1)  # 3 rows of 3, padded
