@@ -35,6 +35,7 @@ import dataclasses
 import json
 import logging
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -274,6 +275,12 @@ def load_inputs(spec: str, channels: int, size: int, limit: int | None = None) -
             + (f"; unreadable: {skipped}" if skipped else "")
         )
     names = [f.relative_to(base).with_suffix("").as_posix() for f in good]
+    twins = sorted(n for n, k in Counter(names).items() if k > 1)
+    if twins:
+        raise ValueError(
+            f"input={spec}: files differing only in their suffix would write one output each "
+            f"to the same PNG: {twins[:5]}; rename or move them"
+        )
     return Inputs(names, files=good, skipped=skipped)
 
 

@@ -200,6 +200,9 @@ def test_edit_at_full_strength_is_sampling_and_weak_edits_stay_close(models, tmp
                 "sampler.schedule=euler:4",
             )
         )
+    Image.open(tmp_path / "in" / "img0.png").save(tmp_path / "in" / "img0.jpg")
+    with pytest.raises(ValueError, match=r"same PNG: \['img0'\]"):
+        generate_images(job_cfg(models, tmp_path / "bad", *common))
     with pytest.raises(FileNotFoundError, match="no such file or folder"):
         generate_images(
             job_cfg(models, tmp_path / "bad", "task=edit", f"input={tmp_path / 'nope'}")
