@@ -203,6 +203,8 @@ def test_edit_at_full_strength_is_sampling_and_weak_edits_stay_close(models, tmp
     Image.open(tmp_path / "in" / "img0.png").save(tmp_path / "in" / "img0.jpg")
     with pytest.raises(ValueError, match=r"same PNG: \['img0'\]"):
         generate_images(job_cfg(models, tmp_path / "bad", *common))
+    with pytest.raises(ValueError, match="need the refiner"):
+        generate_images(job_cfg(models, tmp_path / "bad", "model.refiner_ckpt=null"))
     with pytest.raises(FileNotFoundError, match="no such file or folder"):
         generate_images(
             job_cfg(models, tmp_path / "bad", "task=edit", f"input={tmp_path / 'nope'}")

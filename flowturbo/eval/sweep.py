@@ -294,7 +294,7 @@ def load_networks(cfg: DictConfig, device: torch.device, *, need_refiner: bool) 
     refiner = None
     if need_refiner:
         if not m.get("refiner_ckpt"):
-            raise ValueError("the sweep has schedules with R steps: set model.refiner_ckpt=...")
+            raise ValueError("schedules with R steps need the refiner: set model.refiner_ckpt=...")
         r_arch = m.get("refiner_arch")
         r_arch = OmegaConf.to_container(r_arch, resolve=True) if r_arch else None
         refiner = _load_refiner(m.refiner_ckpt, r_arch).to(device)
