@@ -202,17 +202,22 @@ def test_tiny_sweep_writes_every_file_with_the_expected_columns(assets, tmp_path
     assert eu["ref_error"] > h2["ref_error"]  # first order vs second order, same NFE
 
     tables = json.loads((out / "acceleration.json").read_text())
-    modes = {(t["candidate"], t["quality_key"], t["mode"]) for t in tables}
-    assert ("flowturbo", "fid", "eager") in modes and ("flowturbo", "fid", "compiled") in modes
+    modes = {(t["baseline"], t["candidate"], t["quality_key"], t["mode"]) for t in tables}
+    assert ("heun", "flowturbo", "fid", "eager") in modes
+    assert ("heun", "flowturbo", "fid", "compiled") in modes
+    assert ("euler", "flowturbo", "fid", "eager") in modes  # the sweep's baseline solver too
+    assert tables[0]["baseline"] == "heun"
     eager = next(
-        t for t in tables if (t["candidate"], t["quality_key"], t["mode"]) == modes_key("eager")
+        t
+        for t in tables
+        if (t["baseline"], t["candidate"], t["quality_key"], t["mode"]) == modes_key("eager")
     )
     assert [r["baseline_schedule"] for r in eager["rows"]] == ["H2"]
     assert result["rows"] and result["acceleration"] == tables
 
 
 def modes_key(mode):
-    return ("flowturbo", "fid", mode)
+    return ("heun", "flowturbo", "fid", mode)
 
 
 def test_interrupted_sweep_resumes_without_redoing_finished_entries(assets, tmp_path, monkeypatch):
@@ -373,8 +378,17 @@ def test_acceleration_is_like_for_like_eager_and_compiled():
         row("flowturbo", "H1P3R2", 9.0, 4.0, 3.0),
         row("flowturbo", "H2P4R2", 4.5, 7.0, 2.0, ok=False),  # compilation failed
         row("flowturbo", "H1P5R3", 4.0, 9.0, 7.0, batch=64),  # another batch size
+        row("multistep", "multistep:12", 8.0, 12.0, 9.0),
     ]
-    tables = {(t["candidate"], t["quality_key"], t["mode"]): t for t in acceleration_tables(rows)}
+    tables = {
+        (t["baseline"], t["candidate"], t["quality_key"], t["mode"]): t
+        for t in acceleration_tables(rows)
+    }
+    assert {k[0] for k in tables} == {"heun", "multistep"}  # no midpoint/euler rows: no table
+    (vs_multistep,) = tables["multistep", "flowturbo", "fid", "eager"]["rows"]
+    assert vs_multistep["candidate_schedule"] == "H2P4R2"  # fastest with FID <= 8
+    assert vs_multistep["ratio"] == pytest.approx(1 - 7 / 12)
+    tables = {k[1:]: t for k, t in tables.items() if k[0] == "heun"}
     eager = tables["flowturbo", "fid", "eager"]["rows"]
     assert [(r["baseline_schedule"], r["candidate_schedule"]) for r in eager] == [
         ("H4", "H1P3R2"),

@@ -5,9 +5,10 @@ entry, whichever job wrote it) and writes, atomically, into ``out_dir``:
 
 - ``results.json`` / ``results.csv``: one flat row per entry (:func:`flat_row`);
 - ``pareto.png``: FID against ms/img, eager and compiled panels, each with its front;
-- ``acceleration.json``: for every Heun row, the fastest FlowTurbo (and pseudo-corrector)
-  row whose FID (or error to the reference solution) is no worse, eager against eager and
-  compiled against compiled (:func:`acceleration_tables`).
+- ``acceleration.json``: for every Heun row (DESIGN.md's ratio) and every row of the baseline
+  solvers in the sweep (Euler, midpoint, multistep), the fastest FlowTurbo (and
+  pseudo-corrector) row whose FID (or error to the reference solution) is no worse, eager
+  against eager and compiled against compiled (:func:`acceleration_tables`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ FAMILIES = ("heun", "pseudo", "flowturbo", "euler", "midpoint", "multistep", "ot
 LATENCY_MODES = (("eager", "ms_per_image_eager"), ("compiled", "ms_per_image_compiled"))
 #: Keys a FlowTurbo row must share with the Heun row it is compared with.
 LIKE_FOR_LIKE = ("batch", "device", "dtype")
+#: Families FlowTurbo is compared with: Heun (DESIGN.md's ratio, as in the paper), then the
+#: baseline solvers a sweep may hold, which can be stronger than Heun on some models.
+BASELINE_FAMILIES = ("heun", "euler", "midpoint", "multistep")
 
 
 def read_row(path: Path) -> dict[str, Any] | None:
@@ -129,56 +133,66 @@ def acceleration_tables(
     candidates: Sequence[str] = ("flowturbo", "pseudo"),
     quality_keys: Sequence[str] = ("fid", "ref_error"),
 ) -> list[dict[str, Any]]:
-    """Acceleration at matched quality versus every Heun row, like for like.
+    """Acceleration at matched quality versus every Heun row and every baseline-solver row of
+    the sweep, like for like.
 
     Eager latencies are compared with eager ones and compiled with compiled ones (only rows
     whose compilation succeeded), and a match must share batch, device and dtype.
 
     Returns:
-        One table per (candidate family, quality key, mode): ``candidate``, ``quality_key``,
-        ``mode``, ``latency_key`` and ``rows`` from
-        :func:`flowturbo.eval.pareto.acceleration_ratios`.
+        One table per (baseline family present, candidate family, quality key, mode):
+        ``baseline``, ``candidate``, ``quality_key``, ``mode``, ``latency_key`` and ``rows``
+        from :func:`flowturbo.eval.pareto.acceleration_ratios`; Heun's tables come first.
     """
+    present = {r.get("sampler") for r in rows}
     tables = []
-    for candidate in candidates:
-        for quality_key in quality_keys:
-            for mode, key in LATENCY_MODES:
-                ratios = acceleration_ratios(
-                    rows,
-                    latency_key=key,
-                    baseline="heun",
-                    candidate=candidate,
-                    quality_key=quality_key,
-                    same=LIKE_FOR_LIKE,
-                )
-                tables.append(
-                    {
-                        "candidate": candidate,
-                        "quality_key": quality_key,
-                        "mode": mode,
-                        "latency_key": key,
-                        "rows": ratios,
-                    }
-                )
+    for baseline in [b for b in BASELINE_FAMILIES if b == "heun" or b in present]:
+        for candidate in candidates:
+            for quality_key in quality_keys:
+                for mode, key in LATENCY_MODES:
+                    ratios = acceleration_ratios(
+                        rows,
+                        latency_key=key,
+                        baseline=baseline,
+                        candidate=candidate,
+                        quality_key=quality_key,
+                        same=LIKE_FOR_LIKE,
+                    )
+                    tables.append(
+                        {
+                            "baseline": baseline,
+                            "candidate": candidate,
+                            "quality_key": quality_key,
+                            "mode": mode,
+                            "latency_key": key,
+                            "rows": ratios,
+                        }
+                    )
     return tables
 
 
 def format_acceleration(tables: Sequence[dict[str, Any]], candidate: str = "flowturbo") -> str:
-    """A text table: per Heun row and quality key, the matched candidate in each mode."""
+    """A text table: per baseline row (Heun first) and quality key, the matched candidate in
+    each mode."""
     lines = []
-    for quality_key in dict.fromkeys(t["quality_key"] for t in tables):
+    keys = dict.fromkeys((t.get("baseline", "heun"), t["quality_key"]) for t in tables)
+    for baseline, quality_key in keys:
         chosen = [
-            t for t in tables if t["candidate"] == candidate and t["quality_key"] == quality_key
+            t
+            for t in tables
+            if (t.get("baseline", "heun"), t["candidate"], t["quality_key"])
+            == (baseline, candidate, quality_key)
         ]
         if not chosen or not chosen[0]["rows"]:
             continue
-        lines.append(f"acceleration of {candidate} at matched {quality_key} versus Heun:")
-        head = f"  {'heun':<8}{quality_key:>10}"
+        name = "Heun" if baseline == "heun" else f"the {baseline} baseline"
+        lines.append(f"acceleration of {candidate} at matched {quality_key} versus {name}:")
+        head = f"  {baseline:<14}{quality_key:>10}"
         for t in chosen:
             head += f" | {t['mode'] + ': match':<16}{quality_key:>10}{'ms/img':>9}{'ratio':>8}"
         lines.append(head)
         for i, base in enumerate(chosen[0]["rows"]):
-            line = f"  {base['baseline_schedule']:<8}{_num(base[f'baseline_{quality_key}']):>10}"
+            line = f"  {base['baseline_schedule']:<14}{_num(base[f'baseline_{quality_key}']):>10}"
             for t in chosen:
                 r = t["rows"][i] if i < len(t["rows"]) else {}
                 ratio = r.get("ratio")
@@ -295,7 +309,7 @@ def log_to_wandb(
     )
     columns = list(dict.fromkeys(k for r in rows for k in r))
     ratios = [
-        {"candidate": t["candidate"], "quality_key": t["quality_key"], "mode": t["mode"], **r}
+        {k: t[k] for k in ("baseline", "candidate", "quality_key", "mode")} | r
         for t in tables
         for r in t["rows"]
     ]
