@@ -172,7 +172,9 @@ class TrajectoryCache(L.LightningModule):
         for split in SPLITS:
             (self.out_dir / split).mkdir(parents=True, exist_ok=True)
 
-    def predict_step(self, batch: Tensor, batch_idx: int) -> None:
+    def predict_step(self, batch: Tensor, batch_idx: int) -> int:
+        """Writes the batch's shards that do not exist yet; returns how many it wrote."""
+        written = 0
         for split_index, k in batch.tolist():
             split = SPLITS[split_index]
             path = self.shard_path(split, k)
@@ -181,6 +183,8 @@ class TrajectoryCache(L.LightningModule):
             start = self.first_index(split, k)
             end = min(start + self.per_shard, self.first_index(split, 0) + self.counts[split])
             write_tar(path, self._records(start, end))
+            written += 1
+        return written
 
     def on_predict_end(self) -> None:
         self.trainer.strategy.barrier()
