@@ -307,7 +307,6 @@ def region_mask(region: str, size: int) -> Tensor:
 class Masks:
     """Where to generate, per image: one mask for all (``shared``) or a file per name."""
 
-    spec: str
     size: int
     shared: Tensor | None = None
     files: list[Path] | None = None
@@ -329,10 +328,10 @@ def load_masks(spec: str, names: Sequence[str], size: int) -> Masks:
     ``<name>.png`` for every input name (white = generate, as in diffusers)."""
     spec = str(spec)
     if spec in MASK_REGIONS:
-        return Masks(spec, size, shared=region_mask(spec, size))
+        return Masks(size, shared=region_mask(spec, size))
     path = Path(spec)
     if path.is_file():
-        return Masks(spec, size, shared=_read_mask(path, size))
+        return Masks(size, shared=_read_mask(path, size))
     if path.is_dir():
         files = [path / f"{name}.png" for name in names]
         missing = [str(f) for f in files if not f.is_file()]
@@ -341,7 +340,7 @@ def load_masks(spec: str, names: Sequence[str], size: int) -> Masks:
                 f"mask={spec}: {len(missing)} of {len(files)} inputs have no mask, e.g. "
                 f"{missing[:3]}; the folder needs <input name>.png for every input"
             )
-        return Masks(spec, size, files=files)
+        return Masks(size, files=files)
     raise FileNotFoundError(
         f"mask={spec}: not a region ({', '.join(MASK_REGIONS)}), an image or a folder of masks"
     )

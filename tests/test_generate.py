@@ -12,39 +12,9 @@ from PIL import Image
 from flowturbo import generate as gen
 from flowturbo.eval import sweep
 from flowturbo.generate import generate_images, pick_row, region_mask, resolve_labels
-from flowturbo.models import SiT, VelocityRefiner, save_checkpoint
+from flowturbo.models import SiT, save_checkpoint
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """A tiny base and refiner (SiT-Tiny/4, 1 x 32 x 32, 3 classes) with random weights."""
-    d = tmp_path_factory.mktemp("models")
-    torch.manual_seed(0)
-    base = SiT.from_name(
-        "SiT-Tiny/4", input_size=32, in_channels=1, num_classes=3, learn_sigma=False
-    )
-    refiner = VelocityRefiner.from_base(base)
-    with torch.no_grad():  # SiT starts with zero heads (velocity 0): make every weight random
-        for p in [*base.parameters(), *refiner.parameters()]:
-            p.normal_(0, 0.05)
-    save_checkpoint(base, d / "base.pt")
-    save_checkpoint(refiner, d / "refiner.pt")
-    return d
-
-
-def job_cfg(models, out_dir, *overrides, config="generate"):
-    common = [
-        f"model.base_ckpt={models / 'base.pt'}",
-        f"model.refiner_ckpt={models / 'refiner.pt'}",
-        f"out_dir={out_dir}",
-        "threads=1",
-        "progress=false",
-        "sampler.batch_size=4",
-    ]
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose(config, overrides=common + list(overrides))
 
 
 def read(path):
@@ -63,10 +33,10 @@ def digits_folder(root, n=5):
 
 
 def test_sample_job_writes_the_sweeps_images_and_resumes_only_whats_missing(
-    models, tmp_path, monkeypatch
+    tiny_models, generate_cfg, tmp_path, monkeypatch
 ):
     out = tmp_path / "gen"
-    cfg = job_cfg(models, out, "sampler.schedule=H1P2R2", "num_images=10", "npz=true")
+    cfg = generate_cfg(out, "sampler.schedule=H1P2R2", "num_images=10", "npz=true")
     summary = generate_images(cfg)
     assert summary["images"] == 10 and summary["written"] == 10
     out = Path(summary["out_dir"])
@@ -83,8 +53,8 @@ def test_sample_job_writes_the_sweeps_images_and_resumes_only_whats_missing(
         ecfg = compose(
             "evaluate",
             overrides=[
-                f"model.base_ckpt={models / 'base.pt'}",
-                f"model.refiner_ckpt={models / 'refiner.pt'}",
+                f"model.base_ckpt={tiny_models / 'base.pt'}",
+                f"model.refiner_ckpt={tiny_models / 'refiner.pt'}",
                 "vae=null",
                 "sampler.batch_size=4",
                 "progress=false",
@@ -112,21 +82,24 @@ def test_sample_job_writes_the_sweeps_images_and_resumes_only_whats_missing(
     assert files[3].read_bytes() == before
 
 
-def test_a_folder_made_with_other_settings_is_refused_and_more_images_extend_it(models, tmp_path):
+def test_a_folder_made_with_other_settings_is_refused_and_more_images_extend_it(
+    generate_cfg, tmp_path
+):
     out = tmp_path / "gen"
-    generate_images(job_cfg(models, out, "sampler.schedule=H2", "num_images=4"))
+    generate_images(generate_cfg(out, "sampler.schedule=H2", "num_images=4"))
     with pytest.raises(RuntimeError, match=r"other settings.*seed"):
-        generate_images(job_cfg(models, out, "sampler.schedule=H2", "num_images=4", "seed=1"))
-    other = generate_images(job_cfg(models, out, "sampler.schedule=H3", "num_images=4"))
+        generate_images(generate_cfg(out, "sampler.schedule=H2", "num_images=4", "seed=1"))
+    other = generate_images(generate_cfg(out, "sampler.schedule=H3", "num_images=4"))
     assert other["out_dir"] == str(out / "H3")  # another sampler: its own folder
     # more images are the same job: image i depends only on i
     assert (
-        generate_images(job_cfg(models, out, "sampler.schedule=H2", "num_images=6"))["written"]
-        == 2
+        generate_images(generate_cfg(out, "sampler.schedule=H2", "num_images=6"))["written"] == 2
     )
 
 
-def test_inpaint_keeps_the_known_pixels_exactly_and_counts_unreadable_inputs(models, tmp_path):
+def test_inpaint_keeps_the_known_pixels_exactly_and_counts_unreadable_inputs(
+    generate_cfg, tmp_path
+):
     names = digits_folder(tmp_path / "in")
     out = tmp_path / "gen"
     common = [
@@ -136,7 +109,7 @@ def test_inpaint_keeps_the_known_pixels_exactly_and_counts_unreadable_inputs(mod
         "labels=1",
         "sampler.schedule=H1P2R2",
     ]
-    summary = generate_images(job_cfg(models, out, *common, "mask=bottom"))
+    summary = generate_images(generate_cfg(out, *common, "mask=bottom"))
     out = Path(summary["out_dir"])
     assert summary["images"] == len(names) and summary["skipped_inputs"] == 1
     for name in names:
@@ -153,21 +126,19 @@ def test_inpaint_keeps_the_known_pixels_exactly_and_counts_unreadable_inputs(mod
         m[:, :8] = 255
         Image.fromarray(m).save(masks / f"{name}.png")
     out2 = tmp_path / "gen2"
-    out2 = Path(generate_images(job_cfg(models, out2, *common, f"mask={masks}"))["out_dir"])
+    out2 = Path(generate_images(generate_cfg(out2, *common, f"mask={masks}"))["out_dir"])
     for name in names:
         x, y = read(tmp_path / "in" / f"{name}.png"), read(out2 / "images" / f"{name}.png")
         assert np.array_equal(y[:, 8:], x[:, 8:]) and not np.array_equal(y[:, :8], x[:, :8])
     (masks / "img0.png").unlink()
     with pytest.raises(FileNotFoundError, match="1 of 5 inputs have no mask"):
-        generate_images(job_cfg(models, tmp_path / "gen3", *common, f"mask={masks}"))
+        generate_images(generate_cfg(tmp_path / "gen3", *common, f"mask={masks}"))
 
 
-def test_edit_at_full_strength_is_sampling_and_weak_edits_stay_close(models, tmp_path):
+def test_edit_at_full_strength_is_sampling_and_weak_edits_stay_close(generate_cfg, tmp_path):
     names = digits_folder(tmp_path / "in")
     generate_images(
-        job_cfg(
-            models, tmp_path / "sampled", "sampler.schedule=H1P2R2", "num_images=5", "labels=2"
-        )
+        generate_cfg(tmp_path / "sampled", "sampler.schedule=H1P2R2", "num_images=5", "labels=2")
     )
     sampled, full, weak = (tmp_path / d / "H1P2R2" for d in ("sampled", "full", "weak"))
     common = [
@@ -177,23 +148,22 @@ def test_edit_at_full_strength_is_sampling_and_weak_edits_stay_close(models, tmp
         "labels=2",
         "sampler.schedule=H1P2R2",
     ]
-    generate_images(job_cfg(models, tmp_path / "full", *common, "edit.strength=1.0"))
+    generate_images(generate_cfg(tmp_path / "full", *common, "edit.strength=1.0"))
     for i, name in enumerate(names):  # input i gets image i's noise: strength 1 ignores the input
         assert np.array_equal(
             read(full / "images" / f"{name}.png"), read(sampled / "images" / f"{i:06d}.png")
         )
-    generate_images(job_cfg(models, tmp_path / "weak", *common, "edit.strength=0.1"))
+    generate_images(generate_cfg(tmp_path / "weak", *common, "edit.strength=0.1"))
     for name in names:
         x = read(tmp_path / "in" / f"{name}.png").astype(float)
         d_weak = np.abs(read(weak / "images" / f"{name}.png") - x).mean()
         d_full = np.abs(read(full / "images" / f"{name}.png") - x).mean()
         assert d_weak < 0.5 * d_full
     with pytest.raises(ValueError, match="strength"):
-        generate_images(job_cfg(models, tmp_path / "bad", *common, "edit.strength=0"))
+        generate_images(generate_cfg(tmp_path / "bad", *common, "edit.strength=0"))
     with pytest.raises(ValueError, match="baseline solver"):
         generate_images(
-            job_cfg(
-                models,
+            generate_cfg(
                 tmp_path / "bad",
                 "task=edit",
                 f"input={tmp_path / 'in'}",
@@ -202,13 +172,11 @@ def test_edit_at_full_strength_is_sampling_and_weak_edits_stay_close(models, tmp
         )
     Image.open(tmp_path / "in" / "img0.png").save(tmp_path / "in" / "img0.jpg")
     with pytest.raises(ValueError, match=r"same PNG: \['img0'\]"):
-        generate_images(job_cfg(models, tmp_path / "bad", *common))
+        generate_images(generate_cfg(tmp_path / "bad", *common))
     with pytest.raises(ValueError, match="need the refiner"):
-        generate_images(job_cfg(models, tmp_path / "bad", "model.refiner_ckpt=null"))
+        generate_images(generate_cfg(tmp_path / "bad", "model.refiner_ckpt=null"))
     with pytest.raises(FileNotFoundError, match="no such file or folder"):
-        generate_images(
-            job_cfg(models, tmp_path / "bad", "task=edit", f"input={tmp_path / 'nope'}")
-        )
+        generate_images(generate_cfg(tmp_path / "bad", "task=edit", f"input={tmp_path / 'nope'}"))
 
 
 ROWS = [
@@ -236,9 +204,9 @@ def test_pick_row_meets_the_target_at_the_least_cost():
         pick_row(ROWS, max_fid=40, latency="fast")
 
 
-def test_pick_from_a_sweep_of_these_models_only(models, tmp_path):
-    fp = sweep.fingerprint(str(models / "base.pt"))
-    rfp = sweep.fingerprint(str(models / "refiner.pt"))
+def test_pick_from_a_sweep_of_these_models_only(tiny_models, generate_cfg, tmp_path):
+    fp = sweep.fingerprint(str(tiny_models / "base.pt"))
+    rfp = sweep.fingerprint(str(tiny_models / "refiner.pt"))
     rows = [
         {**r, "base_sha256": fp, "cfg_scale": 1.0, "refiner_nfe": 4 if "R" in r["schedule"] else 0}
         for r in ROWS
@@ -249,13 +217,13 @@ def test_pick_from_a_sweep_of_these_models_only(models, tmp_path):
     (tmp_path / "sweep").mkdir()
     (tmp_path / "sweep" / "results.json").write_text(json.dumps(rows))
     pick = [f"pick.sweep={tmp_path / 'sweep'}", "pick.max_fid=35", "num_images=3"]
-    summary = generate_images(job_cfg(models, tmp_path / "gen", *pick))
+    summary = generate_images(generate_cfg(tmp_path / "gen", *pick))
     assert summary["sampler"] == "H1P3R3" and summary["picked"]["fid"] == 33.4
     for r in rows:
         r["base_sha256"] = "another base"
     (tmp_path / "sweep" / "results.json").write_text(json.dumps(rows))
     with pytest.raises(ValueError, match="measured with these models"):
-        generate_images(job_cfg(models, tmp_path / "gen2", *pick))
+        generate_images(generate_cfg(tmp_path / "gen2", *pick))
 
 
 def test_labels_and_mask_regions():
@@ -274,19 +242,19 @@ def test_labels_and_mask_regions():
         region_mask("middle", 8)
 
 
-def test_images_are_dealt_across_ddp_ranks(models, tmp_path):
+def test_images_are_dealt_across_ddp_ranks(generate_cfg, tmp_path):
     single, spread = tmp_path / "single", tmp_path / "spread"
     sched = ["sampler.schedule=H2", "num_images=7", "sampler.batch_size=2"]
-    generate_images(job_cfg(models, single, *sched))
+    generate_images(generate_cfg(single, *sched))
     ddp = ["trainer.devices=2", "+trainer.strategy=ddp_spawn"]
-    generate_images(job_cfg(models, spread, *sched, *ddp))
+    generate_images(generate_cfg(spread, *sched, *ddp))
     files = sorted((single / "H2" / "images").glob("*.png"))
     assert len(files) == 7 and (spread / "H2" / "grid.png").is_file()
     for f in files:
         assert (spread / "H2" / "images" / f.name).read_bytes() == f.read_bytes()
 
 
-def test_latent_model_goes_through_the_vae(tmp_path):
+def test_latent_model_goes_through_the_vae(generate_cfg, tmp_path):
     """A 4-channel model: inputs are encoded, outputs decoded to RGB at the VAE's scale."""
     pytest.importorskip("diffusers")
     from diffusers import AutoencoderKL
@@ -310,11 +278,11 @@ def test_latent_model_goes_through_the_vae(tmp_path):
         Image.fromarray(image).save(tmp_path / "in" / f"in{i}.png")
     paths = [f"model.base_ckpt={tmp_path / 'base.pt'}", f"vae={tmp_path / 'vae'}"]
     common = [*paths, "sampler.schedule=H2", "num_images=3", "npz=true"]
-    summary = generate_images(job_cfg(tmp_path, tmp_path / "s", *common))
+    summary = generate_images(generate_cfg(tmp_path / "s", *common))
     npz = np.load(Path(summary["out_dir"]) / "samples.npz")
     assert npz["arr_0"].shape == (3, 16, 16, 3)
     inpainted = [f"input={tmp_path / 'in'}", "task=inpaint", "mask=left", "labels=null"]
-    summary = generate_images(job_cfg(tmp_path, tmp_path / "i", *common, *inpainted))
+    summary = generate_images(generate_cfg(tmp_path / "i", *common, *inpainted))
     out = Path(summary["out_dir"])
     assert summary["images"] == 3 and read(out / "images" / "in0.png").shape == (16, 16, 3)
     assert read(out / "grid.png").shape[:2] == (3 * 17 + 1, 3 * 17 + 1)  # 3 rows of 3, padded

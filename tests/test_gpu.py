@@ -80,46 +80,20 @@ def test_compiled_inpainting_on_cuda_keeps_the_known_latents():
     assert not torch.allclose(compiled[..., 16:, :], latents[..., 16:, :])
 
 
-def test_generate_py_on_one_gpu_matches_the_cpu(tmp_path):
+def test_generate_py_on_one_gpu_matches_the_cpu(generate_cfg, tmp_path):
     """generate.py's job on CUDA (compiled steps, CUDA graphs) writes what the CPU writes,
     up to a grey level on a few pixels."""
     from pathlib import Path
 
     import numpy as np
-    from hydra import compose, initialize_config_dir
     from PIL import Image
 
     from flowturbo.generate import generate_images
-    from flowturbo.models import save_checkpoint
 
-    torch.manual_seed(0)
-    base = SiT.from_name("SiT-Tiny/4", input_size=32, in_channels=1, num_classes=3)
-    refiner = VelocityRefiner.from_base(base)
-    with torch.no_grad():
-        for p in [*base.parameters(), *refiner.parameters()]:
-            p.normal_(0, 0.05)
-    save_checkpoint(base, tmp_path / "base.pt")
-    save_checkpoint(refiner, tmp_path / "refiner.pt")
-    conf = str(Path(__file__).resolve().parents[1] / "conf")
+    on_gpu = ["trainer=gpu", "trainer.devices=1", "sampler.compile=true"]
     outs = {}
-    for device, extra in (
-        ("cpu", []),
-        ("cuda", ["trainer=gpu", "trainer.devices=1", "sampler.compile=true"]),
-    ):
-        with initialize_config_dir(config_dir=conf, version_base="1.3"):
-            cfg = compose(
-                "generate",
-                overrides=[
-                    f"model.base_ckpt={tmp_path / 'base.pt'}",
-                    f"model.refiner_ckpt={tmp_path / 'refiner.pt'}",
-                    f"out_dir={tmp_path / device}",
-                    "sampler.schedule=H1P2R2",
-                    "num_images=16",
-                    "sampler.batch_size=8",
-                    "progress=false",
-                    *extra,
-                ],
-            )
+    for device, extra in (("cpu", []), ("cuda", on_gpu)):
+        cfg = generate_cfg(tmp_path / device, "sampler.schedule=H1P2R2", "num_images=16", *extra)
         outs[device] = Path(generate_images(cfg)["out_dir"])
     for f in sorted((outs["cpu"] / "images").glob("*.png")):
         a = np.asarray(Image.open(f)).astype(int)
