@@ -49,16 +49,9 @@ from PIL import Image
 from torch import Tensor
 
 from flowturbo.eval.atomic import atomic_path
+from flowturbo.eval.entries import SweepEntry, parse_entry
 from flowturbo.eval.fidelity import IMAGE_SUFFIXES
-from flowturbo.eval.sweep import (
-    Networks,
-    SweepEntry,
-    fingerprint,
-    load_networks,
-    parse_entry,
-    run_entry,
-    seeded_noise,
-)
+from flowturbo.eval.networks import Networks, fingerprint, load_networks, run_entry, seeded_noise
 from flowturbo.sampling import decode_latents, edit, encode_images, from_uint8, inpaint, to_uint8
 
 log = logging.getLogger(__name__)

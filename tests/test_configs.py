@@ -53,7 +53,7 @@ def test_every_experiment_is_tested():
 @pytest.mark.parametrize("name", GENERATE)
 def test_generate_experiment_composes_with_generate_yaml(name, tmp_path):
     from flowturbo.config import check_required
-    from flowturbo.eval.sweep import parse_entry
+    from flowturbo.eval.entries import parse_entry
 
     cfg = cfg_for([f"experiment={name}", *REQUIRED.get(name, [])], tmp_path, "generate")
     assert cfg.name == f"{name}_sample" and cfg.out_dir == f"generated/{name}_sample"
@@ -81,7 +81,7 @@ def test_generate_experiment_composes_with_generate_yaml(name, tmp_path):
 @pytest.mark.parametrize("name", SWEEPS)
 def test_sweep_experiment_composes_with_evaluate_yaml(name, tmp_path):
     from flowturbo.config import check_required
-    from flowturbo.eval.sweep import sweep_entries
+    from flowturbo.eval.entries import sweep_entries
 
     cfg = cfg_for([f"experiment={name}", *REQUIRED.get(name, [])], tmp_path, "evaluate")
     assert cfg.name == name and cfg.out_dir == f"sweeps/{name}"  # stable: shared by jobs

@@ -11,8 +11,8 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from flowturbo.eval import entries, networks, sweep
 from flowturbo.eval import summary as summary_mod
-from flowturbo.eval import sweep
 from flowturbo.eval.digits import DigitClassifier, save_classifier
 from flowturbo.eval.fidelity import fid_against_statistics, fidelity_metrics, load_reference
 from flowturbo.eval.summary import acceleration_tables
@@ -130,6 +130,8 @@ def test_entries_parse_schedules_and_baselines_into_families_with_nfe():
     cases = {
         "H8": ("heun", 16, 0, "H8"),
         "heun:8": ("heun", 16, 0, "H8"),
+        "H3E1": ("heun_euler", 7, 0, "H3E1"),  # Heun, then one Euler step
+        "H1E2": ("other", 4, 0, "H1E2"),
         "H1P7": ("pseudo", 9, 0, "H1P7"),
         "H2P4R3": ("flowturbo", 8, 6, "H2P4R3"),
         "euler:16": ("euler", 16, 0, "euler-16"),
@@ -137,25 +139,25 @@ def test_entries_parse_schedules_and_baselines_into_families_with_nfe():
         "multistep:12": ("multistep", 12, 0, "multistep-12"),
     }
     for text, (family, base_nfe, refiner_nfe, key) in cases.items():
-        e = sweep.parse_entry(text)
+        e = entries.parse_entry(text)
         assert (e.family, e.base_nfe, e.refiner_nfe, e.key) == (family, base_nfe, refiner_nfe, key)
-    assert sweep.parse_entry("H2P4R3").steps == 9
+    assert entries.parse_entry("H2P4R3").steps == 9
     with pytest.raises(ValueError, match="unknown solver 'rk4'"):
-        sweep.parse_entry("rk4:8")
+        entries.parse_entry("rk4:8")
     with pytest.raises(ValueError, match="positive integer"):
-        sweep.parse_entry("euler:0")
+        entries.parse_entry("euler:0")
     with pytest.raises(ValueError, match="unknown step letter"):
-        sweep.parse_entry("H2X3")
+        entries.parse_entry("H2X3")
 
 
 def test_noise_depends_only_on_seed_and_index():
-    a = sweep.seeded_noise(0, range(6), (1, 4, 4))
+    a = networks.seeded_noise(0, range(6), (1, 4, 4))
     b = torch.cat(
-        [sweep.seeded_noise(0, [4, 5], (1, 4, 4)), sweep.seeded_noise(0, [0], (1, 4, 4))]
+        [networks.seeded_noise(0, [4, 5], (1, 4, 4)), networks.seeded_noise(0, [0], (1, 4, 4))]
     )
     assert torch.equal(a[4:], b[:2]) and torch.equal(a[0], b[2])
     assert not torch.equal(a[0], a[1])
-    assert not torch.equal(a, sweep.seeded_noise(1, range(6), (1, 4, 4)))
+    assert not torch.equal(a, networks.seeded_noise(1, range(6), (1, 4, 4)))
 
 
 # ----------------------------------------------------------------------------- the sweep
@@ -316,6 +318,10 @@ def test_summarize_only_merges_the_rows_without_models(assets, tmp_path, monkeyp
     assert [r["schedule"] for r in result["rows"]] == ["H2", "H1P2R2"]
     for name in ["results.json", "results.csv", "pareto.png", "acceleration.json"]:
         assert (out / name).is_file()
+    # a row file written when H2 was another family is summarised under today's name
+    stored = json.loads((out / "rows" / "H2.json").read_text())
+    (out / "rows" / "H2.json").write_text(json.dumps({**stored, "family": "other"}))
+    assert summary_mod.load_rows(out)[0]["sampler"] == "heun"
 
 
 @pytest.mark.parametrize("mode", ["steps", "sampler"])
@@ -379,12 +385,15 @@ def test_acceleration_is_like_for_like_eager_and_compiled():
         row("flowturbo", "H2P4R2", 4.5, 7.0, 2.0, ok=False),  # compilation failed
         row("flowturbo", "H1P5R3", 4.0, 9.0, 7.0, batch=64),  # another batch size
         row("multistep", "multistep:12", 8.0, 12.0, 9.0),
+        row("heun_euler", "H3E1", 9.5, 7.5, 5.0),
     ]
-    tables = {
-        (t["baseline"], t["candidate"], t["quality_key"], t["mode"]): t
-        for t in acceleration_tables(rows)
-    }
-    assert {k[0] for k in tables} == {"heun", "multistep"}  # no midpoint/euler rows: no table
+    all_tables = acceleration_tables(rows)
+    tables = {(t["baseline"], t["candidate"], t["quality_key"], t["mode"]): t for t in all_tables}
+    # no midpoint/euler rows: no table for them
+    assert {k[0] for k in tables} == {"heun", "heun_euler", "multistep"}
+    (vs_heun_euler,) = tables["heun_euler", "flowturbo", "fid", "compiled"]["rows"]
+    assert vs_heun_euler["candidate_schedule"] == "H1P3R2"  # FID 9 <= 9.5; H2P4R2 not compiled
+    assert vs_heun_euler["ratio"] == pytest.approx(1 - 3 / 5)
     (vs_multistep,) = tables["multistep", "flowturbo", "fid", "eager"]["rows"]
     assert vs_multistep["candidate_schedule"] == "H2P4R2"  # fastest with FID <= 8
     assert vs_multistep["ratio"] == pytest.approx(1 - 7 / 12)
@@ -399,6 +408,7 @@ def test_acceleration_is_like_for_like_eager_and_compiled():
     assert compiled[0]["ratio"] == pytest.approx(1 - 3 / 6)
     assert compiled[1]["candidate_schedule"] is None  # H2P4R2 did not compile, H1P5R3 is b64
     assert tables["flowturbo", "ref_error", "eager"]["rows"][1]["candidate_schedule"] == "H2P4R2"
+    assert "versus Heun with an Euler last step:" in summary_mod.format_acceleration(all_tables)
     text = summary_mod.format_acceleration(list(tables.values()))
     assert "H2P4R2" in text and "56.2%" in text and "50.0%" in text
 

@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from flowturbo import generate as gen
-from flowturbo.eval import sweep
+from flowturbo.eval import entries, networks, sweep
 from flowturbo.generate import generate_images, pick_row, region_mask, resolve_labels
 from flowturbo.models import SiT, save_checkpoint
 
@@ -60,8 +60,8 @@ def test_sample_job_writes_the_sweeps_images_and_resumes_only_whats_missing(
                 "progress=false",
             ],
         )
-    entry = sweep.parse_entry("H1P2R2")
-    nets = sweep.load_networks(ecfg, torch.device("cpu"), need_refiner=True)
+    entry = entries.parse_entry("H1P2R2")
+    nets = networks.load_networks(ecfg, torch.device("cpu"), need_refiner=True)
     images, _ = sweep.generate(entry, nets, ecfg, 10)
     for i, f in enumerate(files):
         assert np.array_equal(read(f), images[i, 0].numpy())
@@ -205,8 +205,8 @@ def test_pick_row_meets_the_target_at_the_least_cost():
 
 
 def test_pick_from_a_sweep_of_these_models_only(tiny_models, generate_cfg, tmp_path):
-    fp = sweep.fingerprint(str(tiny_models / "base.pt"))
-    rfp = sweep.fingerprint(str(tiny_models / "refiner.pt"))
+    fp = networks.fingerprint(str(tiny_models / "base.pt"))
+    rfp = networks.fingerprint(str(tiny_models / "refiner.pt"))
     rows = [
         {**r, "base_sha256": fp, "cfg_scale": 1.0, "refiner_nfe": 4 if "R" in r["schedule"] else 0}
         for r in ROWS

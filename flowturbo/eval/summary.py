@@ -24,18 +24,29 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from flowturbo.eval.atomic import atomic_path
+from flowturbo.eval.entries import parse_entry
 from flowturbo.eval.pareto import acceleration_ratios, plot_pareto_panels, write_results
 
 log = logging.getLogger(__name__)
 
 #: Sampler families in the order tables and plots list them.
-FAMILIES = ("heun", "pseudo", "flowturbo", "euler", "midpoint", "multistep", "other")
+FAMILIES = (
+    "heun", "heun_euler", "pseudo", "flowturbo", "euler", "midpoint", "multistep", "other",
+)  # fmt: skip
 LATENCY_MODES = (("eager", "ms_per_image_eager"), ("compiled", "ms_per_image_compiled"))
 #: Keys a FlowTurbo row must share with the Heun row it is compared with.
 LIKE_FOR_LIKE = ("batch", "device", "dtype")
 #: Families FlowTurbo is compared with: Heun (DESIGN.md's ratio, as in the paper), then the
 #: baseline solvers a sweep may hold, which can be stronger than Heun on some models.
-BASELINE_FAMILIES = ("heun", "euler", "midpoint", "multistep")
+BASELINE_FAMILIES = ("heun", "heun_euler", "euler", "midpoint", "multistep")
+#: How the text summary names each baseline family.
+BASELINE_NAMES = {
+    "heun": "Heun",
+    "heun_euler": "Heun with an Euler last step",
+    "euler": "Euler",
+    "midpoint": "the midpoint solver",
+    "multistep": "the multistep solver",
+}
 
 
 def read_row(path: Path) -> dict[str, Any] | None:
@@ -71,7 +82,7 @@ def flat_row(row: dict[str, Any]) -> dict[str, Any]:
     compiled = lat.get("compiled")
     decode = lat.get("decode", {}).get("ms_per_image")
     return {
-        "sampler": row.get("family"),
+        "sampler": _family(row),
         "schedule": row.get("entry"),
         "steps": row.get("steps"),
         "base_nfe": row.get("base_nfe"),
@@ -105,6 +116,14 @@ def flat_row(row: dict[str, Any]) -> dict[str, Any]:
         "refiner_sha256": (any_settings.get("refiner") or {}).get("sha256"),
         "settings_hash": row.get("settings_hash"),
     }
+
+
+def _family(row: dict[str, Any]) -> Any:
+    """The row's family as this code derives it (a row file keeps the one of its day)."""
+    try:
+        return parse_entry(str(row["entry"])).family
+    except (KeyError, ValueError):
+        return row.get("family")
 
 
 def load_rows(out_dir: Path) -> list[dict[str, Any]]:
@@ -185,7 +204,7 @@ def format_acceleration(tables: Sequence[dict[str, Any]], candidate: str = "flow
         ]
         if not chosen or not chosen[0]["rows"]:
             continue
-        name = "Heun" if baseline == "heun" else f"the {baseline} baseline"
+        name = BASELINE_NAMES.get(baseline, f"the {baseline} baseline")
         lines.append(f"acceleration of {candidate} at matched {quality_key} versus {name}:")
         head = f"  {baseline:<14}{quality_key:>10}"
         for t in chosen:

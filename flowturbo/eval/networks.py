@@ -1,0 +1,223 @@
+"""The networks an entry runs on, the noise it starts from, and one sampled batch.
+
+Shared by ``evaluate.py`` (:mod:`flowturbo.eval.sweep`) and ``generate.py``
+(:mod:`flowturbo.generate`), so that image i of a sweep's FID set and image i of a generation
+job are the same image: its noise depends only on (seed, i), its networks are loaded and
+guided the same way, and :func:`run_entry` samples it with the same call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+
+from flowturbo.eval.entries import SweepEntry
+from flowturbo.eval.fidelity import file_hash
+from flowturbo.sampling import BASELINES, ClassifierFreeGuidance, sample
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def image_seed(seed: int, index: int) -> int:
+    """The RNG seed of image ``index``: a hash of (seed, index), so no two images share noise."""
+    digest = hashlib.sha256(f"flowturbo/{seed}/{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def seeded_noise(seed: int, indices: Sequence[int] | Tensor, shape: Sequence[int]) -> Tensor:
+    """Gaussian noise of each image from its own generator, independent of batching.
+
+    Args:
+        seed: the sweep's seed.
+        indices: (B,) image indices.
+        shape: (C, H, W) of one image.
+
+    Returns:
+        (B, C, H, W) float32 on the CPU.
+    """
+    indices = [int(i) for i in indices]
+    out = torch.empty(len(indices), *shape)
+    g = torch.Generator()
+    for j, i in enumerate(indices):
+        g.manual_seed(image_seed(seed, i))
+        out[j] = torch.randn(tuple(shape), generator=g)
+    return out
+
+
+@dataclass
+class Networks:
+    """The models of a sweep, on their device, and the guided velocity functions.
+
+    Attributes:
+        base: the frozen base SiT.
+        refiner: the velocity refiner, or None when no entry needs it.
+        vae: the SD VAE for latent models, else None.
+        velocity: guided base, ``velocity(x, t, y=labels)``.
+        refiner_velocity: guided refiner, ``refiner_velocity(x, t, v, y=labels)``, or None.
+        num_classes: real classes; labels are i % num_classes, the null class is num_classes.
+        shape: (C, H, W) of the sampler's state.
+        device: where everything runs.
+        dtype: autocast dtype of the networks (float32: no autocast).
+    """
+
+    base: nn.Module
+    refiner: nn.Module | None
+    vae: Any | None
+    velocity: ClassifierFreeGuidance
+    refiner_velocity: ClassifierFreeGuidance | None
+    num_classes: int
+    shape: tuple[int, int, int]
+    device: torch.device
+    dtype: torch.dtype
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+
+def _load_refiner(path: str, arch: dict[str, Any] | None) -> nn.Module:
+    from flowturbo.models import VelocityRefiner, build_from_checkpoint, load_checkpoint
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(
+            f"refiner checkpoint not found: {path}. Set model.refiner_ckpt to the EMA refiner "
+            "(checkpoints/<run>/ema.pt of a refiner run, or SiT-XL-2-Refiner.pt with "
+            "model.refiner_arch)"
+        )
+    if arch:
+        arch = dict(arch)
+        refiner = VelocityRefiner.from_name(arch.pop("name"), **arch)
+        load_checkpoint(refiner, path)
+    else:
+        refiner = build_from_checkpoint(path)
+        if not isinstance(refiner, VelocityRefiner):
+            raise ValueError(f"{path} holds a {type(refiner).__name__}, not a VelocityRefiner")
+    return refiner.eval().requires_grad_(False)
+
+
+def load_networks(cfg: DictConfig, device: torch.device, *, need_refiner: bool) -> Networks:
+    """Loads the base (and the refiner, and the VAE for 4-channel latent models).
+
+    Public checkpoints carry no architecture: ``model.base_arch`` / ``model.refiner_arch``
+    give it (``{name: SiT-XL/2, ...}``, as :func:`flowturbo.lit.load_frozen_base` takes).
+    """
+    from flowturbo.lit.refiner import load_frozen_base
+
+    m = cfg.model
+    if not Path(m.base_ckpt).is_file():
+        raise FileNotFoundError(
+            f"base checkpoint not found: {m.base_ckpt}. Set model.base_ckpt to a demo_base "
+            "ema.pt or a public SiT checkpoint (with model.base_arch)"
+        )
+    arch = OmegaConf.to_container(m.base_arch, resolve=True) if m.get("base_arch") else {}
+    base = load_frozen_base(m.base_ckpt, arch.pop("name", None), **arch).to(device)
+    refiner = None
+    if need_refiner:
+        if not m.get("refiner_ckpt"):
+            raise ValueError("schedules with R steps need the refiner: set model.refiner_ckpt=...")
+        r_arch = m.get("refiner_arch")
+        r_arch = OmegaConf.to_container(r_arch, resolve=True) if r_arch else None
+        refiner = _load_refiner(m.refiner_ckpt, r_arch).to(device)
+    vae = None
+    if base.in_channels == 4:  # a latent model: images come from the SD VAE
+        if not cfg.get("vae"):
+            raise ValueError(
+                "the base model is latent (4 channels): set vae=<folder of the SD VAE "
+                "(sd-vae-ft-ema), as diffusers saves it>"
+            )
+        from flowturbo.data import load_vae
+
+        vae = load_vae(cfg.vae, device)
+    s = cfg.sampler
+    null = base.num_classes
+    channels = s.get("cfg_channels")
+    velocity = ClassifierFreeGuidance(base, s.cfg_scale, null, channels)
+    refiner_velocity = (
+        ClassifierFreeGuidance(refiner, s.cfg_scale, null, channels) if refiner else None
+    )
+    size = base.input_size
+    return Networks(
+        base,
+        refiner,
+        vae,
+        velocity,
+        refiner_velocity,
+        base.num_classes,
+        (base.in_channels, size, size),
+        device,
+        _dtype(s.dtype),
+    )
+
+
+def _dtype(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise ValueError(f"sampler.dtype must be one of {', '.join(_DTYPES)}, got {name!r}")
+    return _DTYPES[name]
+
+
+def run_entry(
+    entry: SweepEntry,
+    nets: Networks,
+    noise: Tensor,
+    labels: Tensor,
+    *,
+    refiner_input: str = "d0",
+    compile: bool | str = False,
+) -> Tensor:
+    """Samples one batch with an entry's sampler (no gradients, under the sweep's autocast).
+
+    Args:
+        entry: the schedule or baseline solver.
+        nets: the networks.
+        noise: (B, C, H, W) on ``nets.device``.
+        labels: (B,) long class labels on ``nets.device``.
+        refiner_input: ``"d0"`` or ``"cache"`` (R steps only).
+        compile: sample-aware compilation (``sample(..., compile=...)``: True or "sampler").
+
+    Returns:
+        (B, C, H, W) float32 sampler output at t = 1.
+    """
+    with torch.no_grad(), nets.autocast():
+        if entry.baseline is not None:
+            solver = BASELINES[entry.baseline]
+            x = solver(nets.velocity, noise, entry.steps, compile=compile, y=labels)
+        else:
+            x = sample(
+                nets.velocity,
+                noise,
+                entry.label,
+                refiner=nets.refiner_velocity if entry.uses_refiner else None,
+                refiner_input=refiner_input,
+                compile=compile,
+                y=labels,
+            )
+    return x.float()
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_file_hash(path: str, size: int, mtime_ns: int) -> str:
+    return file_hash(path)[:16]
+
+
+def fingerprint(path: str | os.PathLike | None) -> str | None:
+    """Content hash of a file (16 hex digits; memoised per size and mtime), or a folder's tag."""
+    if path is None:
+        return None
+    p = Path(str(path))
+    if p.is_file():
+        st = p.stat()
+        return _cached_file_hash(str(p.resolve()), st.st_size, st.st_mtime_ns)
+    if p.is_dir():
+        return f"folder:{p.resolve()}"
+    return f"missing:{p}"
