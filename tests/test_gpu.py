@@ -63,6 +63,27 @@ def test_whole_sampler_cuda_graph_equals_eager(dtype):
 
 
 @torch.no_grad()
+def test_a_graph_recorded_under_autocast_replays_after_the_region_ends():
+    """Weights that require grad get cached bf16 copies under autocast; the recorded graph must
+    not read them after the caller's autocast region has freed them."""
+    from flowturbo.sampling import CompiledSampler
+
+    v, r = _tiny_pair()
+    for net in (v.fn, r.fn):
+        net.requires_grad_(True)
+    noise = torch.randn(8, 4, 32, 32, device="cuda")
+    y = torch.randint(0, 10, (8,), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        eager = sample(v, noise, "H2P4R2", refiner=r, y=y)
+        run = CompiledSampler("HHPPPPRR", v, noise, refiner=r, compile=False, y=y)
+    assert run.graph is not None
+    churn = [torch.randn(1 << 20, device="cuda") for _ in range(64)]  # reuse freed memory
+    replayed = run(noise, y=y)
+    del churn
+    torch.testing.assert_close(replayed.float(), eager.float(), rtol=5e-2, atol=5e-2)
+
+
+@torch.no_grad()
 def test_compiled_inpainting_on_cuda_keeps_the_known_latents():
     """A pixel mask made on the CPU drives inpainting of CUDA latents, compiled per step kind."""
     from flowturbo.sampling import inpaint

@@ -16,6 +16,7 @@ is what ``sample(..., compile="sampler")`` calls.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -112,13 +113,13 @@ class CompiledSampler:
         device = self.inputs["noise"].device
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # warm-up off the main stream, as CUDA graphs require
+        with torch.cuda.stream(side), _without_cast_cache():  # warm-up off the main stream
             for _ in range(warmup):
                 self._program()
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph), _without_cast_cache():
                 self._output = self._program()
         except Exception as error:  # noqa: BLE001 - the loop still runs, uncaptured
             self._output = None
@@ -221,6 +222,19 @@ def fell_back(model: Callable[..., Tensor]) -> bool:
     """Whether a cached compiled sampler of ``model`` runs less compiled than it was built to
     (a network fell back to eager, or recording the CUDA graph failed)."""
     return any(m is model and not s.fully_compiled for s, m, *_ in SAMPLERS.values())
+
+
+def _without_cast_cache() -> contextlib.AbstractContextManager:
+    """The caller's CUDA autocast without its cache of cast weights.
+
+    Autocast keeps the low-precision copies of weights that require grad until its region
+    ends; a graph recorded with them would read freed memory once the caller's region has
+    ended (PyTorch's CUDA-graph notes ask for ``cache_enabled=False``).
+    """
+    if not torch.is_autocast_enabled("cuda"):
+        return contextlib.nullcontext()
+    dtype = torch.get_autocast_dtype("cuda")
+    return torch.autocast("cuda", dtype=dtype, cache_enabled=False)
 
 
 def _is_t(value: Any) -> bool:
