@@ -35,6 +35,7 @@ import dataclasses
 import json
 import logging
 import math
+import zipfile
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -391,6 +392,17 @@ class Job:
     def path(self, i: int) -> Path:
         return self.out_dir / "images" / f"{self.names[i]}.png"
 
+    def read(self, i: int) -> Tensor:
+        """Output image i as (C, H, W) uint8; a file of another shape is an error naming it."""
+        image = read_png(self.path(i))
+        want = (self.pixel_channels, self.pixel_size, self.pixel_size)
+        if tuple(image.shape) != want:
+            raise ValueError(
+                f"{self.path(i)} is {'x'.join(map(str, image.shape))}, not the job's "
+                f"{'x'.join(map(str, want))} (C x H x W): delete it and run the job again"
+            )
+        return image
+
     def done(self) -> int:
         return sum(self.path(i).is_file() for i in range(len(self.names)))
 
@@ -585,7 +597,7 @@ def write_grid(job: Job, n: int) -> None:
     inpaint three rows of up to 16, inputs, inputs with the mask grey, outputs."""
     from torchvision.utils import save_image
 
-    outputs = torch.stack([read_png(job.path(i)) for i in range(n)])
+    outputs = torch.stack([job.read(i) for i in range(n)])
     if job.task == "sample":
         classes = len(set(job.labels[:n].tolist()))  # i % classes: one class a column
         rows, nrow = outputs, min(classes if classes > 1 else 8, n)
@@ -605,13 +617,20 @@ def write_grid(job: Job, n: int) -> None:
 
 
 def write_npz(job: Job) -> None:
-    """``samples.npz``: every image, (N, H, W, C) uint8 in index order, and the labels."""
-    first = read_png(job.path(0))
-    arr = np.empty((len(job.names), *first.shape[1:], first.shape[0]), dtype=np.uint8)
-    for i in range(len(job.names)):
-        arr[i] = read_png(job.path(i)).permute(1, 2, 0).numpy()
-    with atomic_path(job.out_dir / "samples.npz") as tmp:
-        np.savez(tmp, arr_0=arr, arr_1=job.labels.numpy())
+    """``samples.npz``: every image, (N, H, W, C) uint8 in index order, and the labels.
+
+    Streamed from the PNGs into the archive one image at a time (memory: one image, however
+    many there are); ``np.load`` reads it like ``np.savez``'s (uncompressed zip, ZIP64).
+    """
+    shape = (len(job.names), job.pixel_size, job.pixel_size, job.pixel_channels)
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False}
+    with atomic_path(job.out_dir / "samples.npz") as tmp, zipfile.ZipFile(tmp, "w") as archive:
+        with archive.open("arr_0.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array_header_1_0(f, {**header, "shape": shape})
+            for i in range(len(job.names)):
+                f.write(job.read(i).permute(1, 2, 0).contiguous().numpy().tobytes())
+        with archive.open("arr_1.npy", "w") as f:
+            np.lib.format.write_array(f, job.labels.numpy())
 
 
 def generate_images(cfg: DictConfig) -> dict[str, Any]:

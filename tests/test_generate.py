@@ -80,6 +80,13 @@ def test_sample_job_writes_the_sweeps_images_and_resumes_only_whats_missing(
     files[3].unlink()
     assert generate_images(cfg)["written"] == 1 and calls == [1]
     assert files[3].read_bytes() == before
+    assert npz["arr_1"].dtype == np.int64
+
+    # the .npz is streamed from the PNGs: an odd one is named, and the last archive stays
+    Image.new("L", (8, 8)).save(files[3])
+    with pytest.raises(ValueError, match="000003.png is 1x8x8, not the job's 1x32x32"):
+        generate_images(cfg)
+    assert np.array_equal(np.load(out / "samples.npz")["arr_0"], npz["arr_0"])
 
 
 def test_a_folder_made_with_other_settings_is_refused_and_more_images_extend_it(
