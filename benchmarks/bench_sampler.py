@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from flowturbo.eval import measure_latency
+from flowturbo.eval import measure_latencies
 from flowturbo.models import SiT, VelocityRefiner
 from flowturbo.sampling import (
     ClassifierFreeGuidance,
@@ -69,11 +69,14 @@ def bench_model(name: str, batch: int, args: argparse.Namespace, device: torch.d
     def autocast():
         return torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
 
-    def timed(fn):
+    def timed_together(fns: dict) -> dict:  # interleaved rounds: fair ratios between them
         with torch.no_grad(), autocast():
-            return measure_latency(
-                fn, batch=batch, device=device, warmup=args.warmup, repeats=args.repeats
+            return measure_latencies(
+                fns, batch=batch, device=device, warmup=args.warmup, repeats=args.repeats
             )
+
+    def timed(fn):
+        return timed_together({0: fn})[0]
 
     rows = []
     fwd_decode = timed(lambda: decode(noise)) if decode is not None else None
@@ -102,8 +105,8 @@ def bench_model(name: str, batch: int, args: argparse.Namespace, device: torch.d
             "forward_sum_ms_per_img": forward_sum / batch,
             "decode": bool(decode),
         }
-        for mode in args.modes:
-            lat = timed(sampler_call(mode, s, g_base, g_ref, noise, y, decode))
+        calls = {m: sampler_call(m, s, g_base, g_ref, noise, y, decode) for m in args.modes}
+        for mode, lat in timed_together(calls).items():
             row[f"{mode}_ms_per_img"] = lat.ms_per_image
             row[f"{mode}_min_ms_per_img"] = lat.min_ms / batch
         rows.append(row)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from flowturbo.eval import digits
+from flowturbo.eval import latency as latency_mod
 from flowturbo.eval.digits import (
     DEFAULT_WEIGHTS,
     EXTRACTOR_NAME,
@@ -24,6 +25,45 @@ from flowturbo.eval.pareto import (
     plot_pareto_panels,
     write_results,
 )
+
+
+class DriftingClock:
+    """A fake ``time.perf_counter`` on a machine that gets slower: call n of any timed function
+    takes n milliseconds."""
+
+    def __init__(self):
+        self.now, self.calls, self.order = 0.0, 0, []
+
+    def perf_counter(self):
+        return self.now
+
+    def work(self, key):
+        def fn():
+            self.order.append(key)
+            self.now += self.calls * 1e-3
+            self.calls += 1
+
+        return fn
+
+
+def test_latencies_are_timed_in_interleaved_rounds_so_drift_hits_all_alike(monkeypatch):
+    clock = DriftingClock()
+    monkeypatch.setattr(latency_mod.time, "perf_counter", clock.perf_counter)
+    fns = {key: clock.work(key) for key in "abc"}
+    timed = latency_mod.measure_latencies(fns, batch=2, warmup=1, repeats=5)
+    # warm-up of each, then rounds that start one later each time
+    assert "".join(clock.order) == "abc" + "abc" + "bca" + "cab" + "abc" + "bca"
+    medians = [timed[k].median_ms for k in "abc"]
+    assert max(medians) - min(medians) <= 2.5  # the same work gets about the same time ...
+    assert timed["a"].ms_per_image == timed["a"].median_ms / 2 and timed["a"].repeats == 5
+    clock.__init__()
+    one_by_one = [
+        latency_mod.measure_latency(clock.work(k), batch=2, warmup=1, repeats=5) for k in "abc"
+    ]
+    spread = one_by_one[2].median_ms - one_by_one[0].median_ms
+    assert spread >= 10.0  # ... where timing one after the other charges the drift to the last
+    with pytest.raises(ValueError, match="repeats >= 1"):
+        latency_mod.measure_latencies(fns, batch=1, repeats=0)
 
 
 def row(sampler, schedule, fid, ms, **kw):

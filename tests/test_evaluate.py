@@ -112,8 +112,8 @@ class Counter:
         self.calls: list[str] = []
         fn = getattr(sweep, name)
 
-        def wrapped(entry, *args, **kwargs):
-            self.calls.append(entry.label)
+        def wrapped(entry, *args, **kwargs):  # an entry, or a list of entries
+            self.calls += [e.label for e in (entry if isinstance(entry, list) else [entry])]
             return fn(entry, *args, **kwargs)
 
         monkeypatch.setattr(sweep, name, wrapped)
@@ -222,30 +222,39 @@ def modes_key(mode):
     return ("heun", "flowturbo", "fid", mode)
 
 
-def test_interrupted_sweep_resumes_without_redoing_finished_entries(assets, tmp_path, monkeypatch):
+def test_interrupted_sweep_resumes_without_redoing_finished_parts(assets, tmp_path, monkeypatch):
     out = tmp_path / "sweep"
-    real_latency = sweep.measure_entry_latency
+    real_generate, real_latency = sweep.generate, sweep.measure_entries_latency
 
     def interrupted(entry, *args, **kwargs):
         if entry.label == "H1P2R2":
-            raise KeyboardInterrupt  # the job dies during the second entry's latency
-        return real_latency(entry, *args, **kwargs)
+            raise KeyboardInterrupt  # the job dies during the second entry's images
+        return real_generate(entry, *args, **kwargs)
 
-    monkeypatch.setattr(sweep, "measure_entry_latency", interrupted)
+    monkeypatch.setattr(sweep, "generate", interrupted)
     with pytest.raises(KeyboardInterrupt):
         sweep.run_sweep(tiny(assets, out))
     first = mtimes(out)
-    assert set(first) == {"H2.json", "H1P2R2.json"}  # H1P2R2's quality part was written
-    partial = json.loads((out / "rows" / "H1P2R2.json").read_text())
-    assert set(partial["parts"]) == {"quality", "ref_error"}
+    assert set(first) == {"H2.json"}
+    partial = json.loads((out / "rows" / "H2.json").read_text())
+    assert set(partial["parts"]) == {"quality", "ref_error"}  # latency comes last, for all
 
-    monkeypatch.setattr(sweep, "measure_entry_latency", real_latency)
+    def no_latency(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep, "generate", real_generate)
     generated = Counter(monkeypatch, "generate")
-    timed = Counter(monkeypatch, "measure_entry_latency")
+    monkeypatch.setattr(sweep, "measure_entries_latency", no_latency)
+    with pytest.raises(KeyboardInterrupt):  # now it dies while timing: the images are kept
+        sweep.run_sweep(tiny(assets, out))
+    assert generated.calls == ["H1P2R2", "euler:4"]  # only the entries that never finished
+    assert mtimes(out)["H2.json"] == first["H2.json"]  # finished parts: not even rewritten
+
+    monkeypatch.setattr(sweep, "measure_entries_latency", real_latency)
+    timed = Counter(monkeypatch, "measure_entries_latency")
     sweep.run_sweep(tiny(assets, out))
-    assert generated.calls == ["euler:4"]  # only the entry that never started
-    assert timed.calls == ["H1P2R2", "euler:4"]
-    assert mtimes(out)["H2.json"] == first["H2.json"]  # finished: not even rewritten
+    assert generated.calls == ["H1P2R2", "euler:4"]  # nothing generated again
+    assert timed.calls == ["H2", "H1P2R2", "euler:4"]  # all three timed in one set of rounds
     rows = json.loads((out / "results.json").read_text())
     assert all(r["ms_per_image_eager"] for r in rows) and len(rows) == 3
 
@@ -267,7 +276,7 @@ def test_a_changed_setting_recomputes_only_what_it_affects(assets, tmp_path, mon
     old = json.loads((out / "rows" / "H2.json").read_text())
 
     generated = Counter(monkeypatch, "generate")
-    timed = Counter(monkeypatch, "measure_entry_latency")
+    timed = Counter(monkeypatch, "measure_entries_latency")
     settings.append("latency.batch=2")  # latency only
     sweep.run_sweep(tiny(assets, out, *settings))
     assert generated.calls == [] and timed.calls == ["H2", "H1P2R2"]

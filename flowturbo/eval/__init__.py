@@ -14,7 +14,7 @@ from flowturbo.eval.fidelity import (
     fidelity_metrics,
     load_reference,
 )
-from flowturbo.eval.latency import Latency, measure_latency
+from flowturbo.eval.latency import Latency, measure_latencies, measure_latency
 from flowturbo.eval.pareto import (
     acceleration_ratios,
     pareto_front,
@@ -32,6 +32,7 @@ __all__ = [
     "fid_against_statistics",
     "fidelity_metrics",
     "load_reference",
+    "measure_latencies",
     "measure_latency",
     "pareto_front",
     "plot_pareto",

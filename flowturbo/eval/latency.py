@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import asdict, dataclass
 
 import torch
@@ -52,27 +52,60 @@ def measure_latency(
     Returns:
         A :class:`Latency` with the median, min and max over ``repeats`` calls.
     """
+    timed = measure_latencies({0: fn}, batch=batch, device=device, warmup=warmup, repeats=repeats)
+    return timed[0]
+
+
+def measure_latencies(
+    fns: Mapping[Hashable, Callable[[], object]],
+    *,
+    batch: int,
+    device: torch.device | str = "cpu",
+    warmup: int = 3,
+    repeats: int = 10,
+) -> dict[Hashable, Latency]:
+    """Times several functions in interleaved rounds, so that their ratios are fair.
+
+    Every function is warmed up, then each of ``repeats`` rounds calls every function once,
+    starting one later each round. A shared machine's slow drift (other jobs, clock changes)
+    then lands on all of them alike instead of on whichever was timed last. Each call is timed
+    as :func:`measure_latency` times one.
+
+    Args:
+        fns: the calls to time, each producing ``batch`` images, by any key.
+        batch, device, warmup, repeats: as for :func:`measure_latency`.
+
+    Returns:
+        A :class:`Latency` per key of ``fns``.
+    """
     if repeats < 1 or warmup < 0 or batch < 1:
         raise ValueError("need repeats >= 1, warmup >= 0 and batch >= 1")
     device = torch.device(device)
-    cuda = device.type == "cuda"
-    for _ in range(warmup):
-        fn()
-    if cuda:
+    keys = list(fns)
+    for key in keys:
+        for _ in range(warmup):
+            fns[key]()
+    if device.type == "cuda":
         torch.cuda.synchronize(device)
-    times = []
-    for _ in range(repeats):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return Latency(
-        statistics.median(times), min(times), max(times), repeats, warmup, batch, str(device)
-    )
+    times: dict[Hashable, list[float]] = {key: [] for key in keys}
+    for r in range(repeats):
+        for key in keys[r % len(keys) :] + keys[: r % len(keys)]:
+            times[key].append(_time_call(fns[key], device))
+    return {
+        key: Latency(statistics.median(t), min(t), max(t), repeats, warmup, batch, str(device))
+        for key, t in times.items()
+    }
+
+
+def _time_call(fn: Callable[[], object], device: torch.device) -> float:
+    """Milliseconds of one call, the device synchronised after it."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3

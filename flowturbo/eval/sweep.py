@@ -12,7 +12,8 @@ separately:
   [-1, 1], or scaled latents) and a fine reference ODE solution from the same noise, on the
   first ``ref_error.num_images`` images;
 - ``latency``: ms per image of the sampler at ``latency.batch``, eager and with sample-aware
-  compilation (:func:`flowturbo.eval.latency.measure_latency`), and of the VAE decode.
+  compilation, and of the VAE decode; measured last, for all entries of the job together in
+  interleaved rounds (:func:`flowturbo.eval.latency.measure_latencies`).
 
 The sweep folder (``out_dir``, not Hydra's timestamped run folder, so that multirun jobs and
 reruns share it) holds::
@@ -56,7 +57,7 @@ from flowturbo.eval.fidelity import (
     fidelity_metrics,
     load_reference,
 )
-from flowturbo.eval.latency import measure_latency
+from flowturbo.eval.latency import measure_latencies
 from flowturbo.eval.networks import Networks, fingerprint, load_networks, run_entry, seeded_noise
 from flowturbo.eval.summary import finite, read_row, summarize
 from flowturbo.sampling import (
@@ -192,6 +193,7 @@ def part_settings(cfg: DictConfig, entry: SweepEntry, device: torch.device) -> d
             "eager": bool(lat.eager),
             "compiled": bool(lat.compiled),
             "compile_mode": compile_mode(lat),
+            "rounds": "interleaved",  # every entry of a job timed in the same rounds
             "decode": bool(lat.decode),
             "machine": machine(device),
             "torch": torch.__version__,
@@ -396,50 +398,76 @@ def compiled_for(entry: SweepEntry, nets: Networks, cfg: DictConfig) -> bool:
     return not any(steps[k].failed for k in step_kinds(entry.plan, cfg.sampler.refiner_input))
 
 
-def measure_entry_latency(entry: SweepEntry, nets: Networks, cfg: DictConfig) -> dict[str, Any]:
-    """ms/img of the entry's sampler at ``latency.batch``: eager, compiled, and VAE decode.
+def measure_entries_latency(
+    entries: Sequence[SweepEntry], nets: Networks, cfg: DictConfig
+) -> dict[str, dict[str, Any]]:
+    """ms/img of the entries' samplers at ``latency.batch``: eager, compiled, and VAE decode.
 
-    Same noise and labels as images 0..batch-1. ``compile_s`` is the first compiled call
-    (compilation of the step kinds not compiled by an earlier entry of this process, plus
-    one sampling); ``compiled`` is False when torch.compile failed and the sampler fell back.
+    Same noise and labels as images 0..batch-1. All calls are timed together in interleaved
+    rounds (:func:`flowturbo.eval.latency.measure_latencies`), so the ratios between entries
+    do not depend on when each was measured; in ``compile_mode=sampler`` in groups of at most
+    :data:`~flowturbo.sampling.graph.MAX_CACHED_SAMPLERS` entries, the compiled samplers kept at
+    once. ``compile_s`` is the first compiled call (compilation of what an earlier entry of this
+    process did not compile, plus one sampling); ``compiled`` is False when torch.compile failed
+    and the sampler fell back.
+
+    Returns:
+        The latency part's result per entry key.
     """
+    from flowturbo.sampling.graph import MAX_CACHED_SAMPLERS
+
     lat = cfg.latency
     b, device = int(lat.batch), nets.device
     idx = torch.arange(b)
     noise = seeded_noise(cfg.seed, idx, nets.shape).to(device)
     labels = (idx % nets.num_classes).to(device)
     refiner_input = cfg.sampler.refiner_input
+    compiled = True if compile_mode(lat) == "steps" else "sampler"
+    timing = dict(batch=b, device=device, warmup=int(lat.warmup), repeats=int(lat.repeats))
 
-    def run(compile: bool | str) -> Callable[[], Tensor]:
+    def run(entry: SweepEntry, compile: bool | str) -> Callable[[], Tensor]:
         return lambda: run_entry(
             entry, nets, noise, labels, refiner_input=refiner_input, compile=compile
         )
 
-    compiled = True if compile_mode(lat) == "steps" else "sampler"
-
-    timing = dict(batch=b, device=device, warmup=int(lat.warmup), repeats=int(lat.repeats))
-    out: dict[str, Any] = {"batch": b, "device": str(device), "machine": machine(device)}
-    if lat.eager:
-        out["eager"] = measure_latency(run(False), **timing).as_dict()
-    if lat.compiled:
+    results: dict[str, dict[str, Any]] = {}
+    group_size = MAX_CACHED_SAMPLERS if compiled == "sampler" else max(1, len(entries))
+    for first in range(0, len(entries), group_size):
+        group = entries[first : first + group_size]
+        calls: dict[tuple[str, str], Callable[[], object]] = {}
+        compile_s: dict[str, float] = {}
         with _strict_dynamo():
-            start = time.perf_counter()
-            run(compiled)()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            compile_s = time.perf_counter() - start
-            measured = measure_latency(run(compiled), **timing).as_dict()
-        ok = compiled_for(entry, nets, cfg)
-        out["compiled"] = {**measured, "compiled": ok, "compile_s": compile_s}
-    if lat.decode and nets.vae is not None:
-        z = run(False)()
+            for entry in group:
+                if lat.eager:
+                    calls[entry.key, "eager"] = run(entry, False)
+                if lat.compiled:
+                    start = time.perf_counter()
+                    run(entry, compiled)()
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    compile_s[entry.key] = time.perf_counter() - start
+                    calls[entry.key, "compiled"] = run(entry, compiled)
+                if lat.decode and nets.vae is not None:
+                    calls[entry.key, "decode"] = _decode_call(run(entry, False)(), nets)
+            timed = measure_latencies(calls, **timing)
+        for entry in group:
+            out: dict[str, Any] = {"batch": b, "device": str(device), "machine": machine(device)}
+            for (key, mode), latency in timed.items():
+                if key == entry.key:
+                    out[mode] = latency.as_dict()
+            if "compiled" in out:
+                ok = compiled_for(entry, nets, cfg)
+                out["compiled"].update(compiled=ok, compile_s=compile_s[entry.key])
+            results[entry.key] = out
+    return results
 
-        def decode() -> Tensor:
-            with torch.no_grad(), nets.autocast():
-                return decode_latents(z, nets.vae)
 
-        out["decode"] = measure_latency(decode, **timing).as_dict()
-    return out
+def _decode_call(z: Tensor, nets: Networks) -> Callable[[], Tensor]:
+    def decode() -> Tensor:
+        with torch.no_grad(), nets.autocast():
+            return decode_latents(z, nets.vae)
+
+    return decode
 
 
 # ----------------------------------------------------------------------------- the sweep
@@ -489,6 +517,9 @@ def run_sweep(cfg: DictConfig) -> dict[str, Any]:
         shared: dict[str, Any] = {}  # the FID reference and the reference solution, loaded once
         for entry, settings, missing in todo:
             evaluate_entry(entry, settings, missing, nets, cfg, out_dir, shared)
+        timed = [(entry, settings) for entry, settings, missing in todo if "latency" in missing]
+        if timed:
+            evaluate_latency(timed, nets, cfg, out_dir)
     return summarize(out_dir, cfg)
 
 
@@ -526,25 +557,14 @@ def evaluate_entry(
     out_dir: Path,
     shared: dict[str, Any],
 ) -> None:
-    """Computes the ``missing`` parts of one entry, rewriting its row file after each part.
+    """Computes the ``missing`` quality and reference-error parts of one entry, rewriting its
+    row file after each part (the latency parts of all entries: :func:`evaluate_latency`).
 
     ``shared`` caches, across entries, the FID reference (``"reference"``) and the reference
     ODE solution (``"solution"``).
     """
     path = row_path(out_dir, entry)
-    row = read_row(path) or {}
-    row.update(
-        entry=entry.label,
-        key=entry.key,
-        family=entry.family,
-        plan=entry.plan,
-        steps=entry.steps,
-        base_nfe=entry.base_nfe,
-        refiner_nfe=entry.refiner_nfe,
-    )
-    parts = row.setdefault("parts", {})
-    for name in [p for p in parts if p not in settings]:
-        del parts[name]  # e.g. ref_error after ref_error.num_images=0
+    row, parts = _open_row(path, entry, settings)
 
     kept = None
     if "quality" in missing:
@@ -562,11 +582,42 @@ def evaluate_entry(
         _store(parts, "ref_error", settings, result)
         write_row(path, row)
         log.info("%s: error to the reference %.4g", entry.label, result["ref_error"])
-    if "latency" in missing:
-        result = measure_entry_latency(entry, nets, cfg)
-        _store(parts, "latency", settings, result)
+
+
+def evaluate_latency(
+    todo: Sequence[tuple[SweepEntry, dict[str, dict]]],
+    nets: Networks,
+    cfg: DictConfig,
+    out_dir: Path,
+) -> None:
+    """Measures the latency parts of these entries together, then writes each row file."""
+    log.info("latency of %s, in interleaved rounds", ", ".join(e.label for e, _ in todo))
+    results = measure_entries_latency([entry for entry, _ in todo], nets, cfg)
+    for entry, settings in todo:
+        path = row_path(out_dir, entry)
+        row, parts = _open_row(path, entry, settings)
+        _store(parts, "latency", settings, results[entry.key])
         write_row(path, row)
-        log.info("%s: latency %s", entry.label, _latency_words(result))
+        log.info("%s: latency %s", entry.label, _latency_words(results[entry.key]))
+
+
+def _open_row(path: Path, entry: SweepEntry, settings: dict[str, dict]) -> tuple[dict, dict]:
+    """An entry's row file as stored (or new), its identity refreshed, parts no longer
+    configured dropped (e.g. ref_error after ref_error.num_images=0); and its parts."""
+    row = read_row(path) or {}
+    row.update(
+        entry=entry.label,
+        key=entry.key,
+        family=entry.family,
+        plan=entry.plan,
+        steps=entry.steps,
+        base_nfe=entry.base_nfe,
+        refiner_nfe=entry.refiner_nfe,
+    )
+    parts = row.setdefault("parts", {})
+    for name in [p for p in parts if p not in settings]:
+        del parts[name]
+    return row, parts
 
 
 def _store(parts: dict, name: str, settings: dict, result: dict) -> None:
