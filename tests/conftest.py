@@ -38,6 +38,32 @@ def tiny_models(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_latent_model(tmp_path_factory):
+    """Folder with a latent base.pt (SiT-Tiny/4 on 4 x 8 x 8 latents, 3 classes) and vae/, a
+    two-level diffusers AutoencoderKL (random weights) whose images are 3 x 16 x 16."""
+    pytest.importorskip("diffusers")
+    from diffusers import AutoencoderKL
+
+    from flowturbo.models import SiT, save_checkpoint
+
+    d = tmp_path_factory.mktemp("tiny_latent_model")
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=(32, 32),  # two levels: images are 2x the latents
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=16,
+    )
+    vae.save_pretrained(d / "vae")
+    save_checkpoint(
+        SiT.from_name("SiT-Tiny/4", input_size=8, in_channels=4, num_classes=3), d / "base.pt"
+    )
+    return d
+
+
+@pytest.fixture(scope="session")
 def generate_cfg(tiny_models):
     """``generate_cfg(out_dir, *overrides)``: conf/generate.yaml composed for the tiny models
     (one thread, no progress bar, batches of 4); later overrides win."""

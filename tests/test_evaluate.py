@@ -265,6 +265,23 @@ def test_interrupted_sweep_resumes_without_redoing_finished_parts(assets, tmp_pa
     assert mtimes(out) == before
 
 
+def test_a_latent_models_vae_decode_is_timed_with_its_sampler(assets, tiny_latent_model, tmp_path):
+    latent = [
+        f"model.base_ckpt={tiny_latent_model / 'base.pt'}",
+        f"vae={tiny_latent_model / 'vae'}",
+    ]
+    cfg = tiny(assets, tmp_path / "sweep", *latent, "latency.repeats=2")
+    nets = networks.load_networks(cfg, torch.device("cpu"), need_refiner=False)
+    timed = sweep.measure_entries_latency(
+        [entries.parse_entry("H2"), entries.parse_entry("euler:4")], nets, cfg
+    )
+    assert set(timed) == {"H2", "euler-4"}
+    for result in timed.values():
+        assert set(result) == {"batch", "device", "machine", "eager", "decode"}
+        assert result["decode"]["repeats"] == 2 and result["decode"]["ms_per_image"] > 0
+        assert result["eager"]["batch"] == 4
+
+
 def _no_models(*args, **kwargs):
     raise AssertionError("nothing to compute: no model should be loaded")
 

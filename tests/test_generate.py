@@ -12,7 +12,6 @@ from PIL import Image
 from flowturbo import generate as gen
 from flowturbo.eval import entries, networks, sweep
 from flowturbo.generate import generate_images, pick_row, region_mask, resolve_labels
-from flowturbo.models import SiT, save_checkpoint
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -261,29 +260,17 @@ def test_images_are_dealt_across_ddp_ranks(generate_cfg, tmp_path):
         assert (spread / "H2" / "images" / f.name).read_bytes() == f.read_bytes()
 
 
-def test_latent_model_goes_through_the_vae(generate_cfg, tmp_path):
+def test_latent_model_goes_through_the_vae(generate_cfg, tiny_latent_model, tmp_path):
     """A 4-channel model: inputs are encoded, outputs decoded to RGB at the VAE's scale."""
-    pytest.importorskip("diffusers")
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        block_out_channels=(32, 32),  # two levels: images are 2x the latents, 16 x 16
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=16,
-    )
-    vae.save_pretrained(tmp_path / "vae")
-    base = SiT.from_name("SiT-Tiny/4", input_size=8, in_channels=4, num_classes=3)
-    save_checkpoint(base, tmp_path / "base.pt")
     rng = np.random.default_rng(0)
     (tmp_path / "in").mkdir()
     for i in range(3):  # RGB inputs of another size: center-cropped and resized to 16 x 16
         image = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
         Image.fromarray(image).save(tmp_path / "in" / f"in{i}.png")
-    paths = [f"model.base_ckpt={tmp_path / 'base.pt'}", f"vae={tmp_path / 'vae'}"]
+    paths = [
+        f"model.base_ckpt={tiny_latent_model / 'base.pt'}",
+        f"vae={tiny_latent_model / 'vae'}",
+    ]
     common = [*paths, "sampler.schedule=H2", "num_images=3", "npz=true"]
     summary = generate_images(generate_cfg(tmp_path / "s", *common))
     npz = np.load(Path(summary["out_dir"]) / "samples.npz")
