@@ -75,14 +75,13 @@ def bench_model(name: str, batch: int, args: argparse.Namespace, device: torch.d
                 fns, batch=batch, device=device, warmup=args.warmup, repeats=args.repeats
             )
 
-    def timed(fn):
-        return timed_together({0: fn})[0]
-
     rows = []
-    fwd_decode = timed(lambda: decode(noise)) if decode is not None else None
-    fwd_base = timed(lambda: g_base(noise, torch.rand(batch, device=device), y=y))
-    v = torch.randn_like(noise)
-    fwd_ref = timed(lambda: g_ref(noise, torch.rand(batch, device=device), v, y=y))
+    v, t = torch.randn_like(noise), torch.rand(batch, device=device)
+    forwards = {"base": lambda: g_base(noise, t, y=y), "refiner": lambda: g_ref(noise, t, v, y=y)}
+    if decode is not None:
+        forwards["decode"] = lambda: decode(noise)
+    forwards = timed_together(forwards)
+    fwd_base, fwd_ref, fwd_decode = forwards["base"], forwards["refiner"], forwards.get("decode")
     print(
         f"{name} batch {batch}: base forward {fwd_base.median_ms:.2f} ms, "
         f"refiner forward {fwd_ref.median_ms:.2f} ms "
