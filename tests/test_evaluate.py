@@ -280,6 +280,7 @@ def test_a_latent_models_vae_decode_is_timed_with_its_sampler(assets, tiny_laten
         assert set(result) == {"batch", "device", "machine", "eager", "decode"}
         assert result["decode"]["repeats"] == 2 and result["decode"]["ms_per_image"] > 0
         assert result["eager"]["batch"] == 4
+    assert timed["H2"]["decode"] == timed["euler-4"]["decode"]  # one decode, timed once
 
 
 def _no_models(*args, **kwargs):

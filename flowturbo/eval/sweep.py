@@ -407,9 +407,10 @@ def measure_entries_latency(
     rounds (:func:`flowturbo.eval.latency.measure_latencies`), so the ratios between entries
     do not depend on when each was measured; in ``compile_mode=sampler`` in groups of at most
     :data:`~flowturbo.sampling.graph.MAX_CACHED_SAMPLERS` entries, the compiled samplers kept at
-    once. ``compile_s`` is the first compiled call (compilation of what an earlier entry of this
-    process did not compile, plus one sampling); ``compiled`` is False when torch.compile failed
-    and the sampler fell back.
+    once. The VAE decode does not depend on the sampler: it is timed once per group and
+    reported with every entry. ``compile_s`` is the first compiled call (compilation of what an
+    earlier entry of this process did not compile, plus one sampling); ``compiled`` is False
+    when torch.compile failed and the sampler fell back.
 
     Returns:
         The latency part's result per entry key.
@@ -447,13 +448,13 @@ def measure_entries_latency(
                         torch.cuda.synchronize(device)
                     compile_s[entry.key] = time.perf_counter() - start
                     calls[entry.key, "compiled"] = run(entry, compiled)
-                if lat.decode and nets.vae is not None:
-                    calls[entry.key, "decode"] = _decode_call(run(entry, False)(), nets)
+            if lat.decode and nets.vae is not None:  # the same for every entry: timed once
+                calls["", "decode"] = _decode_call(run(group[0], False)(), nets)
             timed = measure_latencies(calls, **timing)
         for entry in group:
             out: dict[str, Any] = {"batch": b, "device": str(device), "machine": machine(device)}
             for (key, mode), latency in timed.items():
-                if key == entry.key:
+                if key in (entry.key, ""):
                     out[mode] = latency.as_dict()
             if "compiled" in out:
                 ok = compiled_for(entry, nets, cfg)
