@@ -52,7 +52,14 @@ from torch import Tensor
 from flowturbo.eval.atomic import atomic_path
 from flowturbo.eval.entries import SweepEntry, parse_entry
 from flowturbo.eval.fidelity import IMAGE_SUFFIXES
-from flowturbo.eval.networks import Networks, fingerprint, load_networks, run_entry, seeded_noise
+from flowturbo.eval.networks import (
+    Networks,
+    base_fingerprint,
+    fingerprint,
+    load_networks,
+    run_entry,
+    seeded_noise,
+)
 from flowturbo.sampling import decode_latents, edit, encode_images, from_uint8, inpaint, to_uint8
 
 log = logging.getLogger(__name__)
@@ -140,7 +147,7 @@ def sweep_rows_for(cfg: DictConfig) -> list[dict[str, Any]]:
             "(sweeps/<name>, written by evaluate.py) or its results.json"
         )
     rows = json.loads(path.read_text())
-    base = fingerprint(cfg.model.base_ckpt)
+    base = base_fingerprint(cfg.model)
     refiner = fingerprint(cfg.model.get("refiner_ckpt"))
     s = cfg.sampler
 
@@ -472,7 +479,7 @@ def make_job(cfg: DictConfig, entry: SweepEntry, nets: Networks) -> Job:
         # rules, not lists: image i's label and noise depend only on i, so a rerun with more
         # images extends the folder
         "labels": labels_spec,
-        "base": fingerprint(m.base_ckpt),
+        "base": base_fingerprint(m),
         "refiner": fingerprint(m.get("refiner_ckpt")) if entry.uses_refiner else None,
         "refiner_input": str(s.refiner_input) if entry.uses_refiner else None,
         "vae": fingerprint(cfg.get("vae")),

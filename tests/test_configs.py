@@ -20,6 +20,11 @@ EXPERIMENTS = sorted(set(ALL_EXPERIMENTS) - set(SWEEPS) - set(GENERATE))
 # values a user must supply (???), filled for composition
 REQUIRED = {
     "sit_refiner": ["model.base.path=base.pt", "data.train_shards=/data/train"],
+    "own_refiner": [
+        "model.base.path=base.pt",
+        "model.base.factory=own_flow.load_reversed_sit",
+        "data.train_shards=/data/train",
+    ],
     "sit_xl_generate": [
         "model.base_ckpt=SiT-XL-2-256x256.pt",
         "model.refiner_ckpt=SiT-XL-2-Refiner.pt",
@@ -102,6 +107,19 @@ def test_sweep_experiment_composes_with_evaluate_yaml(name, tmp_path):
         assert families == set(FAMILIES) - {"other"}  # every family of sampler
 
 
+@pytest.mark.parametrize("name", ["sit_xl_sweep", "sit_xl_generate"])
+def test_the_readmes_own_model_overrides_replace_the_sit_architecture(name, tmp_path):
+    own = "+model.base_arch={factory: mypkg.flows.load_model, in_channels: 4, time_scale: 1000}"
+    config = "evaluate" if name.endswith("_sweep") else "generate"
+    overrides = [f"experiment={name}", *REQUIRED[name], "~model.base_arch", own]
+    cfg = cfg_for(overrides, tmp_path, config)
+    assert dict(cfg.model.base_arch) == {
+        "factory": "mypkg.flows.load_model",
+        "in_channels": 4,
+        "time_scale": 1000,
+    }
+
+
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_composes_and_builds(name, tmp_path):
     cfg = cfg_for([f"experiment={name}", *REQUIRED.get(name, [])], tmp_path)
@@ -115,6 +133,9 @@ def test_experiment_composes_and_builds(name, tmp_path):
         assert isinstance(module.refiner, VelocityRefiner)
         assert module.refiner.config["hidden_size"] == 1152 and len(module.refiner.blocks) == 1
         assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.strategy == "ddp"
+    if name == "own_refiner":  # the base's block reaches load_frozen_base's factory path
+        assert module.base_factory.keywords["factory"] == "own_flow.load_reversed_sit"
+        assert module.base_factory.keywords["time"] == "noise_to_data"
 
 
 def test_required_values_are_marked_missing(tmp_path):
@@ -185,6 +206,28 @@ def test_demo_base_then_demo_refiner_run_end_to_end(tmp_path, monkeypatch):
     assert "val/error_ratio" in metrics
     x = torch.randn(2, 1, 32, 32)
     assert refiner(x, torch.rand(2), x, torch.tensor([1, 2])).shape == x.shape
+
+    # the same base as a flow model of one's own (tests/own_flow.py runs it data -> noise):
+    # the same validation targets, which only the base and the fixed seeds determine
+    own = [
+        "name=own_refiner",
+        "+model.base.factory=own_flow.load_reversed_sit",
+        "+model.base.in_channels=1",
+        "+model.base.input_size=32",
+        "+model.base.num_classes=10",
+        "+model.base.time=data_to_noise",
+        "+model.base.time_scale=1000",
+        "+model.base.null_label=-1",
+    ]
+    cfg = cfg_for(
+        ["experiment=demo_refiner", *TINY, *tiny_net("refiner"), *tiny_base, *own],
+        tmp_path / "run_own",
+    )
+    own_metrics = train(cfg)
+    assert float(own_metrics["val/loss_unrefined"]) == pytest.approx(
+        float(metrics["val/loss_unrefined"]), rel=1e-4
+    )
+    assert (tmp_path / "checkpoints" / "own_refiner" / "ema.pt").is_file()
 
     # a rerun resumes from last.ckpt and continues the step count
     cfg = cfg_for(

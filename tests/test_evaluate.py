@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from own_flow import OWN_BASE_ARCH
 
 from flowturbo.eval import entries, networks, sweep
 from flowturbo.eval import summary as summary_mod
@@ -383,6 +384,20 @@ def test_missing_checkpoints_and_values_are_clear_errors(assets, tmp_path):
     keys = ["fid.inception_weights", "fid.reference", "model.base_ckpt", "model.refiner_ckpt"]
     with pytest.raises(ValueError, match=", ".join(keys) + ", vae"):
         sweep.run_sweep(cfg)
+
+
+def test_a_flow_model_of_ones_own_is_swept_like_the_sit_it_adapts(assets, tmp_path):
+    only = ["sweep.schedules=[H1P2R2]", "sweep.baselines.euler=[]", "grid.num_images=0"]
+    (sit,) = sweep.run_sweep(tiny(assets, tmp_path / "sit", *only))["rows"]
+    (own,) = sweep.run_sweep(tiny(assets, tmp_path / "own", *only, OWN_BASE_ARCH))["rows"]
+    assert own["fid"] == pytest.approx(sit["fid"], rel=1e-3)
+    assert own["ref_error"] == pytest.approx(sit["ref_error"], rel=1e-4)
+    assert own["ms_per_image_eager"] > 0
+    assert own["base_sha256"] != sit["base_sha256"]  # the same file, called another way
+    stored = json.loads((tmp_path / "own" / "rows" / "H1P2R2.json").read_text())
+    assert stored["parts"]["quality"]["settings"]["base"]["arch"]["factory"] == (
+        "own_flow.load_reversed_sit"
+    )
 
 
 # ----------------------------------------------------------------------------- summary parts

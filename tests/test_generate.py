@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from own_flow import OWN_BASE_ARCH
 from PIL import Image
 
 from flowturbo import generate as gen
@@ -280,3 +281,16 @@ def test_latent_model_goes_through_the_vae(generate_cfg, tiny_latent_model, tmp_
     out = Path(summary["out_dir"])
     assert summary["images"] == 3 and read(out / "images" / "in0.png").shape == (16, 16, 3)
     assert read(out / "grid.png").shape[:2] == (3 * 17 + 1, 3 * 17 + 1)  # 3 rows of 3, padded
+
+
+def test_a_flow_model_of_ones_own_generates_the_images_of_the_sit_it_adapts(
+    generate_cfg, tmp_path
+):
+    args = ("sampler.schedule=H1P2R2", "num_images=6")
+    sit = Path(generate_images(generate_cfg(tmp_path / "sit", *args))["out_dir"])
+    own = Path(generate_images(generate_cfg(tmp_path / "own", *args, OWN_BASE_ARCH))["out_dir"])
+    for a in sorted((sit / "images").glob("*.png")):
+        diff = np.abs(read(a).astype(int) - read(own / "images" / a.name).astype(int))
+        assert diff.max() <= 1 and (diff > 0).mean() < 0.01, a.name
+    jobs = [json.loads((d / "job.json").read_text()) for d in (sit, own)]
+    assert jobs[0]["base"] != jobs[1]["base"]  # a rerun of the other kind would be refused

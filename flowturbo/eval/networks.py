@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -59,7 +60,7 @@ class Networks:
     """The models of a sweep, on their device, and the guided velocity functions.
 
     Attributes:
-        base: the frozen base SiT.
+        base: the frozen base (a SiT, or a :class:`flowturbo.models.FlowModel`).
         refiner: the velocity refiner, or None when no entry needs it.
         vae: the SD VAE for latent models, else None.
         velocity: guided base, ``velocity(x, t, y=labels)``.
@@ -110,17 +111,20 @@ def load_networks(cfg: DictConfig, device: torch.device, *, need_refiner: bool) 
     """Loads the base (and the refiner, and the VAE for 4-channel latent models).
 
     Public checkpoints carry no architecture: ``model.base_arch`` / ``model.refiner_arch``
-    give it (``{name: SiT-XL/2, ...}``, as :func:`flowturbo.lit.load_frozen_base` takes).
+    give it (``{name: SiT-XL/2, ...}``, as :func:`flowturbo.lit.load_frozen_base` takes). A flow
+    model of the user's own is ``{factory: mypkg.load_model, in_channels: ..., ...}``.
     """
     from flowturbo.lit.refiner import load_frozen_base
 
     m = cfg.model
-    if not Path(m.base_ckpt).is_file():
+    arch = OmegaConf.to_container(m.base_arch, resolve=True) if m.get("base_arch") else {}
+    own = bool(arch.get("factory"))  # a flow model of the user's own: a file or a folder
+    if not (Path(m.base_ckpt).exists() if own else Path(m.base_ckpt).is_file()):
         raise FileNotFoundError(
             f"base checkpoint not found: {m.base_ckpt}. Set model.base_ckpt to a demo_base "
-            "ema.pt or a public SiT checkpoint (with model.base_arch)"
+            "ema.pt, a public SiT checkpoint (with model.base_arch), or your own flow model's "
+            "checkpoint (with model.base_arch.factory)"
         )
-    arch = OmegaConf.to_container(m.base_arch, resolve=True) if m.get("base_arch") else {}
     base = load_frozen_base(m.base_ckpt, arch.pop("name", None), **arch).to(device)
     refiner = None
     if need_refiner:
@@ -208,6 +212,21 @@ def run_entry(
 @functools.lru_cache(maxsize=32)
 def _cached_file_hash(path: str, size: int, mtime_ns: int) -> str:
     return file_hash(path)[:16]
+
+
+def base_fingerprint(model_cfg: DictConfig) -> str | None:
+    """The identity of a run's base model (``model`` config of evaluate.py and generate.py).
+
+    A SiT is fixed by its checkpoint, so this is the checkpoint's hash. A flow model of the
+    user's own (``base_arch.factory``) also depends on how it is called (time convention,
+    labels), which the file does not fix: the hash then covers ``base_arch`` as well.
+    """
+    sha = fingerprint(model_cfg.base_ckpt)
+    arch = model_cfg.get("base_arch")
+    if not arch or not arch.get("factory"):
+        return sha
+    spec = json.dumps(OmegaConf.to_container(arch, resolve=True), sort_keys=True)
+    return hashlib.sha256(f"{sha}/{spec}".encode()).hexdigest()[:16]
 
 
 def fingerprint(path: str | os.PathLike | None) -> str | None:

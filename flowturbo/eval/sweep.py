@@ -58,7 +58,14 @@ from flowturbo.eval.fidelity import (
     load_reference,
 )
 from flowturbo.eval.latency import measure_latencies
-from flowturbo.eval.networks import Networks, fingerprint, load_networks, run_entry, seeded_noise
+from flowturbo.eval.networks import (
+    Networks,
+    base_fingerprint,
+    fingerprint,
+    load_networks,
+    run_entry,
+    seeded_noise,
+)
 from flowturbo.eval.summary import finite, read_row, summarize
 from flowturbo.sampling import (
     BASELINES,
@@ -150,13 +157,17 @@ def machine(device: torch.device) -> str:
     return f"{cpu}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads"
 
 
+def _base_settings(m: DictConfig) -> dict[str, Any]:
+    arch = OmegaConf.to_container(m.base_arch, resolve=True) if m.get("base_arch") else None
+    return {"sha256": base_fingerprint(m), "arch": arch}
+
+
 def part_settings(cfg: DictConfig, entry: SweepEntry, device: torch.device) -> dict[str, dict]:
     """The settings that determine each part of an entry's row (what its hash covers)."""
     m, s = cfg.model, cfg.sampler
-    arch = OmegaConf.to_container(m.base_arch, resolve=True) if m.get("base_arch") else None
     common: dict[str, Any] = {
         "entry": entry.label,
-        "base": {"sha256": fingerprint(m.base_ckpt), "arch": arch},
+        "base": _base_settings(m),
         "cfg_scale": float(s.cfg_scale),
         "cfg_channels": s.get("cfg_channels"),
         "dtype": s.dtype,
@@ -224,10 +235,9 @@ def reference_settings(cfg: DictConfig) -> dict[str, Any]:
         solver.update(rtol=float(e.rtol), atol=float(e.atol))
     else:
         raise ValueError(f"ref_error.solver must be 'heun' or 'dopri5', got {e.solver!r}")
-    arch = OmegaConf.to_container(m.base_arch, resolve=True) if m.get("base_arch") else None
     return {
         **solver,
-        "base": {"sha256": fingerprint(m.base_ckpt), "arch": arch},
+        "base": _base_settings(m),
         "cfg_scale": float(s.cfg_scale),
         "cfg_channels": s.get("cfg_channels"),
         "seed": int(cfg.seed),

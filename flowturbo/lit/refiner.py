@@ -18,18 +18,36 @@ from flowturbo.flow import (
     trajectory_refiner_batch,
 )
 from flowturbo.lit.common import OptimizerFactory, ema_copy, optimizer_with_warmup, seeded_noise
-from flowturbo.models import CheckpointError, SiT, build_from_checkpoint, load_checkpoint
+from flowturbo.models import (
+    CheckpointError,
+    SiT,
+    build_from_checkpoint,
+    load_checkpoint,
+    load_flow_model,
+)
 
 
-def load_frozen_base(path: str, name: str | None = None, **arch) -> SiT:
+def load_frozen_base(
+    path: str, name: str | None = None, factory: str | None = None, **arch
+) -> nn.Module:
     """Loads a base model for refiner training, frozen: eval mode, no gradients.
 
     Args:
         path: a public SiT checkpoint (with ``name`` and ``arch`` overrides giving its
-            architecture) or a file written by this project (architecture stored inside).
+            architecture), a file written by this project (architecture stored inside), or,
+            with ``factory``, a checkpoint of a flow model of the user's own.
         name: SiT size, e.g. ``"SiT-XL/2"``, for public checkpoints.
+        factory: dotted path of a function ``(path) -> nn.Module`` that builds a flow model of
+            the user's own; ``arch`` then holds :class:`flowturbo.models.FlowModel`'s
+            arguments (in_channels, input_size, num_classes, time, ...).
         **arch: SiT constructor overrides (in_channels, num_classes, input_size, ...).
     """
+    if factory is not None:
+        if name is not None:
+            raise ValueError(
+                f"give either a SiT name ({name!r}) or a factory ({factory!r}) for the base"
+            )
+        return load_flow_model(path, factory, **arch)
     if not Path(path).is_file():
         raise FileNotFoundError(
             f"base checkpoint not found: {path}. Set model.base.path to a SiT checkpoint "

@@ -236,8 +236,14 @@ class TrajectoryCache(L.LightningModule):
 
 
 def _fingerprint(model: nn.Module) -> str:
-    """A short hash of a model's weights: a cache is tied to the base that made it."""
+    """A short hash of a model's weights: a cache is tied to the base that made it.
+
+    For a flow model of the user's own it covers how the network is called too (``adapter``).
+    """
     h = hashlib.sha256()
+    adapter = getattr(model, "adapter", None)  # flowturbo.models.FlowModel
+    if adapter is not None:
+        h.update(json.dumps(adapter, sort_keys=True).encode())
     for name, value in sorted(model.state_dict().items()):
         h.update(name.encode())
         h.update(np.ascontiguousarray(value.detach().float().cpu().numpy()).tobytes())

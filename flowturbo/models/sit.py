@@ -421,6 +421,12 @@ class VelocityRefiner(SiT):
     @classmethod
     def from_base(cls, base: SiT, depth: int = 1, **overrides: Any) -> VelocityRefiner:
         """A refiner matching ``base``'s sizes (the paper's choice: one block of the base)."""
+        if not isinstance(base, SiT):
+            raise TypeError(
+                f"from_base copies a SiT's sizes; the base is a {type(base).__name__}. Use "
+                "VelocityRefiner.from_name(<SiT size>, input_size=..., in_channels=..., "
+                "num_classes=...) with the base's shape and classes"
+            )
         sizes = {k: v for k, v in base.config.items() if k not in ("depth", "embed_channels")}
         return cls(**{**sizes, "depth": depth, **overrides})
 
