@@ -64,6 +64,7 @@ def test_latencies_are_timed_in_interleaved_rounds_so_drift_hits_all_alike(monke
     assert spread >= 10.0  # ... where timing one after the other charges the drift to the last
     with pytest.raises(ValueError, match="repeats >= 1"):
         latency_mod.measure_latencies(fns, batch=1, repeats=0)
+    assert latency_mod.measure_latencies({}, batch=1) == {}  # nothing to time
 
 
 def row(sampler, schedule, fid, ms, **kw):

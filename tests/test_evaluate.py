@@ -322,6 +322,14 @@ def test_a_changed_setting_recomputes_only_what_it_affects(assets, tmp_path, mon
     sweep.run_sweep(tiny(assets, out, *settings))
     assert generated.calls[2:] == ["H1P2R2"] and timed.calls[2:] == ["H1P2R2"]
 
+    # no latency at all: only the latency parts are redone, and they hold no timing
+    settings += ["latency.eager=false", "latency.compiled=false"]
+    sweep.run_sweep(tiny(assets, out, *settings))
+    assert generated.calls[3:] == [] and timed.calls[3:] == ["H2", "H1P2R2"]
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["ms_per_image_eager"] for r in rows] == [None, None]
+    assert all(r["fid"] is not None for r in rows)
+
 
 def test_single_schedule_jobs_share_the_folder_and_the_summary(assets, tmp_path, monkeypatch):
     out = tmp_path / "sweep"
