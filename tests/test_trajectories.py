@@ -86,6 +86,33 @@ def test_cache_resumes_and_refuses_other_settings(base_file, tmp_path):
         cache_trajectories(cache_cfg(base_file, out, "cache.steps=5"))
 
 
+def test_a_flow_model_of_ones_own_caches_the_sits_trajectories(base_file, tmp_path):
+    """tests/own_flow.py runs the same SiT from data to noise; adapted, it is the same base,
+    but a folder it did not write is refused (the adapter is part of the base's identity)."""
+    own = [
+        "+cache.base.factory=own_flow.load_reversed_sit",
+        "+cache.base.in_channels=1",
+        "+cache.base.input_size=8",
+        "+cache.base.num_classes=3",
+        "+cache.base.time=data_to_noise",
+        "+cache.base.time_scale=1000",
+        "+cache.base.null_label=-1",
+    ]
+    cache_trajectories(cache_cfg(base_file, tmp_path / "sit"))
+    cache_trajectories(cache_cfg(base_file, tmp_path / "own", *own))
+
+    def read(folder):
+        files = [f for p in sorted((folder / "train").glob("*.tar")) for _, f in read_shard(p)]
+        traj = np.stack([np.load(io.BytesIO(f["traj.npy"])) for f in files])
+        return torch.from_numpy(traj).float(), [int(f["cls"]) for f in files]
+
+    (sit, sit_labels), (own_traj, own_labels) = read(tmp_path / "sit"), read(tmp_path / "own")
+    assert own_labels == sit_labels
+    torch.testing.assert_close(own_traj, sit, atol=4e-3, rtol=4e-3)  # float16 shards
+    with pytest.raises(RuntimeError, match=r"differs in \['base'\]"):
+        cache_trajectories(cache_cfg(base_file, tmp_path / "sit", *own))
+
+
 def test_cache_is_split_across_ddp_ranks(base_file, tmp_path):
     out = tmp_path / "traj"
     extra = ["trainer.devices=2", "+trainer.strategy=ddp_spawn"]
