@@ -299,6 +299,32 @@ def test_compile_reuses_programs_and_recompiles_on_new_shape():
     assert len(compiled) > n  # a new batch shape compiles anew
 
 
+@torch.no_grad()
+def test_compile_recompile_limit_is_a_recorded_fallback(monkeypatch):
+    """Past torch.compile's recompile limit, torch itself would run new shapes eagerly without
+    a word; the sampler must then warn and record the fallback, or eager latency is reported
+    as compiled."""
+    from flowturbo.sampling import compile as compile_mod
+
+    monkeypatch.setattr(compile_mod, "_CACHE", {})
+    monkeypatch.setattr(compile_mod, "_WARNED", set())
+    torch._dynamo.reset()
+    model = TinyVelocity().eval()
+    backend, compiled = _counting_backend()
+    options = {**compile_mod.default_compile_options(torch.device("cpu")), "backend": backend}
+    with (
+        torch._dynamo.config.patch(recompile_limit=2),
+        pytest.warns(RuntimeWarning, match="recompile_limit"),
+    ):
+        for b in (1, 2, 3):
+            x, y = torch.randn(b, 2, 4, 4), torch.arange(b)
+            out = sample(model, x, "H2", compile={"backend": backend}, y=y)
+            torch.testing.assert_close(out, sample(model, x, "H2", y=y))
+    assert len(compiled) == 2  # two shapes compiled, the third refused
+    assert compile_mod.compiled_steps(options)["H"].failed
+    assert not torch._dynamo.config.fail_on_recompile_limit_hit  # the user's setting is back
+
+
 @pytest.mark.slow
 @torch.no_grad()
 def test_inductor_compiled_equals_eager():

@@ -31,7 +31,6 @@ merges every row file in ``rows/`` and runs at the end of every job, or alone.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
@@ -373,22 +372,6 @@ def measure_ref_error(
     return {"ref_error": rms_distance(kept[:k], reference), "ref_error_images": k}
 
 
-@contextlib.contextmanager
-def _strict_dynamo() -> Iterator[None]:
-    """Makes torch.compile raise, instead of silently running eagerly, at its recompile limit.
-
-    The sampler's compiled steps then fall back to eager with a warning and record it, so
-    a row never reports eager timings as compiled ones.
-    """
-    config = torch._dynamo.config
-    for name in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit"):
-        if hasattr(config, name):
-            with config.patch(**{name: True}):
-                yield
-            return
-    yield
-
-
 def compile_mode(lat: DictConfig) -> str:
     """``latency.compile_mode``, checked: "steps" or "sampler"."""
     mode = str(lat.get("compile_mode", "steps"))
@@ -447,20 +430,19 @@ def measure_entries_latency(
         group = entries[first : first + group_size]
         calls: dict[tuple[str, str], Callable[[], object]] = {}
         compile_s: dict[str, float] = {}
-        with _strict_dynamo():
-            for entry in group:
-                if lat.eager:
-                    calls[entry.key, "eager"] = run(entry, False)
-                if lat.compiled:
-                    start = time.perf_counter()
-                    run(entry, compiled)()
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                    compile_s[entry.key] = time.perf_counter() - start
-                    calls[entry.key, "compiled"] = run(entry, compiled)
-            if lat.decode and nets.vae is not None:  # the same for every entry: timed once
-                calls["", "decode"] = _decode_call(run(group[0], False)(), nets)
-            timed = measure_latencies(calls, **timing)
+        for entry in group:
+            if lat.eager:
+                calls[entry.key, "eager"] = run(entry, False)
+            if lat.compiled:
+                start = time.perf_counter()
+                run(entry, compiled)()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                compile_s[entry.key] = time.perf_counter() - start
+                calls[entry.key, "compiled"] = run(entry, compiled)
+        if lat.decode and nets.vae is not None:  # the same for every entry: timed once
+            calls["", "decode"] = _decode_call(run(group[0], False)(), nets)
+        timed = measure_latencies(calls, **timing)
         for entry in group:
             out: dict[str, Any] = {"batch": b, "device": str(device), "machine": machine(device)}
             for (key, mode), latency in timed.items():

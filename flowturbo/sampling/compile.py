@@ -46,11 +46,26 @@ def _warn_once(reason: str) -> None:
     )
 
 
+def _strict_flag() -> str | None:
+    """The dynamo setting that makes its recompile limit an error, by this torch's name."""
+    config = torch._dynamo.config
+    for name in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit"):
+        if hasattr(config, name):
+            return name
+    return None
+
+
+_STRICT = _strict_flag()
+
+
 class CompiledFunction:
     """A compiled function (a step, a network) that falls back to eager if compilation fails.
 
     A failure that the eager function reproduces is the caller's error and is raised as is;
     only a failure of the compiler itself switches to eager, with one warning per process.
+    torch.compile's recompile limit (8 programs per function, counted over every shape, dtype
+    and model it was called with) counts as such a failure: left alone, torch runs further
+    shapes eagerly without a word, and a latency called compiled would be an eager one.
     """
 
     def __init__(self, fn: Callable, options: dict[str, Any]):
@@ -66,13 +81,26 @@ class CompiledFunction:
     def __call__(self, *args, **kwargs):
         if self.failed:
             return self.eager(*args, **kwargs)
+        config = torch._dynamo.config
+        strict = _STRICT is not None and not getattr(config, _STRICT)
         try:
+            if strict:  # set and reset directly: a config.patch costs 5x more per call
+                setattr(config, _STRICT, True)
             return self.compiled(*args, **kwargs)
         except Exception as compile_error:  # noqa: BLE001 - decided by the eager re-run below
             out = self.eager(*args, **kwargs)  # a genuine error in the model raises here
             self.failed = True
-            _warn_once(f"{type(compile_error).__name__}: {str(compile_error).splitlines()[0]}")
+            reason = f"{type(compile_error).__name__}: {str(compile_error).splitlines()[0]}"
+            if "limit" in reason.lower():
+                reason += (
+                    "; a process that samples many shapes, dtypes or models can raise "
+                    "torch._dynamo.config.recompile_limit"
+                )
+            _warn_once(reason)
             return out
+        finally:
+            if strict:
+                setattr(config, _STRICT, False)
 
 
 def compiled_steps(options: dict[str, Any]) -> dict[str, CompiledFunction]:
