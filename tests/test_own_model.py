@@ -40,6 +40,23 @@ def test_a_flow_run_from_data_to_noise_is_adapted_exactly():
     assert (wrong(x, t) - flow(x, t)).abs().max() > 0.5
 
 
+def test_times_reach_the_network_in_float32_when_the_state_is_bf16():
+    seen = []
+
+    class Net(nn.Module):
+        def forward(self, x, s):
+            seen.append(s)
+            return torch.zeros_like(x)
+
+    spec = {"in_channels": 1, "input_size": 2, "conditional": False}
+    model = FlowModel(Net(), time="data_to_noise", time_scale=1000, **spec)
+    x = torch.randn(2, 1, 2, 2, dtype=torch.bfloat16)
+    model(x, torch.tensor([0.99, 0.999]))
+    torch.testing.assert_close(seen[0], torch.tensor([10.0, 1.0]), rtol=1e-4, atol=1e-4)
+    model(x.double(), 0.999)  # a scalar time takes the state's precision, at least float32
+    assert seen[1].dtype == torch.float64 and seen[1].shape == (2,)
+
+
 def test_labels_the_null_class_and_dropped_labels_reach_the_network_as_its_own():
     sit = tiny_sit()
     net = ReversedSiT(sit)

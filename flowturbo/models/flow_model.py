@@ -103,7 +103,10 @@ class FlowModel(nn.Module):
             (B, C, H, W) velocity, v = data - noise.
         """
         a = self.adapter
-        t = torch.as_tensor(t, device=x.device, dtype=x.dtype)
+        if not torch.is_tensor(t):
+            t = torch.tensor(t, device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
+        # times stay in (at least) float32 when the state is bf16: 1 - 0.999 is 0 in bf16
+        t = t.to(x.device, torch.promote_types(t.dtype, torch.float32))
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         reverse = a["time"] == "data_to_noise"
