@@ -95,8 +95,10 @@ def test_inpaint_refuses_what_it_cannot_do(two_modes, pattern):
     mask = torch.ones(8, 8)
     with pytest.raises(ValueError, match="compile=True"):
         inpaint(two_modes, image, mask, noise, "H2", compile="sampler")
-    with pytest.raises(ValueError, match="start at 0"):
+    with pytest.raises(ValueError, match="start at 0 and end at 1, got 0.2 to 1"):
         inpaint(two_modes, image, mask, noise, "H2", timesteps=[0.2, 0.6, 1.0])
+    with pytest.raises(ValueError, match="got 0 to 0.9"):  # kept pixels would not be the image
+        inpaint(two_modes, image, mask, noise, "H2", timesteps=[0.0, 0.5, 0.9])
     with pytest.raises(ValueError, match=r"mask must have shape .* got \(3, 1, 8, 8\)"):
         inpaint(two_modes, image, torch.ones(3, 1, 8, 8), noise, "H2")
     with pytest.raises(ValueError, match=r"image \(2, 1, 8, 8\), noise \(2, 1, 4, 4\)"):

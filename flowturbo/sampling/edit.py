@@ -131,8 +131,11 @@ def inpaint(
     sched = parse_schedule(schedule)
     n = sched.num_steps
     ts = uniform_grid(n) if timesteps is None else check_grid(timesteps, n)
-    if float(ts[0]) != 0.0:
-        raise ValueError(f"inpaint integrates from noise: timesteps must start at 0, not {ts[0]}")
+    if float(ts[0]) != 0.0 or float(ts[-1]) != 1.0:
+        raise ValueError(
+            "inpaint integrates from noise to the image: timesteps must start at 0 and end "
+            f"at 1, got {ts[0].item():g} to {ts[-1].item():g}"
+        )
     generate = resize_mask(mask, image.shape).to(noise)  # noise's dtype and device
     keep = 1.0 - generate
     x1 = image.to(noise)
