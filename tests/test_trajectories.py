@@ -141,8 +141,8 @@ def test_refiner_trains_from_the_cache_without_a_base(base_file, tmp_path):
         val_batches=1,
     )
     refiner = VelocityRefiner.from_name("SiT-Tiny/2", input_size=8, in_channels=1, num_classes=3)
-    module = RefinerModule(
-        refiner, None, lambda p: torch.optim.AdamW(p, lr=1e-3), target="trajectory"
+    module = RefinerModule(  # a 4-step cache: its points are 0.25 apart
+        refiner, None, lambda p: torch.optim.AdamW(p, lr=1e-3), target="trajectory", dt_max=0.25
     )
     trainer = L.Trainer(
         accelerator="cpu",
@@ -175,3 +175,7 @@ def test_trajectory_pairs_respect_dt_max():
     assert a.min() >= 0 and b.max() <= steps
     assert torch.allclose(examples.target[:, 0, 0, 0], gap)  # v_b - v_a
     assert (kw["force_drop_ids"] == 0).all()
+    # a cache coarser than dt_max has no pair close enough: refused, not stretched
+    coarse = traj[:, :, ::6]  # 5 steps, 0.2 apart
+    with pytest.raises(ValueError, match=r"5 steps, .* cache.steps >= 9, or raise model.dt_max"):
+        module._trajectory_examples((coarse, torch.zeros(256, dtype=torch.long)), seed=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
@@ -178,7 +179,13 @@ class RefinerModule(L.LightningModule):
         b, steps = traj.shape[0], traj.shape[2] - 1
         g = None if seed is None else torch.Generator().manual_seed(seed)
         # gap b - a in {1, ..., floor(dt_max * steps)}, then a uniform in [0, steps - gap]
-        max_gap = min(steps, max(1, int(self.hparams.dt_max * steps + 1e-6)))
+        max_gap = min(steps, int(self.hparams.dt_max * steps + 1e-6))
+        if max_gap < 1:
+            raise ValueError(
+                f"the trajectory cache has {steps} steps, so its nearest points are 1/{steps} "
+                f"apart, more than model.dt_max={self.hparams.dt_max}: cache with cache.steps >= "
+                f"{math.ceil(1 / self.hparams.dt_max - 1e-6)}, or raise model.dt_max"
+            )
         gap = torch.randint(1, max_gap + 1, (b,), generator=g)
         a = (torch.rand(b, generator=g) * (steps - gap + 1)).long().clamp(max=steps - gap)
         a, gap, rows = a.to(traj.device), gap.to(traj.device), torch.arange(b, device=traj.device)
