@@ -10,6 +10,7 @@ from flowturbo.sampling import (
     ClassifierFreeGuidance,
     baseline_nfe,
     dopri5,
+    integrate,
     parse_schedule,
     sample,
     uniform_grid,
@@ -83,6 +84,15 @@ def test_parse_schedule(text, plan, base, refiner):
 def test_bad_schedules_name_the_part(text, names):
     with pytest.raises(ValueError, match=names):
         parse_schedule(text)
+
+
+@pytest.mark.parametrize(
+    ("plan", "names"), [("HX", r"unknown steps \['X'\]"), ("", "no step"), ("RH", "starts with R")]
+)
+def test_bad_plans_given_to_integrate_name_the_part(mixture, noise, plan, names):
+    """integrate takes a plan, not a schedule string: it is checked the same way."""
+    with pytest.raises(ValueError, match=names):
+        integrate(plan, mixture, noise, refiner=ExactRefiner(mixture))
 
 
 def test_refiner_required_for_R_steps(mixture, noise):
@@ -259,6 +269,17 @@ def test_cfg_one_batch_of_2B_and_scale_one_skips_it():
     ClassifierFreeGuidance(fn, 4.0, 5)(x, t, y=y)
     ClassifierFreeGuidance(fn, 1.0, 5)(x, t, y=y)
     assert sizes == [8, 4]
+
+
+def test_cfg_refuses_a_sit_without_a_null_class():
+    from flowturbo.models import SiT
+
+    spec = {"input_size": 8, "in_channels": 1, "num_classes": 3}
+    no_null = SiT.from_name("SiT-Tiny/4", class_dropout_prob=0.0, **spec)
+    with pytest.raises(ValueError, match="3 label embeddings .* class_dropout_prob=0"):
+        ClassifierFreeGuidance(no_null, 1.5, 3)
+    ClassifierFreeGuidance(no_null, 1.0, 3)  # no guidance: no null class needed
+    ClassifierFreeGuidance(SiT.from_name("SiT-Tiny/4", **spec), 1.5, 3)
 
 
 # ---------------------------------------------------------------- compilation

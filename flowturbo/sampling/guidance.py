@@ -33,6 +33,15 @@ class ClassifierFreeGuidance:
     ):
         if channels is not None and channels < 1:
             raise ValueError(f"channels must be None (all) or >= 1, got {channels}")
+        # a SiT built without label dropout has no embedding for the null class
+        table = getattr(getattr(fn, "y_embedder", None), "embedding_table", None)
+        if scale != 1.0 and table is not None and null_class >= table.num_embeddings:
+            raise ValueError(
+                f"guidance (scale {scale}) needs the null class {null_class}, but the model has "
+                f"{table.num_embeddings} label embeddings (it was built with "
+                "class_dropout_prob=0, so it never learned an unconditional velocity): use "
+                "scale 1, or a model trained with label dropout"
+            )
         self.fn = fn
         self.scale = float(scale)
         self.null_class = int(null_class)

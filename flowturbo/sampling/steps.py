@@ -110,8 +110,20 @@ def step_kinds(plan: str, refiner_input: str = "d0") -> list[str]:
     """
     if refiner_input not in ("d0", "cache"):
         raise ValueError(f"refiner_input must be 'd0' or 'cache', got {refiner_input!r}")
+    letters = sorted(kind for kind in STEPS if len(kind) == 1)
+    unknown = sorted(set(plan) - set(letters))
+    if not plan or unknown:
+        raise ValueError(
+            f"step plan {plan!r} has {'no step' if not plan else f'unknown steps {unknown}'}: "
+            f"a plan is one letter per step out of {', '.join(letters)} (e.g. "
+            "'HHPPRR'; parse_schedule('H2P2R2').plan makes one)"
+        )
+    if plan[0] == "R":
+        raise ValueError(
+            f"step plan {plan!r} starts with R: a refiner step needs a cached velocity"
+        )
     kinds = ["R:cache" if kind == "R" and refiner_input == "cache" else kind for kind in plan]
-    if kinds and kinds[0] == "P":
+    if kinds[0] == "P":
         kinds[0] = "H"
     return kinds
 
