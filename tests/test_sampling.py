@@ -458,6 +458,37 @@ def test_compiled_sampler_equals_eager_and_is_reused_per_setting(fresh_compile_c
     assert len({id(s) for s in [run, *others]}) == 5 and len(fresh_compile_caches) == 5
 
 
+def test_compiled_sampler_is_rebuilt_when_a_network_changes_in_place(fresh_compile_caches):
+    """A recorded CUDA graph replays the guidance scale and the weights' memory it was recorded
+    with: a changed scale, mode or dtype of the same objects must not reuse it."""
+    from flowturbo.sampling import compiled_sampler
+
+    model, refiner = TinyVelocity().eval(), TinyRefiner().eval()
+    guided = ClassifierFreeGuidance(model, 2.0, 3)
+    x, y = torch.randn(2, 2, 4, 4), torch.tensor([0, 2])
+    opts = {"backend": "eager"}
+
+    def build():
+        return compiled_sampler("HPR", guided, x, refiner=refiner, compile_options=opts, y=y)
+
+    first = build()
+    assert build() is first
+    guided.scale = 3.0
+    second = build()
+    refiner.train()
+    third = build()
+    refiner.eval()
+    assert build() is second  # back to the state it was built in
+    model.double()
+    fourth = build()
+    assert len({id(s) for s in (first, second, third, fourth)}) == 4
+    refiner.double()
+    with torch.no_grad():
+        expected = sample(guided, x.double(), "H1P1R1", refiner=refiner, y=y)
+    run = compiled_sampler("HPR", guided, x.double(), refiner=refiner, compile_options=opts, y=y)
+    torch.testing.assert_close(run(x.double(), y=y), expected)
+
+
 def test_compiled_sampler_refuses_inputs_it_was_not_built_for(fresh_compile_caches):
     from flowturbo.sampling import CompiledSampler
 

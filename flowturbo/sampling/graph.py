@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from flowturbo.sampling.compile import SAMPLERS, CompiledFunction, compiled_function, warn_once
+from flowturbo.sampling.guidance import ClassifierFreeGuidance
 from flowturbo.sampling.schedule import check_grid, uniform_grid
 from flowturbo.sampling.steps import STEPS, run_steps, step_kinds
 
@@ -189,8 +190,9 @@ def compiled_sampler(
     """The :class:`CompiledSampler` for these settings, built on first use and then reused.
 
     The key is every setting the program depends on: the plan, grid and refiner input; the
-    model, refiner and decoder objects; the shape, dtype and device of every tensor input; the
-    other keyword values; the torch.compile options; the autocast state. The
+    model, refiner and decoder objects and the state a recording bakes in (guidance settings,
+    train/eval mode, where the weights live); the shape, dtype and device of every tensor
+    input; the other keyword values; the torch.compile options; the autocast state. The
     :data:`MAX_CACHED_SAMPLERS` most recently used samplers are kept.
     """
     device_type = noise.device.type
@@ -203,8 +205,8 @@ def compiled_sampler(
         )
     )
     options = repr(sorted((compile_options or {}).items()))
-    key = (plan, grid, refiner_input, id(model), id(refiner), id(decode), inputs, options)
-    key += (str(autocast),)
+    nets = tuple((id(fn), _state(fn)) for fn in (model, refiner, decode))
+    key = (plan, grid, refiner_input, nets, inputs, options, str(autocast))
     if key in SAMPLERS:
         SAMPLERS.move_to_end(key)
         return SAMPLERS[key][0]
@@ -216,6 +218,17 @@ def compiled_sampler(
     while len(SAMPLERS) > MAX_CACHED_SAMPLERS:
         SAMPLERS.popitem(last=False)
     return sampler
+
+
+def _state(fn: Callable[..., Tensor] | None) -> tuple:
+    """What of a network a recorded CUDA graph holds fixed: guidance settings, train or eval
+    mode, and the address and dtype of its weights (moved or cast weights are new memory)."""
+    if isinstance(fn, ClassifierFreeGuidance):
+        return (fn.scale, fn.null_class, fn.channels, _state(fn.fn))
+    if isinstance(fn, torch.nn.Module):
+        p = next(fn.parameters(), None)
+        return (fn.training, None if p is None else (p.data_ptr(), p.dtype, str(p.device)))
+    return ()
 
 
 def fell_back(model: Callable[..., Tensor]) -> bool:
