@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
-from flowturbo.data import Manifest, ShardDataModule, read_shard
+from flowturbo.data import Manifest, ShardDataModule, read_shard, resolve_shards
+from flowturbo.data.shards import write_tar
 from flowturbo.lit import RefinerModule
 from flowturbo.models import SiT, VelocityRefiner, save_checkpoint
 from flowturbo.sampling import heun_trajectory
@@ -179,3 +181,80 @@ def test_trajectory_pairs_respect_dt_max():
     coarse = traj[:, :, ::6]  # 5 steps, 0.2 apart
     with pytest.raises(ValueError, match=r"5 steps, .* cache.steps >= 9, or raise model.dt_max"):
         module._trajectory_examples((coarse, torch.zeros(256, dtype=torch.long)), seed=0)
+
+
+def test_a_killed_run_leaves_a_cache_that_is_refused_until_rerun(base_file, tmp_path, monkeypatch):
+    import flowturbo.lit.trajectories as trajectories
+
+    out = tmp_path / "traj"
+    stale = out / "train" / ".shard-000002.tar.tmp-999"  # as a killed writer leaves it
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"partial")
+    calls = []
+
+    def dies_after_one_shard(path, records):
+        calls.append(path)
+        if len(calls) > 1:
+            raise RuntimeError("killed")
+        return write_tar(path, records)
+
+    monkeypatch.setattr(trajectories, "write_tar", dies_after_one_shard)
+    with pytest.raises(RuntimeError, match="killed"):
+        cache_trajectories(cache_cfg(base_file, out))
+    assert len(list(out.glob("*/shard-*.tar"))) == 1
+    for split in ("train", "val"):
+        with pytest.raises(RuntimeError, match="incomplete"):
+            resolve_shards(str(out / split))
+    assert not stale.exists()
+    monkeypatch.undo()
+    summary = cache_trajectories(cache_cfg(base_file, out))
+    assert summary["shards_written"] == 3 and summary["train"]["complete"]
+    assert len(resolve_shards(str(out / "train"))) == 3
+
+
+def test_a_run_that_wrote_no_shard_does_not_lock_the_folder(base_file, tmp_path, monkeypatch):
+    import flowturbo.lit.trajectories as trajectories
+
+    def fails(path, records):
+        raise RuntimeError("out of memory")
+
+    out = tmp_path / "traj"
+    monkeypatch.setattr(trajectories, "write_tar", fails)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        cache_trajectories(cache_cfg(base_file, out, "cache.steps=5"))
+    monkeypatch.undo()
+    summary = cache_trajectories(cache_cfg(base_file, out))  # corrected settings: plan replaced
+    assert summary["train"]["complete"] and Manifest.load(out / "train").meta["steps"] == 4
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("cache.batch_size=0", "batch_size must be >= 1, got 0"),
+        ("cache.shape=[3,8,8]", r"cache.shape=\[3, 8, 8\] .* takes \[1, 8, 8\]"),
+        ("cache.num_classes=5", "cache.num_classes=5 differs from the base's num_classes=3"),
+    ],
+)
+def test_settings_the_base_cannot_take_are_refused(base_file, tmp_path, override, message):
+    with pytest.raises(ValueError, match=message):
+        cache_trajectories(cache_cfg(base_file, tmp_path / "traj", override))
+    assert not (tmp_path / "traj" / "plan.json").exists()
+
+
+@pytest.mark.parametrize("cache", ["demo", "imagenet"])
+def test_the_printed_train_command_composes(cache):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        command = compose("cache_trajectories", overrides=[f"cache={cache}"]).cache.train_command
+        program, *overrides = command.format(out_dir="/x", base_path="/z").split()[1:]
+        assert program == "train.py"
+        cfg = compose("train", overrides=overrides)
+    assert cfg.model.target == "trajectory" and cfg.data.kind == "trajectory"
+    assert (cfg.data.train_shards, cfg.data.val_shards) == ("/x/train", "/x/val")
+    assert not OmegaConf.missing_keys(cfg.model) | OmegaConf.missing_keys(cfg.data)
+
+
+def test_a_missing_value_names_the_cache_config():
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("cache_trajectories", overrides=["cache=imagenet"])
+    with pytest.raises(ValueError, match="python cache_trajectories.py cache=imagenet cache.base"):
+        cache_trajectories(cfg)

@@ -6,8 +6,10 @@ sampler deals the shard indices out to the ranks, and each rank writes the shard
 Every trajectory depends only on (seed, its global index), so a shard's content is the same
 whoever writes it and whenever. A shard is written to a temporary name and renamed when
 complete; a re-run skips every shard file that exists, so an interrupted job resumes where it
-stopped. When all ranks are done, rank 0 writes each split's ``manifest.json`` (the marker
-that ``resolve_shards`` requires).
+stopped. Before any shard is written, rank 0 writes each split's ``manifest.json`` with
+``complete=False`` (so ``resolve_shards`` refuses the folder of a run that was killed); when all
+ranks are done, it rewrites them complete. ``plan.json`` holds the settings: a folder with
+shards made with other settings is refused, a plan with no shard yet is replaced.
 
 One sample (key ``t{index:08d}``): ``traj.npy`` (2, K, C, H, W) float16, the states x_k and
 the base velocities v(x_k, t_k) on the uniform grid t_k = k / (K - 1) (Heun steps), and
@@ -87,7 +89,13 @@ class TrajectoryCache(L.LightningModule):
         seed: int = 0,
     ):
         super().__init__()
-        for name, value in (("num_train", num_train), ("steps", steps), ("per_shard", per_shard)):
+        counts = (
+            ("num_train", num_train),
+            ("steps", steps),
+            ("per_shard", per_shard),
+            ("batch_size", batch_size),
+        )
+        for name, value in counts:
             if int(value) < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         self.base_factory = base
@@ -133,19 +141,29 @@ class TrajectoryCache(L.LightningModule):
             "base": self.base_fingerprint,
         }
 
-    def check_plan(self) -> None:
-        """Refuses to resume into a folder written with other settings or another base."""
+    def check_plan(self, write: bool = True) -> None:
+        """Refuses to resume into a folder holding shards made with other settings or another
+        base; a plan none of whose shards exists (a run that failed first) is replaced.
+
+        Args:
+            write: write ``plan.json`` when it is missing or replaced (rank 0 only); every rank
+                checks, so all of them raise together.
+        """
         plan = self.out_dir / PLAN_NAME
         settings = self.settings()
         if plan.is_file():
             old = json.loads(plan.read_text())
-            if old != settings:
+            if old == settings:
+                return
+            if any(True for split in SPLITS for _ in (self.out_dir / split).glob("shard-*.tar")):
                 keys = settings.keys() | old.keys()
                 diff = sorted(k for k in keys if old.get(k) != settings.get(k))
                 raise RuntimeError(
                     f"{self.out_dir} holds a trajectory cache made with other settings "
                     f"(differs in {diff}); use another out_dir or delete that folder"
                 )
+            log.info("%s: replacing the plan of a run that wrote no shard", self.out_dir)
+        if not write:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         tmp = plan.with_name(f".{PLAN_NAME}.tmp-{os.getpid()}")
@@ -163,14 +181,38 @@ class TrajectoryCache(L.LightningModule):
     def setup(self, stage: str) -> None:
         if self._base is None:
             base = self.base_factory()
+            self._check_base(base)
             self._base = (base,)
             self.base_fingerprint = _fingerprint(base)
 
+    def _check_base(self, base: nn.Module) -> None:
+        """Refuses a shape or a label count the base does not take (a SiT or a FlowModel)."""
+        c, size, classes = (
+            getattr(base, a, None) for a in ("in_channels", "input_size", "num_classes")
+        )
+        if c is not None and size is not None and self.shape != (c, size, size):
+            raise ValueError(
+                f"cache.shape={list(self.shape)} does not fit the base, which takes "
+                f"{[c, size, size]} (in_channels={c}, input_size={size})"
+            )
+        if classes is not None and self.num_classes != classes:
+            raise ValueError(
+                f"cache.num_classes={self.num_classes} differs from the base's "
+                f"num_classes={classes}"
+            )
+
     def on_predict_start(self) -> None:
         self.base.to(self.device).eval()
-        self.check_plan()
-        for split in SPLITS:
-            (self.out_dir / split).mkdir(parents=True, exist_ok=True)
+        zero = self.trainer.is_global_zero
+        self.check_plan(write=zero)
+        if zero:  # before any shard: a killed run leaves manifests that resolve_shards refuses
+            for split, n in self.shards_per_split().items():
+                folder = self.out_dir / split
+                folder.mkdir(parents=True, exist_ok=True)
+                for stale in folder.glob(".shard-*.tar.tmp-*"):  # partial shards of a killed run
+                    stale.unlink(missing_ok=True)
+                self._write_manifest(split, n, complete=False)
+        self.trainer.strategy.barrier()
 
     def predict_step(self, batch: Tensor, batch_idx: int) -> int:
         """Writes the batch's shards that do not exist yet; returns how many it wrote."""
@@ -214,8 +256,9 @@ class TrajectoryCache(L.LightningModule):
                 fields = {TRAJECTORY_FIELD: encode_field(TRAJECTORY_FIELD, array)}
                 yield f"t{i:08d}", {**fields, "cls": encode_field("cls", label)}
 
-    def _write_manifest(self, split: str, num_shards: int) -> None:
-        shards, complete = [], True
+    def _write_manifest(self, split: str, num_shards: int, complete: bool = True) -> None:
+        """Lists the split's shards on disk; complete only if asked and none is missing."""
+        shards = []
         for k in range(num_shards):
             path = self.shard_path(split, k)
             if not path.is_file():
