@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
 from pathlib import Path
 
 import lightning as L
@@ -20,7 +21,12 @@ log = logging.getLogger(__name__)
 
 
 def make_loggers(cfg: DictConfig) -> list:
-    """CSV logger always; W&B offline unless opted in. ``WANDB_MODE`` wins over the config."""
+    """CSV logger always; W&B offline unless opted in. ``WANDB_MODE`` wins over the config.
+
+    A W&B run continues when training resumes (a rerun, a requeued SLURM job): its id is kept
+    in ``ckpt_dir/wandb_id`` beside ``last.ckpt``, and a fresh start (no checkpoint, or
+    ``resume=false``) starts a new run.
+    """
     loggers = []
     for name, conf in (cfg.get("logger") or {}).items():
         if conf is None:
@@ -31,9 +37,26 @@ def make_loggers(cfg: DictConfig) -> list:
                 continue
             if mode is not None:
                 conf = OmegaConf.merge(conf, {"offline": mode != "online"})
+            if conf.get("id") is None:
+                conf = OmegaConf.merge(conf, {"id": wandb_run_id(cfg), "resume": "allow"})
         loggers.append(instantiate(conf))
         log.info("logger %s: %s", name, conf["_target_"])
     return loggers
+
+
+def wandb_run_id(cfg: DictConfig) -> str:
+    """The W&B run id of this training run: the one in ``ckpt_dir/wandb_id`` when the run
+    resumes from ``last.ckpt``, else a new one, written there (by rank 0) for later resumes."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    path = Path(cfg.ckpt_dir) / "wandb_id"
+    if cfg.resume and (Path(cfg.ckpt_dir) / "last.ckpt").is_file() and path.is_file():
+        return path.read_text().strip()
+    run_id = uuid.uuid4().hex[:12]
+    if rank_zero_only.rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(run_id + "\n")
+    return run_id
 
 
 def resume_path(cfg: DictConfig) -> str | None:
@@ -46,6 +69,30 @@ def resume_path(cfg: DictConfig) -> str | None:
     return None
 
 
+def check_resumable(path: str, module: L.LightningModule) -> None:
+    """Refuses ``last.ckpt`` of another run (another experiment or architecture) in words,
+    before Lightning's load fails with every key listed."""
+    import torch
+
+    ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    theirs = {k: tuple(v.shape) for k, v in ckpt.get("state_dict", {}).items()}
+    ours = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    missing, unexpected = sorted(ours.keys() - theirs.keys()), sorted(theirs.keys() - ours.keys())
+    reshaped = sorted(k for k in ours.keys() & theirs.keys() if ours[k] != theirs[k])
+    if missing or unexpected or reshaped:
+        example = (missing or unexpected or reshaped)[0]
+        raise ValueError(
+            f"{path} was written by another run: {len(missing)} of this "
+            f"{type(module).__name__}'s weights are not in it, {len(unexpected)} of its are "
+            f"not in this model and {len(reshaped)} differ in shape (e.g. {example!r}). Give "
+            "this run its own name=..., or resume=false to start over (it overwrites that "
+            "checkpoint)."
+        )
+
+
+EXPORT_DTYPES = (None, "float32", "float16", "bfloat16")
+
+
 def train(cfg: DictConfig) -> dict:
     """Fits ``cfg.model`` on ``cfg.data`` and writes ``ckpt_dir/ema.pt`` (``export=net``: the
     trained network's own weights, ``net.pt``); returns the final metrics."""
@@ -53,12 +100,23 @@ def train(cfg: DictConfig) -> dict:
     export = cfg.get("export", "ema")
     if export not in ("ema", "net"):
         raise ValueError(f"export must be 'ema' or 'net', got {export!r}")
+    if cfg.get("export_dtype") not in EXPORT_DTYPES:
+        raise ValueError(
+            f"export_dtype must be null (as trained) or one of {EXPORT_DTYPES[1:]}, got "
+            f"{cfg.export_dtype!r}"
+        )
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.model)
+    check_data_kind(cfg, datamodule)
+    ckpt_path = resume_path(cfg)
+    if ckpt_path is not None:
+        check_resumable(ckpt_path, module)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=make_loggers(cfg))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(cfg))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    if not trainer.callback_metrics:  # resumed a finished run: nothing trained, nothing measured
+        trainer.validate(module, datamodule=datamodule, verbose=False)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     skipped = getattr(datamodule, "skipped_summary", lambda: {})()
@@ -80,21 +138,45 @@ def train(cfg: DictConfig) -> dict:
     return metrics
 
 
+def check_data_kind(cfg: DictConfig, datamodule: object) -> None:
+    """A refiner with trajectory targets reads a trajectory cache, every other model images or
+    latents: a mismatch is named here rather than failing inside the model."""
+    kind = getattr(datamodule, "kind", None)
+    target = cfg.model.get("target")
+    if kind is None or (target == "trajectory") == (kind == "trajectory"):
+        return
+    if target == "trajectory":
+        raise ValueError(
+            f"model.target=trajectory trains from a trajectory cache, but the data are {kind} "
+            "shards: add data=trajectories data.train_shards=... (python cache_trajectories.py "
+            "writes the cache), or use model.target=interpolant"
+        )
+    raise ValueError(
+        f"the data are a trajectory cache (data.kind=trajectory), which only a refiner with "
+        f"model.target=trajectory reads (this model's target: {target}): set "
+        "model.target=trajectory, or train from image or latent shards"
+    )
+
+
 def cache_trajectories(cfg: DictConfig) -> dict:
     """Writes the trajectory cache ``cfg.cache`` describes to ``cfg.out_dir`` (resumable).
 
     Runs ``Trainer.predict`` over the plan of shards, so the work is split across every device
     and node the trainer config names; returns the manifest summary (trajectories, shards,
-    complete, per split) and how many shards this run wrote (``shards_written``).
+    complete, per split) and how many shards this run wrote (``shards_written``). When done it
+    prints ``cfg.cache.train_command``, the train.py command for the cache.
     """
     from torch.utils.data import DataLoader
 
     from flowturbo.data import Manifest
     from flowturbo.lit.trajectories import SPLITS, ShardPlan, TrajectoryCache
 
-    check_required(cfg, "python cache_trajectories.py")
+    cache = cfg.cache.get("name", "demo")
+    command = "python cache_trajectories.py" + ("" if cache == "demo" else f" cache={cache}")
+    check_required(cfg, command)
     L.seed_everything(cfg.seed, workers=True)
-    settings = {k: v for k, v in cfg.cache.items() if k not in ("name", "base")}
+    not_settings = ("name", "base", "train_command")
+    settings = {k: v for k, v in cfg.cache.items() if k not in not_settings}
     module = TrajectoryCache(instantiate(cfg.cache.base), out_dir=cfg.out_dir, **settings)
     loader = DataLoader(ShardPlan(module.shards_per_split()), batch_size=1, shuffle=False)
     trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
@@ -108,8 +190,10 @@ def cache_trajectories(cfg: DictConfig) -> dict:
             summary[split]["complete"] = m.complete
         summary["shards_written"] = module.shards_on_disk() - before
         print(f"trajectory cache {cfg.out_dir}: {summary}")
-        print(
-            "train a refiner on it: python train.py experiment=demo_refiner_traj "
-            f"data.train_shards={cfg.out_dir}/train data.val_shards={cfg.out_dir}/val"
+        hint = cfg.cache.get("train_command") or (
+            "python train.py ... data=trajectories "
+            "data.train_shards={out_dir}/train data.val_shards={out_dir}/val"
         )
+        base_path = cfg.cache.base.get("path", "...")
+        print(f"train a refiner on it: {hint.format(out_dir=cfg.out_dir, base_path=base_path)}")
     return summary

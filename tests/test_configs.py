@@ -229,9 +229,41 @@ def test_demo_base_then_demo_refiner_run_end_to_end(tmp_path, monkeypatch):
     )
     assert (tmp_path / "checkpoints" / "own_refiner" / "ema.pt").is_file()
 
+    # rerunning a finished run trains nothing; its validation is run again, not lost
+    refiner_cfg = ["experiment=demo_refiner", *TINY, *tiny_net("refiner"), *tiny_base]
+    again = train(cfg_for(refiner_cfg, tmp_path / "run2b"))
+    assert again["val/error_ratio"] == pytest.approx(metrics["val/error_ratio"], rel=1e-5)
+    ema = torch.load(tmp_path / "checkpoints/demo_refiner/ema.pt", weights_only=False)
+    assert ema["metrics"]["val/error_ratio"] == pytest.approx(metrics["val/error_ratio"])
+
+    # another experiment's checkpoint folder is refused in words, before Lightning loads it
+    with pytest.raises(ValueError, match="written by another run: .* name=..., or resume=false"):
+        train(cfg_for([*refiner_cfg, "name=demo_base"], tmp_path / "run_clash"))
+    with pytest.raises(ValueError, match="model.target=trajectory trains from a trajectory"):
+        train(cfg_for([*refiner_cfg, "model.target=trajectory"], tmp_path / "run_kind"))
+    with pytest.raises(ValueError, match="export_dtype must be null .* got 'fp16'"):
+        train(cfg_for([*refiner_cfg, "export_dtype=fp16"], tmp_path / "run_dtype"))
+
     # a rerun resumes from last.ckpt and continues the step count
     cfg = cfg_for(
         ["experiment=demo_base", *TINY, *tiny_net("net"), "trainer.max_steps=5"], tmp_path / "run3"
     )
     train(cfg)
     assert torch.load(base_file, weights_only=False)["step"] == 5
+
+
+def test_a_resumed_run_continues_its_wandb_run(tmp_path):
+    """A requeued or rerun job logs into the same W&B run (ECOSYSTEM.md: pin the id)."""
+    from omegaconf import OmegaConf
+
+    from flowturbo.train import wandb_run_id
+
+    cfg = OmegaConf.create({"ckpt_dir": str(tmp_path / "ckpt"), "resume": True})
+    first = wandb_run_id(cfg)  # a fresh start: a new id, kept beside the checkpoints
+    assert (tmp_path / "ckpt" / "wandb_id").read_text().strip() == first
+    assert wandb_run_id(cfg) != first  # still no last.ckpt: nothing to continue
+    (tmp_path / "ckpt" / "last.ckpt").write_bytes(b"")
+    kept = (tmp_path / "ckpt" / "wandb_id").read_text().strip()
+    assert wandb_run_id(cfg) == kept  # resuming: the same run
+    cfg.resume = False
+    assert wandb_run_id(cfg) != kept  # starting over: a new run

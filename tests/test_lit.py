@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from flowturbo.lit import FlowMatchingModule, RefinerModule, load_frozen_base
 from flowturbo.lit.callbacks import CheckpointOnSignal, SampleGrid
-from flowturbo.models import SiT, VelocityRefiner, save_checkpoint
+from flowturbo.models import CheckpointError, SiT, VelocityRefiner, save_checkpoint
 
 
 def tiny_sit(**kw):
@@ -112,9 +112,35 @@ def test_resume_from_last_continues_the_step_count(tmp_path, base_file):
     assert ema_before == 6 and second.ema.n_averaged.item() == 10  # EMA resumed, not restarted
 
 
-def test_missing_base_is_a_clear_error(tmp_path):
+@pytest.mark.parametrize("kind", ["base", "refiner"])
+def test_a_checkpoint_mid_run_holds_the_ema_of_its_step(tmp_path, base_file, kind):
+    """ModelCheckpoint saves in on_train_batch_end, before the module's own hook: an EMA updated
+    there would be one step behind in every checkpoint, and a resumed run would miss an update."""
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(
+        dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_train_steps=3, filename="{step}"
+    )
+    torch.manual_seed(0)
+    base = kind == "base"
+    module = FlowMatchingModule(tiny_sit(), AdamW) if base else refiner_module(base_file)
+    trainer(tmp_path, 3, callbacks=[ckpt], limit_val_batches=0).fit(module, loader())
+    state = torch.load(tmp_path / "ckpt" / "step=3.ckpt", weights_only=False)["state_dict"]
+    assert state["ema.n_averaged"].item() == 3
+    ema = {k.removeprefix("ema."): v for k, v in state.items() if k.startswith("ema.")}
+    for name, value in module.ema.state_dict().items():  # the EMA as it stood at step 3
+        torch.testing.assert_close(ema[name], value, rtol=0, atol=0)
+
+
+def test_missing_or_wrong_base_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="model.base.path"):
         load_frozen_base(str(tmp_path / "nope.pt"))
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match="could not be read as a PyTorch checkpoint"):
+        load_frozen_base(str(text))
+    base = SiT.from_name("SiT-Tiny/2", input_size=8, in_channels=1, num_classes=3)
+    save_checkpoint(VelocityRefiner.from_base(base), tmp_path / "refiner.pt")
+    with pytest.raises(CheckpointError, match="holds a velocity refiner, not a base"):
+        load_frozen_base(str(tmp_path / "refiner.pt"))
 
 
 class SendSignal(L.Callback):

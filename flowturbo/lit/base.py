@@ -58,7 +58,9 @@ class FlowMatchingModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # here, not in on_train_batch_end: checkpoint callbacks run before the module's hook
         self.ema.update_parameters(self.net)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:

@@ -22,6 +22,7 @@ from flowturbo.lit.common import OptimizerFactory, ema_copy, optimizer_with_warm
 from flowturbo.models import (
     CheckpointError,
     SiT,
+    VelocityRefiner,
     build_from_checkpoint,
     load_checkpoint,
     load_flow_model,
@@ -52,7 +53,7 @@ def load_frozen_base(
     if not Path(path).is_file():
         raise FileNotFoundError(
             f"base checkpoint not found: {path}. Set model.base.path to a SiT checkpoint "
-            "(e.g. SiT-XL-2-256x256.pt) or to the ema.pt of a demo_base run."
+            "(e.g. SiT-XL-2-256x256.pt) or to the net.pt / ema.pt of a train.py base run."
         )
     if name is not None:
         base = load_checkpoint(SiT.from_name(name, **arch), path)
@@ -63,6 +64,11 @@ def load_frozen_base(
             raise CheckpointError(
                 f"{err}. For a public SiT checkpoint set model.base.name (e.g. SiT-XL/2)."
             ) from err
+    if isinstance(base, VelocityRefiner):
+        raise CheckpointError(
+            f"{path} holds a velocity refiner, not a base flow model: set model.base.path to "
+            "the base the refiner is trained for (e.g. the net.pt or ema.pt of a base run)"
+        )
     return base.eval().requires_grad_(False)
 
 
@@ -204,7 +210,9 @@ class RefinerModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # here, not in on_train_batch_end: checkpoint callbacks run before the module's hook
         self.ema.update_parameters(self.refiner)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:

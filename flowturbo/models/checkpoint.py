@@ -41,8 +41,15 @@ def _read(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     # SiT's train.py stores its argparse arguments beside the weights.
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - unpickling raises many kinds; all mean the same
+        raise CheckpointError(
+            f"{path} could not be read as a PyTorch checkpoint ({type(err).__name__}: "
+            f"{' '.join(str(err).split())[:600] or 'no detail'}): is it the right file, and "
+            "complete (not truncated by an interrupted copy)?"
+        ) from err
 
 
 def _is_state_dict(obj: Any) -> bool:
