@@ -10,6 +10,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
 from flowturbo.data import (
@@ -203,8 +204,45 @@ def test_missing_shards_error_names_pattern(tmp_path):
     with pytest.raises(FileNotFoundError, match="do not exist") as err:
         ShardDataModule(train_shards=pattern).setup("fit")
     assert "nowhere" in str(err.value)
-    with pytest.raises(FileNotFoundError, match="write_image_shards"):
+    with pytest.raises(FileNotFoundError, match="write_image_shards") as err:
         resolve_shards(str(tmp_path / "none-*.tar"))
+    # the brace pattern hint is quoted as a Hydra override (unquoted, Hydra cannot parse it)
+    assert """'data.train_shards="DIR/shard-{000000..000009}.tar"'""" in str(err.value)
+
+
+def test_resolve_shards_accepts_a_hydra_list(tmp_path):
+    _id_shards(tmp_path, 4, 2)
+    paths = [str(tmp_path / f"shard-{i:06d}.tar") for i in range(2)]
+    assert resolve_shards(OmegaConf.create(paths)) == paths  # '+data.val_shards=[a,b]'
+    assert resolve_shards(tuple(paths)) == paths
+
+
+def test_truncated_shard_in_a_manifest_set_is_refused(tmp_path):
+    _id_shards(tmp_path, 30, 10)
+    shard = tmp_path / "shard-000001.tar"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(RuntimeError, match="shard-000001.tar") as err:
+        ShardDataModule(val_shards=str(tmp_path), channels=1).setup("validate")
+    message = str(err.value)
+    assert "shard-000000" not in message and "re-run the command that wrote" in message
+
+
+def test_shard_ending_early_without_manifest_is_recorded(tmp_path):
+    _id_shards(tmp_path, 20, 10)
+    shard = tmp_path / "shard-000000.tar"
+    with tarfile.open(shard) as tar:
+        cut = tar.getmembers()[6].offset_data + 10  # inside sample 3's png
+    shard.write_bytes(shard.read_bytes()[:cut])
+    dm = ShardDataModule(
+        val_shards=OmegaConf.create([str(shard), str(tmp_path / "shard-000001.tar")]),
+        channels=1,
+        num_workers=0,
+    )
+    seen = torch.cat([y for _, y in dm.val_dataloader()]).tolist()
+    assert sorted(seen) == [0, 1, 2, *range(10, 20)]  # samples 3-9 are lost
+    assert dm.val_skips.count == 1  # webdataset reports the read error twice: counted once
+    assert "shard ended early" in dm.val_skips.examples[0]
+    assert "shard-000000.tar" in dm.val_skips.examples[0]
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
@@ -253,6 +291,39 @@ def test_validation_split_is_exact_and_disjoint(tmp_path, num_shards):
     assert not set(per_rank[0]) & set(per_rank[1])
     assert sorted(per_rank[0] + per_rank[1]) == list(range(n))
     assert abs(len(per_rank[0]) - len(per_rank[1])) <= 10
+
+
+def test_labels_outside_the_classes_are_skipped_and_counted(tmp_path):
+    samples = [
+        (f"s{i:02d}", {"png": _png(np.full((8, 8), i, np.uint8)), "cls": 42 if i == 7 else i % 10})
+        for i in range(20)
+    ]
+    classes = [str(d) for d in range(10)]
+    write_sample_shards(samples, tmp_path, shard_size=10, classes=classes, progress=False)
+    paths = [str(tmp_path / f"shard-{i:06d}.tar") for i in range(2)]
+    for spec, num_classes in [(str(tmp_path), None), (paths, 10)]:  # manifest / argument
+        dm = ShardDataModule(val_shards=spec, channels=1, num_workers=0, num_classes=num_classes)
+        dm.setup("validate")
+        seen = torch.cat([y for _, y in dm.val_dataloader()]).tolist()
+        assert len(seen) == 19 and 42 not in seen and dm.num_classes == 10
+        assert dm.val_skips.count == 1
+        assert "s07" in dm.val_skips.examples[0] and "label 42" in dm.val_skips.examples[0]
+        assert "[0, 10)" in dm.val_skips.examples[0]
+    unchecked = ShardDataModule(val_shards=paths, channels=1, num_workers=0)  # nothing known
+    assert 42 in torch.cat([y for _, y in unchecked.val_dataloader()]).tolist()
+    with pytest.raises(ValueError, match="num_classes=5 but the shards' manifest lists 10"):
+        ShardDataModule(val_shards=str(tmp_path), num_classes=5).setup("validate")
+
+    # a trajectory cache may hold the null class (label num_classes), other kinds may not
+    array = io.BytesIO()
+    np.save(array, np.zeros((2, 3), np.float16))
+    rng = np.random.default_rng(0)
+    trajectory = SampleDecoder(kind="trajectory", num_classes=10)
+    assert trajectory({"traj.npy": array.getvalue(), "cls": b"10"}, rng)[1] == 10
+    with pytest.raises(ValueError, match=r"label 11 is outside \[0, 10\]"):
+        trajectory({"traj.npy": array.getvalue(), "cls": b"11"}, rng)
+    with pytest.raises(ValueError, match=r"label 10 is outside \[0, 10\)"):
+        SampleDecoder(kind="latent", num_classes=10)({"latent.npy": b"", "cls": b"10"}, rng)
 
 
 def test_rgb_image_shards_resize_and_flip(tmp_path):

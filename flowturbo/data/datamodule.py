@@ -16,17 +16,18 @@ DataLoader workers split that rank's shards (exact; a worker may get none). Per-
 counts may differ by one or two: do not log per-step values with ``sync_dist=True`` in
 validation.
 
-**Skipped samples**: corrupt tar members, unreadable images and samples missing a field are
-skipped, never crash the run (unless ``max_consecutive_skips`` failures come in a row, which
-means the data is unusable) and are counted. Counting happens where the failure happens, in
-the DataLoader worker, and the count travels *with the data*: each batch a worker emits carries
-the number of samples skipped since its previous batch (plus a few messages); a worker whose
-stream ends with pending skips emits a count-only batch. The main process of each rank adds
-these to :attr:`ShardDataModule.train_skips` / :attr:`ShardDataModule.val_skips` and drops the
-count-only batches before Lightning sees them. Counts are therefore exact for the batches the
-model consumed (batches prefetched past the end of an epoch are discarded with their counts),
-identical with 0 or N workers, and per rank: reduce with ``sum`` across ranks when logging
-:meth:`ShardDataModule.skipped_summary`.
+**Skipped samples**: corrupt tar members, unreadable images, samples missing a field and labels
+outside ``num_classes`` are skipped (a shard whose tar ends early counts once, recorded as
+"shard ended early"), never crash the run (unless ``max_consecutive_skips`` failures come in a
+row, which means the data is unusable) and are counted. Counting happens where the failure
+happens, in the DataLoader worker, and the count travels *with the data*: each batch a worker
+emits carries the number of samples skipped since its previous batch (plus a few messages); a
+worker whose stream ends with pending skips emits a count-only batch. The main process of each
+rank adds these to :attr:`ShardDataModule.train_skips` / :attr:`ShardDataModule.val_skips` and
+drops the count-only batches before Lightning sees them. Counts are therefore exact for the
+batches the model consumed (batches prefetched past the end of an epoch are discarded with
+their counts), identical with 0 or N workers, and per rank: reduce with ``sum`` across ranks
+when logging :meth:`ShardDataModule.skipped_summary`.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ import io
 import logging
 import os
 import random
+import re
+import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
@@ -92,7 +95,10 @@ class _SkipHandler:
     """webdataset exception handler living in one worker's stream: count, continue.
 
     Raises instead once ``limit`` failures (or ``shard_limit`` shards without one usable
-    sample) come in a row, since then the data, not one sample, is broken.
+    sample) come in a row, since then the data, not one sample, is broken. A tar read error
+    ends the rest of its shard: it is counted once per shard read (webdataset may report it
+    twice), recorded as "shard ended early" and logged once per shard; how many samples it
+    lost is unknown without a manifest.
     """
 
     def __init__(self, limit: int, shard_limit: int, max_examples: int = 5, log_first: int = 3):
@@ -100,16 +106,27 @@ class _SkipHandler:
         self.max_examples, self.log_first = max_examples, log_first
         self.pending, self.total, self.in_a_row, self.shards_in_a_row = 0, 0, 0, 0
         self.examples: list[str] = []
+        self.ended_early: set[str] = set()  # messages logged
+        self.shard_ended = False  # the shard being read has ended early
 
     def __call__(self, exn: BaseException) -> bool:
-        message = f"{type(exn).__name__}: {exn}"[:500]
+        if isinstance(exn, tarfile.ReadError):
+            if self.shard_ended:  # the same end, raised again by the next stage
+                return True
+            self.shard_ended = True
+            message = _ended_early(exn)
+            if message not in self.ended_early:  # once per shard, not per training draw
+                self.ended_early.add(message)
+                log.warning("%s", message)
+        else:
+            message = f"{type(exn).__name__}: {exn}"[:500]
+            if self.total < self.log_first:
+                log.warning("skipping a sample: %s", message)
         self.pending += 1
         self.total += 1
         self.in_a_row += 1
         if len(self.examples) < self.max_examples:
             self.examples.append(message)
-        if self.total <= self.log_first:
-            log.warning("skipping a sample: %s", message)
         if self.in_a_row > self.limit:
             raise RuntimeError(
                 f"{self.in_a_row} samples in a row could not be read; last error: {message}"
@@ -126,7 +143,13 @@ class _SkipHandler:
             self.shards_in_a_row = 0
             yield sample
 
+    def new_shard(self) -> None:
+        """The next shard is being opened."""
+        self.shard_ended = False
+
     def opened_shard(self) -> None:
+        """A training shard was drawn; raise after ``shard_limit`` without a sample."""
+        self.new_shard()
         self.shards_in_a_row += 1
         if self.shards_in_a_row > self.shard_limit:
             raise RuntimeError(
@@ -139,6 +162,21 @@ class _SkipHandler:
         out = self.pending, self.examples
         self.pending, self.examples = 0, []
         return out
+
+
+def _ended_early(exn: tarfile.ReadError) -> str:
+    """The skip record of a tar read error. webdataset appends the URL to ``args``, or
+    `` @ <stream name='PATH'>`` to the first argument."""
+    what, where = str(exn.args[0]) if exn.args else "read error", "a shard"
+    if len(exn.args) > 1 and isinstance(exn.args[-1], str):
+        where = exn.args[-1]
+    elif match := re.search(r" @ <.*name='(.*)'>$", what):
+        what, where = what[: match.start()], match[1]
+    return (
+        f"shard ended early: {where}: ReadError: {what}"[:400]
+        + "; the samples after the damage are lost (counted as one skip): the file is truncated "
+        "or damaged, write it again"
+    )
 
 
 class _WorkerBatch(NamedTuple):
@@ -163,6 +201,9 @@ class SampleDecoder:
     ``latent_flip.npy`` with probability 1/2) -> (C, h, w) float16 as stored. trajectory:
     ``traj.npy`` -> (2, K, C, H, W) float16 as stored (states and velocities of one cached
     trajectory, :mod:`flowturbo.lit.trajectories`).
+
+    With ``num_classes`` a label outside [0, num_classes) raises ValueError (so the stream
+    skips and counts the sample); trajectories may also hold the null class ``num_classes``.
     """
 
     kind: Kind = "image"
@@ -170,9 +211,19 @@ class SampleDecoder:
     resolution: int | None = None
     flip: bool = False
     image_key: str | None = None
+    num_classes: int | None = None
 
     def __call__(self, sample: dict[str, Any], rng: random.Random) -> tuple[np.ndarray, int]:
         label = int(sample["cls"])
+        if self.num_classes is not None:
+            null = self.kind == "trajectory"  # the cache's label dropout: null class num_classes
+            if not 0 <= label < self.num_classes + null:
+                allowed = f"[0, {self.num_classes}{']' if null else ')'}"
+                raise ValueError(
+                    f"label {label} is outside {allowed} ({self.num_classes} classes"
+                    f"{' plus the null class' if null else ''}): a corrupt sample, or shards "
+                    "of another data set than num_classes says"
+                )
         if self.kind == "trajectory":
             name = self.image_key or TRAJECTORY_FIELD
             return np.load(io.BytesIO(sample[name]), allow_pickle=False), label
@@ -300,6 +351,7 @@ class ShardStream(IterableDataset):
         if by_shard:
             shards = shards[self.rank :: self.world_size]
         for index, url in shards[worker::workers]:
+            handler.new_shard()
             samples = wds.tarfile_samples([{"url": url}], handler=handler)
             for position, sample in enumerate(samples):
                 if by_shard or (index + position) % self.world_size == self.rank:
@@ -439,6 +491,10 @@ class ShardDataModule(L.LightningDataModule):
         cache_dir: Cache root for the demo set; default ``$FLOWTURBO_CACHE`` or
             ``~/.cache/flowturbo``.
         max_consecutive_skips: Raise after this many unreadable samples in a row.
+        num_classes: The model's number of classes: samples whose label is outside
+            [0, num_classes) are skipped and counted (trajectories may also hold the null
+            class ``num_classes``). A manifest's ``classes`` take precedence (a value smaller
+            than their count is an error); None: the manifest's count, or no check without one.
         multiprocessing_context: Start method of the DataLoader workers ("fork", "spawn",
             "forkserver"); None = the process default. Under Lightning's ``ddp_spawn`` the
             default is "spawn", so every worker re-imports the stack (seconds each, once, as
@@ -466,6 +522,7 @@ class ShardDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         cache_dir: str | None = None,
         max_consecutive_skips: int = 1000,
+        num_classes: int | None = None,
         multiprocessing_context: str | None = None,
     ):
         super().__init__()
@@ -484,6 +541,8 @@ class ShardDataModule(L.LightningDataModule):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
         if batch_size < 1 or steps_per_epoch < 1:
             raise ValueError("batch_size and steps_per_epoch must be positive")
+        if num_classes is not None and num_classes < 1:
+            raise ValueError(f"num_classes must be positive or None, got {num_classes}")
         self.save_hyperparameters(logger=False)
         demo = source == "demo"
         self.train_shards, self.val_shards = train_shards, val_shards
@@ -496,6 +555,7 @@ class ShardDataModule(L.LightningDataModule):
         self.hflip = hflip if hflip is not None else not demo
         self.cache_dir, self.max_consecutive_skips = cache_dir, max_consecutive_skips
         self.multiprocessing_context = multiprocessing_context
+        self.configured_classes = num_classes
         self.train_skips, self.val_skips = SkipCounter(), SkipCounter()
         self.train_urls: list[str] | None = None
         self.val_urls: list[str] | None = None
@@ -525,13 +585,25 @@ class ShardDataModule(L.LightningDataModule):
         if val is not None and self.val_urls is None:
             self.val_urls = resolve_shards(val)
         for spec in (train, val):
-            if isinstance(spec, str) and os.path.isfile(os.path.join(spec, MANIFEST_NAME)):
-                self.classes = self.classes or Manifest.load(spec).classes
+            if isinstance(spec, str | os.PathLike):
+                folder = os.path.expanduser(str(spec))
+                if os.path.isfile(os.path.join(folder, MANIFEST_NAME)):
+                    self.classes = self.classes or Manifest.load(folder).classes
+        configured = self.configured_classes
+        if configured is not None and self.classes is not None and configured < len(self.classes):
+            raise ValueError(
+                f"num_classes={configured} but the shards' manifest lists {len(self.classes)} "
+                f"classes, whose labels do not fit a {configured}-class model: set num_classes "
+                "to the model's number of classes, or use shards of that many classes"
+            )
 
     @property
     def num_classes(self) -> int | None:
-        """Number of classes recorded in the manifest (after :meth:`setup`), else None."""
-        return len(self.classes) if self.classes is not None else None
+        """Labels are checked against [0, num_classes): the manifest's class count (after
+        :meth:`setup`), else the ``num_classes`` argument, else None (no check)."""
+        if self.classes is not None:
+            return len(self.classes)
+        return self.configured_classes
 
     def _rank_world(self) -> tuple[int, int]:
         """(global rank, world size): the trainer's, else torch.distributed's, else (0, 1)."""
@@ -548,6 +620,7 @@ class ShardDataModule(L.LightningDataModule):
             resolution=self.resolution,
             flip=self.hflip and train,
             image_key=self.image_key,
+            num_classes=self.num_classes,
         )
 
     # -- loaders

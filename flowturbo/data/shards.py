@@ -192,15 +192,18 @@ def resolve_shards(spec: str | os.PathLike | Sequence[str]) -> list[str]:
     """Expand a shard specification into a list of shard paths (or URLs).
 
     Accepted: a folder with ``manifest.json`` (its non-empty shards; the manifest must be
-    complete), a folder of ``*.tar`` files (sorted), a brace pattern such as
-    ``/data/train/shard-{000000..000146}.tar`` (``::`` separates several), a glob pattern, a
-    list of paths, or remote URLs (``pipe:``, ``http://``, ..., passed on unchecked).
+    complete and each shard file must have the size it records), a folder of ``*.tar`` files
+    (sorted), a brace pattern such as ``/data/train/shard-{000000..000146}.tar`` (``::``
+    separates several), a glob pattern, a sequence of paths (a list, a tuple or an OmegaConf
+    ``ListConfig`` from a Hydra override), or remote URLs (``pipe:``, ``http://``, ..., passed
+    on unchecked).
 
     Raises:
         FileNotFoundError: Nothing matches, or named local shards are missing.
-        RuntimeError: The folder's manifest is from an unfinished writer run.
+        RuntimeError: The folder's manifest is from an unfinished writer run, or a shard's
+            file size differs from the size the manifest records (truncated or damaged).
     """
-    if isinstance(spec, list | tuple):
+    if isinstance(spec, Sequence) and not isinstance(spec, str):
         urls = [str(s) for s in spec]
     else:
         text = os.path.expanduser(str(spec))
@@ -208,13 +211,7 @@ def resolve_shards(spec: str | os.PathLike | Sequence[str]) -> list[str]:
         if folder.is_dir():
             manifest_path = folder / MANIFEST_NAME
             if manifest_path.is_file():
-                manifest = Manifest.load(manifest_path)
-                if not manifest.complete:
-                    raise RuntimeError(
-                        f"{manifest_path} is incomplete: the shard writer did not finish; re-run "
-                        "it (it resumes where it stopped)"
-                    )
-                urls = [str(p) for p in manifest.shard_paths(folder)]
+                urls = _manifest_shards(manifest_path)
             else:
                 urls = sorted(str(p) for p in folder.glob("*.tar"))
         else:
@@ -228,8 +225,9 @@ def resolve_shards(spec: str | os.PathLike | Sequence[str]) -> list[str]:
     if not urls:
         raise FileNotFoundError(
             f"no shard files match {str(spec)!r}: write shards first (flowturbo.data."
-            "write_image_shards, write_latent_shards or demo_shards), then pass a brace "
-            "pattern such as 'DIR/shard-{000000..000009}.tar' or the folder with manifest.json"
+            "write_image_shards, write_latent_shards or demo_shards), then pass the folder with "
+            "manifest.json or a brace pattern, quoted on a Hydra command line: "
+            "'data.train_shards=\"DIR/shard-{000000..000009}.tar\"'"
         )
     missing = [u for u in urls if not _is_remote(u) and not os.path.isfile(u)]
     if missing:
@@ -238,6 +236,33 @@ def resolve_shards(spec: str | os.PathLike | Sequence[str]) -> list[str]:
             f"e.g. {missing[0]}; check the pattern's range or re-run the shard writer"
         )
     return urls
+
+
+def _manifest_shards(manifest_path: Path) -> list[str]:
+    """The non-empty shards a complete manifest lists, each checked against its recorded size."""
+    manifest = Manifest.load(manifest_path)
+    if not manifest.complete:
+        raise RuntimeError(
+            f"{manifest_path} is incomplete: the shard writer did not finish; re-run it (it "
+            "resumes where it stopped)"
+        )
+    folder = manifest_path.parent
+    damaged = []
+    for s in manifest.shards:
+        path = folder / s.name
+        if s.count > 0 and path.is_file() and (size := path.stat().st_size) != s.bytes:
+            damaged.append(f"{s.name} ({size} bytes, recorded {s.bytes})")
+    if damaged:
+        raise RuntimeError(
+            f"{len(damaged)} shard file(s) in {folder} do not have the size {MANIFEST_NAME} "
+            f"records, so they are truncated or damaged and would silently lose samples: "
+            f"{', '.join(damaged[:5])}{', ...' if len(damaged) > 5 else ''}; delete them and "
+            "re-run the command that wrote the set: it writes missing shards again "
+            "(write_image_shards, write_latent_shards and write_sample_shards with resume=True "
+            "also rewrite shards of the wrong size; cache_trajectories.py keeps every shard "
+            "file that exists)"
+        )
+    return [str(p) for p in manifest.shard_paths(folder)]
 
 
 def _is_remote(url: str) -> bool:
