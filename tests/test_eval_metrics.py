@@ -119,6 +119,34 @@ def test_acceleration_ratio_matches_like_for_like():
     assert r["candidate_latency"] == 2.0
 
 
+def test_sweep_tables_pair_only_rows_measured_alike():
+    """A rerun into the same folder with other guidance for one entry leaves rows of two
+    settings side by side: they must not be paired, and the summary must say so."""
+    from flowturbo.eval.summary import acceleration_tables, mixed_settings
+
+    def flat(sampler, schedule, fid, ms, scale):
+        r = {"sampler": sampler, "schedule": schedule, "fid": fid, "ref_error": None}
+        return r | {
+            "ms_per_image_eager": ms,
+            "ms_per_image_compiled": None,
+            "cfg_scale": scale,
+        }
+
+    rows = [flat("heun", "H8", 6.0, 8.0, 1.0), flat("flowturbo", "H1P3R2", 5.0, 2.0, 3.0)]
+    (table,) = [
+        t for t in acceleration_tables(rows)
+        if (t["baseline"], t["candidate"], t["quality_key"], t["mode"])
+        == ("heun", "flowturbo", "fid", "eager")
+    ]  # fmt: skip
+    (r,) = table["rows"]
+    assert r["candidate_schedule"] is None and "differ in cfg_scale" in r["note"]
+    assert mixed_settings(rows) == ["cfg_scale: 1.0 (H8), 3.0 (H1P3R2)"]
+    rows[1]["cfg_scale"] = 1.0
+    assert mixed_settings(rows) == []
+    (r,) = next(t for t in acceleration_tables(rows) if t["mode"] == "eager")["rows"]
+    assert r["candidate_schedule"] == "H1P3R2" and r["ratio"] == pytest.approx(0.75)
+
+
 def test_write_results_and_plot(tmp_path):
     rows = [dict(r, settings={"batch": 8}) for r in TABLE]
     rows[0]["fid"] = float("nan")

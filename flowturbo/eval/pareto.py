@@ -123,13 +123,13 @@ def acceleration_ratios(
             entry["note"] = f"baseline has no {quality_key} or {latency_key}"
             out.append(entry)
             continue
-        matches = [
-            r
-            for r in cands
-            if _value(r, quality_key) <= q and all(r.get(k) == base.get(k) for k in same)
-        ]
+        better = [r for r in cands if _value(r, quality_key) <= q]
+        matches = [r for r in better if all(r.get(k) == base.get(k) for k in same)]
         if not matches:
             entry["note"] = f"no {candidate} row with {quality_key} <= {q:g}"
+            unlike = sorted({k for r in better for k in same if r.get(k) != base.get(k)})
+            if unlike:
+                entry["note"] += f" measured like it (such rows differ in {', '.join(unlike)})"
             out.append(entry)
             continue
         best = min(matches, key=lambda r: (_value(r, latency_key), _value(r, quality_key)))

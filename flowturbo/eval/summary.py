@@ -34,8 +34,15 @@ FAMILIES = (
     "heun", "heun_euler", "pseudo", "flowturbo", "euler", "midpoint", "multistep", "other",
 )  # fmt: skip
 LATENCY_MODES = (("eager", "ms_per_image_eager"), ("compiled", "ms_per_image_compiled"))
-#: Keys a FlowTurbo row must share with the Heun row it is compared with.
-LIKE_FOR_LIKE = ("batch", "device", "dtype")
+#: Keys a FlowTurbo row must share with the Heun row it is compared with: the models and
+#: guidance, how quality was measured (images, seed, extractor, reference) and where time was
+#: (batch, device, machine). Rows of one folder can differ in them when a sweep was rerun with
+#: other settings for some entries only.
+QUALITY_SETTINGS = (
+    "base_sha256", "cfg_scale", "cfg_channels", "dtype", "seed", "num_images", "extractor",
+    "reference", "ref_error_images",
+)  # fmt: skip
+LIKE_FOR_LIKE = (*QUALITY_SETTINGS, "batch", "device", "machine")
 #: Families FlowTurbo is compared with: Heun (DESIGN.md's ratio, as in the paper), then the
 #: baseline solvers a sweep may hold, which can be stronger than Heun on some models.
 BASELINE_FAMILIES = ("heun", "heun_euler", "euler", "midpoint", "multistep")
@@ -146,6 +153,24 @@ def load_rows(out_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def mixed_settings(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """For each quality setting on which the rows disagree, which rows have which value
+    (e.g. ``"cfg_scale: 1.0 (H2, euler:4), 3.0 (H1P2R2)"``); empty when all agree."""
+    out = []
+    for key in QUALITY_SETTINGS:
+        groups: dict[str, list[str]] = {}
+        for r in rows:
+            if r.get(key) is not None:
+                groups.setdefault(str(r[key]), []).append(str(r["schedule"]))
+        if len(groups) > 1:
+            parts = (
+                f"{v} ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})"
+                for v, names in groups.items()
+            )
+            out.append(f"{key}: {', '.join(parts)}")
+    return out
+
+
 def acceleration_tables(
     rows: Sequence[dict[str, Any]],
     *,
@@ -156,7 +181,7 @@ def acceleration_tables(
     the sweep, like for like.
 
     Eager latencies are compared with eager ones and compiled with compiled ones (only rows
-    whose compilation succeeded), and a match must share batch, device and dtype.
+    whose compilation succeeded), and a match must share :data:`LIKE_FOR_LIKE`.
 
     Returns:
         One table per (baseline family present, candidate family, quality key, mode):
@@ -269,6 +294,15 @@ def summarize(out_dir: str | os.PathLike, cfg: DictConfig | None = None) -> dict
             f"no results in {out_dir / 'rows'}: run the sweep first (without summarize_only)"
         )
     write_results(rows, out_dir)
+    mixed = mixed_settings(rows)
+    if mixed:
+        log.warning(
+            "the rows of %s were not all measured alike: %s. The table and the plot show them "
+            "together; acceleration.json pairs only rows measured alike. Rerun the sweep "
+            "with one set of settings (or another name=) for a clean front.",
+            out_dir,
+            "; ".join(mixed),
+        )
     tables = acceleration_tables(rows)
     with atomic_path(out_dir / "acceleration.json") as tmp:
         tmp.write_text(json.dumps(finite(tables), indent=2, allow_nan=False) + "\n")
