@@ -45,7 +45,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image
 from torch import Tensor
 
@@ -79,6 +79,7 @@ def pick_row(
     max_fid: float | None = None,
     max_ms: float | None = None,
     latency: str = "compiled",
+    schedules_only: bool = False,
 ) -> dict[str, Any]:
     """The sweep row to deploy under a quality or a latency target.
 
@@ -88,16 +89,22 @@ def pick_row(
         max_ms: choose the row with the lowest FID among those at most this many ms/img.
             With both, the fastest row that meets both.
         latency: ``"compiled"`` or ``"eager"``: which ms/img column counts.
+        schedules_only: consider only FlowTurbo schedules, not the baseline solvers
+            (``euler:16``): edit and inpaint run schedules only.
 
     Raises:
-        ValueError: no target, an unknown latency column, or no row meets the target (the
-            message names the best FID and the lowest latency the sweep has).
+        ValueError: no target, a target that is not a number, an unknown latency column, or
+            no row meets the target (the message names the best FID and the lowest latency
+            the sweep has).
     """
     if max_fid is None and max_ms is None:
         raise ValueError(
             "set pick.max_fid (the fastest entry at or below this FID) or pick.max_ms (the "
             "lowest FID at or below this many ms/img)"
         )
+    for key, value in (("max_fid", max_fid), ("max_ms", max_ms)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise ValueError(f"pick.{key} must be a number, got {value!r}")
     if latency not in ("compiled", "eager"):
         raise ValueError(f"pick.latency must be 'compiled' or 'eager', got {latency!r}")
     column = f"ms_per_image_{latency}"
@@ -107,6 +114,16 @@ def pick_row(
             isinstance(row.get(k), int | float) and math.isfinite(row[k]) for k in ("fid", column)
         )
 
+    left_out = ""
+    if schedules_only:
+        rows = [r for r in rows if is_schedule(r.get("schedule"))]
+        left_out = " (baseline solvers left out: edit and inpaint run FlowTurbo schedules)"
+        if not rows:
+            raise ValueError(
+                "the sweep has no schedule, only baseline solvers, which edit and inpaint "
+                "cannot run: pick from a sweep with schedules (H8, H1P5R3), or set "
+                "sampler.schedule"
+            )
     usable = [r for r in rows if measured(r)]
     if not usable:
         raise ValueError(
@@ -125,11 +142,20 @@ def pick_row(
             f"no entry of the sweep has FID <= {max_fid} and {latency} latency <= {max_ms} "
             f"ms/img; its best FID is {best['fid']:.4g} ({best['schedule']}, "
             f"{best[column]:.4g} ms/img), its fastest entry {fastest['schedule']} "
-            f"({fastest[column]:.4g} ms/img, FID {fastest['fid']:.4g})"
+            f"({fastest[column]:.4g} ms/img, FID {fastest['fid']:.4g}){left_out}"
         )
     if max_fid is not None:
         return min(chosen, key=lambda r: (r[column], r["fid"]))
     return min(chosen, key=lambda r: (r["fid"], r[column]))
+
+
+def is_schedule(label: Any) -> bool:
+    """Whether a sweep entry's label is a FlowTurbo schedule (``H1P5R3``, ``heun:8``), not a
+    baseline solver (``euler:16``) or unreadable."""
+    try:
+        return parse_entry(str(label)).baseline is None
+    except ValueError:
+        return False
 
 
 def sweep_rows_for(cfg: DictConfig) -> list[dict[str, Any]]:
@@ -137,7 +163,8 @@ def sweep_rows_for(cfg: DictConfig) -> list[dict[str, Any]]:
 
     Raises:
         FileNotFoundError: the sweep has no results.json.
-        ValueError: none of its rows was measured with these checkpoints and this guidance.
+        ValueError: results.json is not JSON or not a list of rows, it has no rows yet, or none
+            of its rows was measured with these checkpoints and this guidance.
     """
     path = Path(str(cfg.pick.sweep))
     path = path / "results.json" if path.is_dir() or path.suffix != ".json" else path
@@ -146,7 +173,23 @@ def sweep_rows_for(cfg: DictConfig) -> list[dict[str, Any]]:
             f"pick.sweep: {path} not found. Give the folder of a finished sweep "
             "(sweeps/<name>, written by evaluate.py) or its results.json"
         )
-    rows = json.loads(path.read_text())
+    try:
+        rows = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exn:
+        raise ValueError(
+            f"pick.sweep: {path} is not valid JSON ({exn}); it may be truncated (a sweep "
+            "killed while writing it): rerun evaluate.py on that sweep to write it again"
+        ) from None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise ValueError(
+            f"pick.sweep: {path} is not a list of rows (objects) as evaluate.py writes; "
+            "give the results.json of a sweep"
+        )
+    if not rows:
+        raise ValueError(
+            f"pick.sweep: {path} has no rows yet: run evaluate.py on that sweep first, or set "
+            "sampler.schedule yourself"
+        )
     base = base_fingerprint(cfg.model)
     refiner = fingerprint(cfg.model.get("refiner_ckpt"))
     s = cfg.sampler
@@ -172,7 +215,8 @@ def sweep_rows_for(cfg: DictConfig) -> list[dict[str, Any]]:
 
 
 def choose_entry(cfg: DictConfig) -> tuple[SweepEntry, dict[str, Any] | None]:
-    """``sampler.schedule``, or the entry picked from ``pick.sweep`` (and its sweep row)."""
+    """``sampler.schedule``, or the entry picked from ``pick.sweep`` (and its sweep row); edit
+    and inpaint pick among the sweep's schedules only."""
     pick = cfg.get("pick") or {}
     if not pick.get("sweep"):
         if cfg.sampler.get("schedule") is None:
@@ -183,6 +227,7 @@ def choose_entry(cfg: DictConfig) -> tuple[SweepEntry, dict[str, Any] | None]:
         max_fid=pick.get("max_fid"),
         max_ms=pick.get("max_ms"),
         latency=pick.get("latency", "compiled"),
+        schedules_only=str(cfg.get("task", "sample")) != "sample",
     )
     return parse_entry(row["schedule"]), row
 
@@ -321,7 +366,14 @@ class Masks:
 
 def _read_mask(path: Path, size: int) -> Tensor:
     """A mask image: white (>= 128 after the images' crop and resize) = generate."""
-    return (load_image(path, 1, size)[None].float() >= 128).float()
+    try:
+        image = load_image(path, 1, size)
+    except (OSError, ValueError, Image.DecompressionBombError) as exn:
+        raise ValueError(
+            f"mask={path} is not a readable image ({type(exn).__name__}: {exn}); give a mask "
+            f"image (white = generate), a folder of them or a region ({', '.join(MASK_REGIONS)})"
+        ) from None
+    return (image[None].float() >= 128).float()
 
 
 def load_masks(spec: str, names: Sequence[str], size: int) -> Masks:
@@ -355,6 +407,9 @@ def resolve_labels(
     ``labels=null``: i % num_classes for ``sample``; for edit and inpaint the inputs' own labels
     where known (the demo digits), else the null class. ``"null"``: the null class for all. An
     int: that class for all. A list: cycled over the images.
+
+    Raises:
+        ValueError: anything else (a float, a bool, another string, a class out of range).
     """
     if spec is None:
         if task == "sample":
@@ -364,8 +419,15 @@ def resolve_labels(
         spec = "null"
     if spec == "null":
         return torch.full((n,), num_classes, dtype=torch.long)
-    values = [spec] if isinstance(spec, int) else list(spec)
-    bad = [v for v in values if not isinstance(v, int) or not 0 <= v <= num_classes]
+    if isinstance(spec, list | tuple | ListConfig):
+        values = list(spec)
+    else:  # one class; anything else is refused below
+        values = [spec] if isinstance(spec, int) and not isinstance(spec, bool) else []
+
+    def is_class(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= num_classes
+
+    bad = [v for v in values if not is_class(v)]
     if not values or bad:
         raise ValueError(
             f"labels must be null, 'null', a class in [0, {num_classes}] ({num_classes}: the "
@@ -447,11 +509,16 @@ def make_job(cfg: DictConfig, entry: SweepEntry, nets: Networks) -> Job:
     channels, size = nets.shape[0], nets.shape[1]
     if nets.vae is not None:  # SD VAE: 3 x (8 h) x (8 w) images
         channels, size = 3, size * 2 ** (len(nets.vae.config.block_out_channels) - 1)
-    limit = None if cfg.get("num_images") is None else int(cfg.num_images)
+    limit = cfg.get("num_images")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(
+            f"num_images must be a whole number >= 1 (or null: every input, for edit and "
+            f"inpaint), got {limit!r}"
+        )
     inputs = masks = None
     if task == "sample":
-        if limit is None or limit < 1:
-            raise ValueError(f"task=sample needs num_images >= 1, got {cfg.get('num_images')}")
+        if limit is None:
+            raise ValueError("task=sample needs num_images >= 1, got null")
         names = [f"{i:06d}" for i in range(limit)]
     else:
         if not cfg.get("input"):
@@ -645,8 +712,9 @@ def generate_images(cfg: DictConfig) -> dict[str, Any]:
 
     Returns:
         What was done: ``sampler``, ``task``, ``images`` (in the job), ``written`` (by this
-        run), ``skipped_inputs``, ``out_dir`` (the sampler's folder, ``out_dir/<sampler>``)
-        and, when picked from a sweep, ``picked``.
+        run), ``skipped_inputs``, ``out_dir`` (the sampler's folder, ``out_dir/<sampler>``),
+        ``grid`` (its grid.png, None when none was written) and, when picked from a sweep,
+        ``picked``.
     """
     from hydra.utils import instantiate
     from torch.utils.data import DataLoader
@@ -683,13 +751,16 @@ def generate_images(cfg: DictConfig) -> dict[str, Any]:
         precision="32-true",  # the networks run under sampler.dtype's autocast instead
     )
     trainer.predict(writer, dataloaders=loader, return_predictions=False)
+    done = job.done()
+    grid = job.out_dir / "grid.png" if done == len(job.names) and writer.grid_images > 0 else None
     summary = {
         "task": job.task,
         "sampler": entry.label,
         "images": len(job.names),
-        "written": job.done() - before,
+        "written": done - before,
         "skipped_inputs": len(job.inputs.skipped) if job.inputs else 0,
         "out_dir": str(job.out_dir),
+        "grid": None if grid is None else str(grid),
     }
     if row is not None:
         summary["picked"] = {
@@ -700,7 +771,8 @@ def generate_images(cfg: DictConfig) -> dict[str, Any]:
         skipped = summary["skipped_inputs"]
         print(
             f"{job.task} with {entry.label}: {summary['images']} images in {job.out_dir}/images "
-            f"({summary['written']} written now), grid: {job.out_dir}/grid.png"
+            f"({summary['written']} written now)"
+            + (f", grid: {grid}" if grid else "")
             + (f"; {skipped} unreadable inputs skipped (see the log)" if skipped else "")
         )
     return summary

@@ -294,3 +294,94 @@ def test_a_flow_model_of_ones_own_generates_the_images_of_the_sit_it_adapts(
         assert diff.max() <= 1 and (diff > 0).mean() < 0.01, a.name
     jobs = [json.loads((d / "job.json").read_text()) for d in (sit, own)]
     assert jobs[0]["base"] != jobs[1]["base"]  # a rerun of the other kind would be refused
+
+
+def sweep_of_these_models(tiny_models, folder, rows):
+    """folder/results.json: rows measured with the tiny models, no guidance."""
+    fp = networks.fingerprint(str(tiny_models / "base.pt"))
+    rfp = networks.fingerprint(str(tiny_models / "refiner.pt"))
+    rows = [
+        {**r, "base_sha256": fp, "cfg_scale": 1.0, "refiner_nfe": 4 if "R" in r["schedule"] else 0}
+        for r in rows
+    ]
+    for r in rows:
+        r.update(refiner_sha256=rfp if r["refiner_nfe"] else None, refiner_input="d0")
+    folder.mkdir(exist_ok=True)
+    (folder / "results.json").write_text(json.dumps(rows))
+    return folder
+
+
+def test_edit_and_inpaint_pick_only_schedules_from_a_sweep(tiny_models, generate_cfg, tmp_path):
+    euler = {"schedule": "euler:4", "fid": 30.0, "ms_per_image_eager": 5.0}
+    rows = [{**euler, "ms_per_image_compiled": 4.0}, *ROWS]
+    sweep_dir = sweep_of_these_models(tiny_models, tmp_path / "sweep", rows)
+    pick = [f"pick.sweep={sweep_dir}", "pick.max_ms=1000"]
+    entry, _ = gen.choose_entry(generate_cfg(tmp_path / "gen", *pick))
+    assert entry.label == "euler:4"  # sampling may deploy a baseline
+    for task in ("edit", "inpaint"):
+        entry, row = gen.choose_entry(generate_cfg(tmp_path / "gen", *pick, f"task={task}"))
+        assert entry.label == "H1P3R3" and row["fid"] == 33.4  # the best schedule
+    with pytest.raises(ValueError, match=r"best FID is 33.4 \(H1P3R3.*baseline solvers left out"):
+        pick_row(rows, max_fid=31, schedules_only=True)
+    with pytest.raises(ValueError, match="no schedule.*only baseline solvers"):
+        pick_row(rows[:1], max_fid=31, schedules_only=True)
+
+
+def test_num_images_below_one_is_refused_for_every_task(generate_cfg, tmp_path, capsys):
+    digits_folder(tmp_path / "in")
+    for args in (
+        ["task=edit", "input=demo:val"],
+        ["task=inpaint", f"input={tmp_path / 'in'}"],
+        ["task=sample"],
+    ):
+        with pytest.raises(ValueError, match="num_images"):
+            generate_images(
+                generate_cfg(tmp_path / "gen", "sampler.schedule=H2", "num_images=0", *args)
+            )
+    assert not (tmp_path / "gen").exists()
+    # no grid asked for: the summary does not mention one
+    summary = generate_images(
+        generate_cfg(tmp_path / "gen", "sampler.schedule=H2", "num_images=2", "grid.num_images=0")
+    )
+    assert summary["grid"] is None and "grid" not in capsys.readouterr().out
+    assert not (tmp_path / "gen" / "H2" / "grid.png").exists()
+
+
+def test_labels_must_be_classes_not_floats_or_booleans():
+    for spec in (3.5, True, [1, False], "two", {"a": 1}):
+        with pytest.raises(ValueError, match=r"labels must be"):
+            resolve_labels(spec, 2, 3, task="sample")
+    assert resolve_labels((0, 2), 3, 3, task="sample").tolist() == [0, 2, 0]
+
+
+def test_a_broken_sweep_or_mask_file_is_named(tiny_models, generate_cfg, tmp_path):
+    results = tmp_path / "sweep" / "results.json"
+    results.parent.mkdir()
+    pick = [f"pick.sweep={results.parent}", "pick.max_fid=35"]
+    for text, match in (
+        ('[{"schedule": "H2", "fid"', "not valid JSON"),
+        ('"H2"', "not a list of rows"),
+        ('["H2"]', "not a list of rows"),
+        ("[]", "no rows yet.*evaluate.py"),
+    ):
+        results.write_text(text)
+        with pytest.raises(ValueError, match=match):
+            gen.choose_entry(generate_cfg(tmp_path / "gen", *pick))
+    sweep_of_these_models(tiny_models, results.parent, ROWS)
+    with pytest.raises(ValueError, match="pick.max_fid must be a number, got 'abc'"):
+        gen.choose_entry(generate_cfg(tmp_path / "gen", *pick, "pick.max_fid=abc"))
+    with pytest.raises(ValueError, match="pick.max_ms must be a number"):
+        pick_row(ROWS, max_ms=True)
+
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.raises(ValueError, match=r"mask=.*notes.txt.*not a readable image"):
+        generate_images(
+            generate_cfg(
+                tmp_path / "gen",
+                "task=inpaint",
+                "input=demo:val",
+                "num_images=2",
+                "sampler.schedule=H2",
+                f"mask={tmp_path / 'notes.txt'}",
+            )
+        )
