@@ -17,7 +17,8 @@ from flowturbo.eval import summary as summary_mod
 from flowturbo.eval.digits import DigitClassifier, save_classifier
 from flowturbo.eval.fidelity import fid_against_statistics, fidelity_metrics, load_reference
 from flowturbo.eval.summary import acceleration_tables
-from flowturbo.models import SiT, VelocityRefiner, save_checkpoint
+from flowturbo.lit import load_frozen_base
+from flowturbo.models import CheckpointError, SiT, VelocityRefiner, save_checkpoint
 from flowturbo.sampling import clear_compile_cache
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,6 +150,67 @@ def test_entries_parse_schedules_and_baselines_into_families_with_nfe():
         entries.parse_entry("euler:0")
     with pytest.raises(ValueError, match="unknown step letter"):
         entries.parse_entry("H2X3")
+
+
+def test_single_values_are_one_element_lists_and_step_counts_must_be_integers(assets, tmp_path):
+    def labels(*overrides):
+        return [e.label for e in entries.sweep_entries(tiny(assets, tmp_path, *overrides))]
+
+    assert labels("sweep.schedules=H2P4R3") == ["H2P4R3", "euler:4"]  # not 'H', '2', ...
+    assert labels("sweep.baselines.euler=4") == ["H2", "H1P2R2", "euler:4"]
+    assert labels("sweep.baselines.euler=[4.0,8]") == ["H2", "H1P2R2", "euler:4", "euler:8"]
+    for bad in ["[4.7]", "[true]", "[four]", "[0]", "2.5"]:
+        with pytest.raises(ValueError, match=r"sweep\.baselines\.euler: step counts must be"):
+            labels(f"sweep.baselines.euler={bad}")
+    with pytest.raises(ValueError, match="positive integer"):
+        entries.parse_entry("euler:\uff14")  # a full-width 4
+
+
+@pytest.mark.parametrize(
+    ("overrides", "names"),
+    [
+        (["fid.num_images=0"], r"fid\.num_images must be an integer >= 2"),
+        (["fid.num_images=1"], r"fid\.num_images must be an integer >= 2"),
+        (["fid.num_images=5"], r"needs at least 10 images .* set fid\.isc=false"),
+        (["fid.num_images=3", "fid.isc=false"], r"more than 3 images .* set fid\.prc=false"),
+        (["ref_error.dtype=float16"], r"ref_error\.dtype must be 'float64' or 'float32'"),
+        (["latency.repeats=0"], r"latency\.repeats must be an integer >= 1, got 0"),
+        (["latency.batch=0"], r"latency\.batch must be an integer >= 1, got 0"),
+        (["latency.warmup=-1"], r"latency\.warmup must be an integer >= 0, got -1"),
+        (["sampler.batch_size=0"], r"sampler\.batch_size must be an integer >= 1, got 0"),
+    ],
+)
+def test_bad_numbers_are_refused_before_any_model_is_loaded(
+    assets, tmp_path, monkeypatch, overrides, names
+):
+    def load_networks(*args, **kwargs):
+        raise AssertionError("loaded the models before checking the settings")
+
+    monkeypatch.setattr(sweep, "load_networks", load_networks)
+    with pytest.raises(ValueError, match=names):
+        sweep.run_sweep(tiny(assets, tmp_path, *overrides))
+
+
+def test_latency_settings_are_not_checked_when_no_latency_is_measured(assets, tmp_path):
+    off = ["latency.eager=false", "latency.repeats=0", "latency.batch=0", "latency.warmup=-1"]
+    small = ["sweep.schedules=[H1]", "sweep.baselines.euler=[]", "fid.num_images=16"]
+    (row,) = sweep.run_sweep(tiny(assets, tmp_path, *small, *off, "grid.num_images=0"))["rows"]
+    assert row["fid"] is not None and row["ms_per_image_eager"] is None
+    # the fewest images each metric takes
+    sweep.check_settings(tiny(assets, tmp_path, "fid.num_images=10", "fid.prc=true"))
+    sweep.check_settings(tiny(assets, tmp_path, "fid.num_images=4", "fid.isc=false"))
+    sweep.check_settings(
+        tiny(assets, tmp_path, "fid.num_images=2", "fid.isc=false", "fid.prc=false")
+    )
+
+
+def test_base_checkpoint_errors_name_evaluates_settings(assets, tmp_path):
+    bare = tmp_path / "state_dict.pt"
+    torch.save(load_frozen_base(str(assets / "base.pt")).state_dict(), bare)
+    with pytest.raises(CheckpointError, match=r"set model\.base_arch\.name \(e\.g\. SiT-XL/2\)"):
+        sweep.run_sweep(tiny(assets, tmp_path / "a", f"model.base_ckpt={bare}"))
+    with pytest.raises(CheckpointError, match=r"not a base flow model: set model\.base_ckpt to"):
+        sweep.run_sweep(tiny(assets, tmp_path / "b", f"model.base_ckpt={assets / 'refiner.pt'}"))
 
 
 def test_noise_depends_only_on_seed_and_index():

@@ -1,16 +1,21 @@
 import functools
 import os
 import signal
+from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 import torchvision
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 from torch.utils.data import DataLoader, TensorDataset
 
 from flowturbo.lit import FlowMatchingModule, RefinerModule, load_frozen_base
 from flowturbo.lit.callbacks import CheckpointOnSignal, SampleGrid
 from flowturbo.models import CheckpointError, SiT, VelocityRefiner, save_checkpoint
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 def tiny_sit(**kw):
@@ -141,6 +146,31 @@ def test_missing_or_wrong_base_is_a_clear_error(tmp_path):
     save_checkpoint(VelocityRefiner.from_base(base), tmp_path / "refiner.pt")
     with pytest.raises(CheckpointError, match="holds a velocity refiner, not a base"):
         load_frozen_base(str(tmp_path / "refiner.pt"))
+
+
+def test_base_errors_name_the_callers_settings(tmp_path):
+    """Each script names its own keys: train.py's by default, others' through ``keys``."""
+    keys = {"path": "cache.base.path", "name": "cache.base.name"}
+    with pytest.raises(FileNotFoundError, match=r"Set cache\.base\.path to a SiT checkpoint"):
+        load_frozen_base(str(tmp_path / "nope.pt"), keys=keys)
+    torch.save(tiny_sit().state_dict(), tmp_path / "bare.pt")  # a public-style state dict
+    with pytest.raises(CheckpointError, match=r"set model\.base\.name \(e\.g\. SiT-XL/2\)"):
+        load_frozen_base(str(tmp_path / "bare.pt"))
+    with pytest.raises(CheckpointError, match=r"set cache\.base\.name \(e\.g\. SiT-XL/2\)"):
+        load_frozen_base(str(tmp_path / "bare.pt"), keys=keys)
+    save_checkpoint(VelocityRefiner.from_base(tiny_sit()), tmp_path / "refiner.pt")
+    with pytest.raises(CheckpointError, match=r"base flow model: set cache\.base\.path to"):
+        load_frozen_base(str(tmp_path / "refiner.pt"), keys=keys)
+
+
+@pytest.mark.parametrize("cache", ["demo", "imagenet"])
+def test_cache_trajectories_base_errors_name_its_settings(tmp_path, cache):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose(
+            "cache_trajectories", overrides=[f"cache={cache}", f"cache.base.path={tmp_path}/no"]
+        )
+    with pytest.raises(FileNotFoundError, match=r"Set cache\.base\.path to"):
+        instantiate(cfg.cache.base)()
 
 
 class SendSignal(L.Callback):

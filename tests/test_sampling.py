@@ -55,19 +55,23 @@ def rms(a, b):
 
 
 @pytest.mark.parametrize(
-    ("text", "plan", "base", "refiner"),
+    ("text", "plan", "base", "refiner", "normalised"),
     [
-        ("E16", "E" * 16, 16, 0),
-        ("H8", "H" * 8, 16, 0),
-        ("H1P7", "H" + "P" * 7, 9, 0),
-        ("H2P4R3", "HHPPPPRRR", 8, 6),
-        ("P3", "PPP", 4, 0),  # the first P has no cache: one more NFE
-        ("h1p5r3", "HPPPPPRRR", 7, 6),
+        ("E16", "E" * 16, 16, 0, "E16"),
+        ("H8", "H" * 8, 16, 0, "H8"),
+        ("H1P7", "H" + "P" * 7, 9, 0, "H1P7"),
+        ("H2P4R3", "HHPPPPRRR", 8, 6, "H2P4R3"),
+        ("P3", "PPP", 4, 0, "P3"),  # the first P has no cache: one more NFE
+        ("h1p5r3", "HPPPPPRRR", 7, 6, "H1P5R3"),
+        ("H08", "H" * 8, 16, 0, "H8"),  # one spelling: one row and one folder per schedule
+        ("h02 P004r3", "HHPPPPRRR", 8, 6, "H2P4R3"),
+        ("H4H4", "H" * 8, 16, 0, "H4H4"),  # blocks are kept as written
     ],
 )
-def test_parse_schedule(text, plan, base, refiner):
+def test_parse_schedule(text, plan, base, refiner, normalised):
     s = parse_schedule(text)
     assert (s.plan, s.base_nfe, s.refiner_nfe, s.num_steps) == (plan, base, refiner, len(plan))
+    assert s.text == normalised
 
 
 @pytest.mark.parametrize(
@@ -79,6 +83,8 @@ def test_parse_schedule(text, plan, base, refiner):
         ("H0P3", "'H0'"),
         ("R2H3", "starts with R"),
         ("H2-P3", "'-'"),
+        ("H\uff18", r"block 'H' has no step count \('\uff18' is not one of the digits 0-9\)"),
+        ("H8P\u0664", "'P'"),  # an Arabic-Indic 4
     ],
 )
 def test_bad_schedules_name_the_part(text, names):

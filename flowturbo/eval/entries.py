@@ -8,7 +8,9 @@ the entry alone, so summaries of old row files classify them as the current code
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from omegaconf import DictConfig
 
@@ -96,7 +98,8 @@ def parse_entry(text: str) -> SweepEntry:
             f"sweep entry {text!r}: unknown solver {name!r}; known: {', '.join(BASELINES)} "
             "(or give a schedule like H2P4R3)"
         )
-    if not count.strip().isdigit() or int(count) < 1:
+    count = count.strip()
+    if not (count.isascii() and count.isdigit()) or int(count) < 1:
         raise ValueError(f"sweep entry {text!r}: the step count must be a positive integer")
     steps = int(count)
     if name == "heun":
@@ -116,15 +119,41 @@ def sweep_entries(cfg: DictConfig) -> list[SweepEntry]:
     """The entries a job evaluates: ``sampler.schedule`` alone when set, else the sweep.
 
     The sweep is ``sweep.schedules`` then ``sweep.baselines`` (``{solver: [steps, ...]}``),
-    duplicates dropped.
+    duplicates dropped. A single value stands for a one-element list (``sweep.schedules=H8``,
+    ``sweep.baselines.euler=16``).
+
+    Raises:
+        ValueError: a bad entry, a baseline step count that is not a positive integer (naming
+            its key), or nothing to evaluate.
     """
     one = cfg.sampler.get("schedule")
     if one is not None:
         return [parse_entry(str(one))]
-    texts = [str(s) for s in (cfg.sweep.get("schedules") or [])]
+    texts = [str(s) for s in _as_list(cfg.sweep.get("schedules"))]
     for name, counts in (cfg.sweep.get("baselines") or {}).items():
-        texts += [f"{name}:{int(c)}" for c in counts or []]
+        key = f"sweep.baselines.{name}"
+        texts += [f"{name}:{_step_count(c, key)}" for c in _as_list(counts)]
     entries = list({e.key: e for e in map(parse_entry, texts)}.values())
     if not entries:
         raise ValueError("nothing to evaluate: set sweep.schedules / sweep.baselines")
     return entries
+
+
+def _as_list(value: Any) -> list[Any]:
+    """A config list as a list; None as []; a single value (``H8``, ``16``) as [value]."""
+    if value is None:
+        return []
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return list(value)
+    return [value]
+
+
+def _step_count(value: Any, key: str) -> int:
+    """A baseline's step count from the config: a positive integer (``16`` or ``16.0``)."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(
+            f"{key}: step counts must be positive integers, got {value!r}; e.g. {key}=[8,16]"
+        )
+    return value

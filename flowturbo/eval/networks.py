@@ -28,6 +28,10 @@ from flowturbo.sampling import BASELINES, ClassifierFreeGuidance, sample
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+#: The base's settings in evaluate.py's and generate.py's ``model`` config, named in the errors
+#: of :func:`flowturbo.lit.load_frozen_base` (train.py names them differently).
+BASE_KEYS = {"path": "model.base_ckpt", "name": "model.base_arch.name"}
+
 
 def image_seed(seed: int, index: int) -> int:
     """The RNG seed of image ``index``: a hash of (seed, index), so no two images share noise."""
@@ -125,7 +129,8 @@ def load_networks(cfg: DictConfig, device: torch.device, *, need_refiner: bool) 
             "ema.pt, a public SiT checkpoint (with model.base_arch), or your own flow model's "
             "checkpoint (with model.base_arch.factory)"
         )
-    base = load_frozen_base(m.base_ckpt, arch.pop("name", None), **arch).to(device)
+    name = arch.pop("name", None)
+    base = load_frozen_base(m.base_ckpt, name, keys=BASE_KEYS, **arch).to(device)
     refiner = None
     if need_refiner:
         if not m.get("refiner_ckpt"):

@@ -80,6 +80,14 @@ log = logging.getLogger(__name__)
 #: Parts of a row, each cached under its own settings hash.
 PARTS = ("quality", "ref_error", "latency")
 
+#: Splits of the Inception Score (it needs at least as many images) and k of the k-nearest-
+#: neighbour balls of precision/recall (they need more images), as torch-fidelity uses them.
+ISC_SPLITS = 10
+PRC_NEIGHBORHOOD = 3
+
+#: ``ref_error.dtype``: the precision of the reference ODE solution.
+REFERENCE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
 
 # ----------------------------------------------------------------------------- generation
 
@@ -227,6 +235,10 @@ def extractor_weights(fid: DictConfig) -> str | None:
 def reference_settings(cfg: DictConfig) -> dict[str, Any]:
     """The settings of the reference ODE solution (solver, accuracy, images, model)."""
     e, m, s = cfg.ref_error, cfg.model, cfg.sampler
+    if e.dtype not in REFERENCE_DTYPES:
+        raise ValueError(
+            f"ref_error.dtype must be {' or '.join(map(repr, REFERENCE_DTYPES))}, got {e.dtype!r}"
+        )
     solver = {"solver": e.solver, "dtype": e.dtype, "num_images": int(e.num_images)}
     if e.solver == "heun":
         solver["steps"] = int(e.steps)
@@ -277,6 +289,7 @@ def measure_quality(
             reference.sigma,
             isc=bool(f.isc),
             batch_size=f.batch_size,
+            isc_splits=ISC_SPLITS,
             **common,
         )
     else:
@@ -287,6 +300,8 @@ def measure_quality(
             isc=bool(f.isc),
             prc=bool(f.prc),
             batch_size=f.batch_size,
+            isc_splits=ISC_SPLITS,
+            prc_neighborhood=PRC_NEIGHBORHOOD,
             **common,
         )
     metrics.update(
@@ -325,7 +340,7 @@ def reference_solution(nets: Networks, cfg: DictConfig, out_dir: Path) -> Tensor
         if json.loads(saved["settings"]) == json.loads(json.dumps(settings, default=str)):
             return saved["x"]
     e = cfg.ref_error
-    dtype = {"float64": torch.float64, "float32": torch.float32}[e.dtype]
+    dtype = REFERENCE_DTYPES[e.dtype]
     model = nets.base if dtype == torch.float32 else copy.deepcopy(nets.base).to(dtype)
     s = cfg.sampler
     velocity = ClassifierFreeGuidance(model, s.cfg_scale, nets.num_classes, s.get("cfg_channels"))
@@ -442,7 +457,7 @@ def measure_entries_latency(
                 calls[entry.key, "compiled"] = run(entry, compiled)
         if lat.decode and nets.vae is not None:  # the same for every entry: timed once
             calls["", "decode"] = _decode_call(run(group[0], False)(), nets)
-        timed = measure_latencies(calls, **timing)
+        timed = measure_latencies(calls, **timing) if calls else {}
         for entry in group:
             out: dict[str, Any] = {"batch": b, "device": str(device), "machine": machine(device)}
             for (key, mode), latency in timed.items():
@@ -500,6 +515,7 @@ def run_sweep(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("summarize_only"):
         return summarize(out_dir, cfg)
     check_required(cfg, f"python evaluate.py experiment={cfg.get('name', '...')}")
+    check_settings(cfg)
     device = resolve_device(cfg.device)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
@@ -514,6 +530,43 @@ def run_sweep(cfg: DictConfig) -> dict[str, Any]:
         if timed:
             evaluate_latency(timed, nets, cfg, out_dir)
     return summarize(out_dir, cfg)
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """Checks the sweep's numbers before anything is loaded or generated.
+
+    Raises:
+        ValueError: naming the setting: ``sampler.batch_size`` < 1; ``fid.num_images`` < 2, or
+            too few for the Inception Score or precision/recall when they are on; a latency
+            setting out of range (``batch``, ``repeats`` < 1, ``warmup`` < 0) when some latency
+            is measured.
+    """
+    _check_int(cfg, "sampler.batch_size", 1)
+    n = _check_int(cfg, "fid.num_images", 2, "(FID needs a covariance of the images)")
+    if cfg.fid.isc and n < ISC_SPLITS:
+        raise ValueError(
+            f"fid.num_images={n}: the Inception Score needs at least {ISC_SPLITS} images (one "
+            f"per split); give fid.num_images>={ISC_SPLITS} or set fid.isc=false"
+        )
+    if cfg.fid.prc and n <= PRC_NEIGHBORHOOD:
+        raise ValueError(
+            f"fid.num_images={n}: precision/recall need more than {PRC_NEIGHBORHOOD} images (k = "
+            f"{PRC_NEIGHBORHOOD} nearest neighbours); give fid.num_images>={PRC_NEIGHBORHOOD + 1} "
+            "or set fid.prc=false"
+        )
+    lat = cfg.latency
+    if lat.eager or lat.compiled or (lat.decode and cfg.get("vae")):
+        _check_int(cfg, "latency.batch", 1)
+        _check_int(cfg, "latency.repeats", 1)
+        _check_int(cfg, "latency.warmup", 0)
+
+
+def _check_int(cfg: DictConfig, key: str, minimum: int, why: str = "") -> int:
+    value = OmegaConf.select(cfg, key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        why = f" {why}" if why else ""
+        raise ValueError(f"{key} must be an integer >= {minimum}{why}, got {value!r}")
+    return value
 
 
 def plan_work(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -30,7 +30,12 @@ from flowturbo.models import (
 
 
 def load_frozen_base(
-    path: str, name: str | None = None, factory: str | None = None, **arch
+    path: str,
+    name: str | None = None,
+    factory: str | None = None,
+    *,
+    keys: Mapping[str, str] | None = None,
+    **arch,
 ) -> nn.Module:
     """Loads a base model for refiner training, frozen: eval mode, no gradients.
 
@@ -42,8 +47,13 @@ def load_frozen_base(
         factory: dotted path of a function ``(path) -> nn.Module`` that builds a flow model of
             the user's own; ``arch`` then holds :class:`flowturbo.models.FlowModel`'s
             arguments (in_channels, input_size, num_classes, time, ...).
+        keys: the caller's config keys of ``path`` and ``name``, named in error messages:
+            ``{"path": ..., "name": ...}``; train.py's (``model.base.path``,
+            ``model.base.name``) by default, e.g. ``model.base_ckpt`` and
+            ``model.base_arch.name`` for evaluate.py.
         **arch: SiT constructor overrides (in_channels, num_classes, input_size, ...).
     """
+    keys = {"path": "model.base.path", "name": "model.base.name", **(keys or {})}
     if factory is not None:
         if name is not None:
             raise ValueError(
@@ -52,7 +62,7 @@ def load_frozen_base(
         return load_flow_model(path, factory, **arch)
     if not Path(path).is_file():
         raise FileNotFoundError(
-            f"base checkpoint not found: {path}. Set model.base.path to a SiT checkpoint "
+            f"base checkpoint not found: {path}. Set {keys['path']} to a SiT checkpoint "
             "(e.g. SiT-XL-2-256x256.pt) or to the net.pt / ema.pt of a train.py base run."
         )
     if name is not None:
@@ -62,11 +72,11 @@ def load_frozen_base(
             base = build_from_checkpoint(path)
         except CheckpointError as err:
             raise CheckpointError(
-                f"{err}. For a public SiT checkpoint set model.base.name (e.g. SiT-XL/2)."
+                f"{err}. For a public SiT checkpoint set {keys['name']} (e.g. SiT-XL/2)."
             ) from err
     if isinstance(base, VelocityRefiner):
         raise CheckpointError(
-            f"{path} holds a velocity refiner, not a base flow model: set model.base.path to "
+            f"{path} holds a velocity refiner, not a base flow model: set {keys['path']} to "
             "the base the refiner is trained for (e.g. the net.pt or ema.pt of a base run)"
         )
     return base.eval().requires_grad_(False)

@@ -17,7 +17,7 @@ SCHEDULE_LETTERS = {
     "R": "refiner: Heun on cached velocity + refiner corrections, two refiner evaluations",
 }
 
-_BLOCK = re.compile(r"([A-Za-z])(\d*)")
+_BLOCK = re.compile(r"([A-Za-z])([0-9]*)")  # ASCII digits: \d takes any Unicode digit
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,9 @@ class Schedule:
     """A parsed schedule.
 
     Attributes:
-        text: the schedule as given, normalised (``"H2P4R3"``).
+        text: the schedule as given, normalised: letters upper case, counts without leading
+            zeros, no spaces (``"h2 p04r3"`` -> ``"H2P4R3"``); blocks are kept as given
+            (``"H4H4"`` stays, though it runs as ``"H8"``).
         plan: one letter per step (``"HHPPPPRRR"``), what the sampler executes.
         base_nfe: evaluations of the base model over the whole schedule.
         refiner_nfe: evaluations of the refiner over the whole schedule.
@@ -77,7 +79,9 @@ def parse_schedule(schedule: str | Schedule) -> Schedule:
                 f"known letters: {', '.join(SCHEDULE_LETTERS)}"
             )
         if not count:
-            raise ValueError(f"schedule {schedule!r}: block {part!r} has no step count")
+            after = text[m.end() : m.end() + 1]
+            hint = f" ({after!r} is not one of the digits 0-9)" if after.isdigit() else ""
+            raise ValueError(f"schedule {schedule!r}: block {part!r} has no step count{hint}")
         if int(count) == 0:
             raise ValueError(f"schedule {schedule!r}: block {part!r} has a zero step count")
         plan.extend(letter * int(count))
@@ -89,7 +93,9 @@ def parse_schedule(schedule: str | Schedule) -> Schedule:
             "so put an H, E or P step before it"
         )
     base_nfe, refiner_nfe = plan_nfe("".join(plan))
-    normalised = "".join(m.group(1).upper() + m.group(2) for m in _BLOCK.finditer(text))
+    normalised = "".join(  # one spelling per schedule: "h08" -> "H8" (one row, one folder)
+        m.group(1).upper() + str(int(m.group(2))) for m in _BLOCK.finditer(text)
+    )
     return Schedule(normalised, "".join(plan), base_nfe, refiner_nfe)
 
 
