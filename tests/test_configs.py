@@ -80,7 +80,9 @@ def test_generate_experiment_composes_with_generate_yaml(name, tmp_path):
             "written": 8,
             "skipped_inputs": 0,
             "out_dir": str(tmp_path / "out" / "H1P3R3"),
+            "grid": str(tmp_path / "out" / "H1P3R3" / "grid.png"),
         }
+        assert (tmp_path / "out" / "H1P3R3" / "grid.png").is_file()
 
 
 @pytest.mark.parametrize("name", SWEEPS)
