@@ -212,17 +212,10 @@ def test_pick_row_meets_the_target_at_the_least_cost():
 
 
 def test_pick_from_a_sweep_of_these_models_only(tiny_models, generate_cfg, tmp_path):
-    fp = networks.fingerprint(str(tiny_models / "base.pt"))
-    rfp = networks.fingerprint(str(tiny_models / "refiner.pt"))
-    rows = [
-        {**r, "base_sha256": fp, "cfg_scale": 1.0, "refiner_nfe": 4 if "R" in r["schedule"] else 0}
-        for r in ROWS
-    ]
-    for r in rows:
-        r.update(refiner_sha256=rfp if r["refiner_nfe"] else None, refiner_input="d0")
+    results = sweep_of_these_models(tiny_models, tmp_path / "sweep", ROWS) / "results.json"
+    rows = json.loads(results.read_text())
     rows[1]["refiner_sha256"] = "another refiner"  # H1P2R2 measured with another refiner
-    (tmp_path / "sweep").mkdir()
-    (tmp_path / "sweep" / "results.json").write_text(json.dumps(rows))
+    results.write_text(json.dumps(rows))
     pick = [f"pick.sweep={tmp_path / 'sweep'}", "pick.max_fid=35", "num_images=3"]
     summary = generate_images(generate_cfg(tmp_path / "gen", *pick))
     assert summary["sampler"] == "H1P3R3" and summary["picked"]["fid"] == 33.4
