@@ -10,7 +10,7 @@ from pathlib import Path
 
 import lightning as L
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from flowturbo.config import check_required, register_resolvers
 from flowturbo.models import save_checkpoint
@@ -38,7 +38,9 @@ def make_loggers(cfg: DictConfig) -> list:
             if mode is not None:
                 conf = OmegaConf.merge(conf, {"offline": mode != "online"})
             if conf.get("id") is None:
-                conf = OmegaConf.merge(conf, {"id": wandb_run_id(cfg), "resume": "allow"})
+                conf = OmegaConf.merge(conf, {})  # a copy whose keys can be added
+                with open_dict(conf):
+                    conf.id, conf.resume = wandb_run_id(cfg), "allow"
         loggers.append(instantiate(conf))
         log.info("logger %s: %s", name, conf["_target_"])
     return loggers

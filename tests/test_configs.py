@@ -269,3 +269,19 @@ def test_a_resumed_run_continues_its_wandb_run(tmp_path):
     assert wandb_run_id(cfg) == kept  # resuming: the same run
     cfg.resume = False
     assert wandb_run_id(cfg) != kept  # starting over: a new run
+
+
+def test_the_default_wandb_logger_is_offline_and_continues_its_run(tmp_path, monkeypatch):
+    """The README's first command logs to W&B offline: the logger must build from the config
+    (tests otherwise run with W&B disabled) and carry the run id kept for resuming."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    from flowturbo.train import make_loggers
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.chdir(tmp_path)
+    cfg = cfg_for(["experiment=demo_refiner"], tmp_path / "run")
+    (wandb,) = [lg for lg in make_loggers(cfg) if isinstance(lg, WandbLogger)]
+    run_id = (tmp_path / "checkpoints" / "demo_refiner" / "wandb_id").read_text().strip()
+    assert wandb._wandb_init["id"] == run_id and wandb._wandb_init["resume"] == "allow"
+    assert wandb._offline
