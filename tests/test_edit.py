@@ -189,3 +189,14 @@ def test_edit_runs_as_one_compiled_program(pattern):
     finally:
         compile_mod.SAMPLERS.clear()
     torch.testing.assert_close(whole, eager, rtol=1e-9, atol=1e-9)
+
+
+def test_uint8_images_and_unbatched_images_are_named(two_modes) -> None:
+    noise = torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    pixels = torch.randint(0, 256, (2, 1, 8, 8), dtype=torch.uint8)
+    with pytest.raises(TypeError, match="from_uint8"):  # 0..255 were used as model values
+        edit(two_modes, pixels, noise, "H2", strength=0.5)
+    with pytest.raises(TypeError, match="from_uint8"):
+        inpaint(two_modes, pixels, torch.ones(8, 8), noise, "H2")
+    with pytest.raises(ValueError, match=r"image\[None\]"):
+        inpaint(two_modes, noise[0], torch.ones(8, 8), noise[0], "H2")

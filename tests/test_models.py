@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 
 import pytest
 import torch
@@ -429,3 +430,50 @@ def test_float16_storage_halves_the_file_and_loads_as_float32(tmp_path) -> None:
     x, t, y = inputs()
     with torch.no_grad():
         torch.testing.assert_close(built(x, t, y), source(x, t, y), atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize(
+    ("x", "t", "y", "error", "names"),
+    [
+        (torch.randn(3, 8, 8), 0.5, torch.tensor([1]), ValueError, "x[None]"),
+        (torch.randn(2, 4, 8, 8), 0.5, torch.tensor([1, 2]), ValueError, "(B, 3, 8, 8)"),
+        (torch.randn(2, 3, 16, 16), 0.5, torch.tensor([1, 2]), ValueError, "(B, 3, 8, 8)"),
+        (torch.randn(2, 3, 8, 8).double(), 0.5, torch.tensor([1, 2]), TypeError, "model.to"),
+        (torch.randn(2, 3, 8, 8), torch.rand(2, 1), torch.tensor([1, 2]), ValueError, "t must"),
+        (torch.randn(2, 3, 8, 8), 0.5, torch.tensor([1.0, 2.0]), TypeError, "y must hold"),
+        (torch.randn(2, 3, 8, 8), 0.5, torch.tensor([[1], [2]]), ValueError, "y must have"),
+        (torch.randn(2, 3, 8, 8), 0.5, [1, 2], TypeError, "y must be a tensor"),
+        (torch.randn(2, 3, 8, 8), 0.5, torch.tensor([1, 2], device="meta"), ValueError, "y is"),
+        (torch.randn(2, 3, 8, 8, device="meta"), 0.5, torch.tensor([1]), ValueError, "model.to"),
+    ],
+)
+def test_misfit_inputs_are_named_before_torch_fails(x, t, y, error, names) -> None:
+    model = SiT.from_name("SiT-Tiny/2", **TINY).eval()
+    with pytest.raises(error, match=re.escape(names)):
+        model(x, t, y)
+
+
+def test_refiner_names_a_misshaped_velocity() -> None:
+    refiner = VelocityRefiner.from_name("SiT-Tiny/2", **TINY).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(ValueError, match="velocity v must be shaped like x"):
+        refiner(x, 0.5, x[:, :2], torch.tensor([1, 2]))
+
+
+def test_autocast_state_of_another_dtype_still_runs() -> None:
+    model = SiT.from_name("SiT-Tiny/2", **TINY).eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        v = model(torch.randn(2, 3, 8, 8, dtype=torch.bfloat16), 0.5, torch.tensor([1, 2]))
+    assert v.shape == (2, 3, 8, 8)
+
+
+def test_error_hints_named_size_and_prefix() -> None:
+    tiny = SiT.from_name("SiT-Tiny/2", **TINY).state_dict()
+    with pytest.raises(CheckpointError, match=re.escape("SiT.from_name('SiT-Tiny/2', ...)")):
+        load_checkpoint(SiT.from_name("SiT-S/2", **TINY), tiny)
+    lightning = {"state_dict": {f"net.{k}": v for k, v in tiny.items()}, "epoch": 3}
+    with pytest.raises(CheckpointError, match=re.escape("pass prefix='net.'")) as err:
+        load_checkpoint(SiT.from_name("SiT-Tiny/2", **TINY), lightning)
+    # each listing ends its own line: "... and N more" is not run into the next section
+    lines = str(err.value).splitlines()
+    assert all(line.strip().endswith("more") for line in lines if "more" in line)

@@ -532,3 +532,33 @@ def test_sample_compile_sampler_mode(fresh_compile_caches):
         sample(model, x, "H2", compile="sampler", progress=True, y=y)
     with pytest.raises(ValueError, match="'steps', 'sampler'"):
         sample(model, x, "H2", compile="graph", y=y)
+
+
+def test_integrate_takes_a_parsed_schedule() -> None:
+    model = lambda x, t: -x  # noqa: E731
+    x = torch.randn(2, 1, 2, 2, dtype=torch.float64)
+    sched = parse_schedule("H2P2")
+    assert torch.equal(integrate(sched, model, x), integrate(sched.plan, model, x))
+    with pytest.raises(TypeError, match="step plan is a string"):
+        integrate(8, model, x)
+
+
+@pytest.mark.parametrize("steps", [2.5, "H8", 3.0])
+def test_fixed_step_solvers_refuse_non_integer_steps(steps) -> None:
+    with pytest.raises(TypeError, match="steps must be an integer"):  # 2.5 ran 2 steps
+        BASELINES["heun"](lambda x, t: -x, torch.randn(2, 1, 2, 2), steps)
+
+
+def test_guidance_names_misshaped_labels() -> None:
+    cfg = ClassifierFreeGuidance(lambda x, t, y: x, scale=2.0, null_class=3)
+    x, t = torch.randn(2, 1, 2, 2), torch.rand(2)
+    with pytest.raises(ValueError, match=r"shape \(B,\) = \(2,\), got \(2, 1\)"):
+        cfg(x, t, y=torch.tensor([[0], [1]]))
+
+
+def test_from_uint8_refuses_float_images() -> None:
+    from flowturbo.sampling import from_uint8
+
+    with pytest.raises(TypeError, match="uint8"):  # [0, 1] floats became -1 silently
+        from_uint8(torch.rand(1, 3, 4, 4))
+    assert from_uint8(torch.tensor([0, 255], dtype=torch.uint8)).tolist() == [-1.0, 1.0]

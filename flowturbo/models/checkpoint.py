@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from flowturbo.models.sit import SiT, VelocityRefiner
+from flowturbo.models.sit import SIT_CONFIGS, SiT, VelocityRefiner
 
 __all__ = ["CheckpointError", "build_from_checkpoint", "load_checkpoint", "save_checkpoint"]
 
@@ -97,7 +97,7 @@ def _strip_prefixes(sd: dict[str, Tensor], prefix: str | None) -> dict[str, Tens
 
 def _listing(title: str, items: list[str]) -> str:
     shown = items[:_MAX_LISTED]
-    more = f"\n    ... and {len(items) - len(shown)} more" if len(items) > len(shown) else ""
+    more = f"    ... and {len(items) - len(shown)} more\n" if len(items) > len(shown) else ""
     return f"  {title} ({len(items)}):\n" + "".join(f"    {s}\n" for s in shown) + more
 
 
@@ -106,10 +106,44 @@ def _depth(names: Any) -> int:
     return max(blocks) + 1 if blocks else 0
 
 
+def _common_prefix_hint(missing: list[str], unexpected: list[str]) -> str | None:
+    """A prefix that, stripped from the unexpected keys, gives the missing ones."""
+    heads = {k.split(".", 1)[0] + "." for k in unexpected if "." in k}
+    for head in sorted(heads):
+        stripped = {k[len(head) :] for k in unexpected if k.startswith(head)}
+        if set(missing) <= stripped:
+            return (
+                f"the weights sit under {head!r} in this checkpoint: pass prefix={head!r} "
+                "(load_checkpoint(..., prefix=...))"
+            )
+    return None
+
+
+def _named_size(found: dict[str, tuple]) -> str | None:
+    """The ``SIT_CONFIGS`` name whose depth, width and patch the checkpoint's weights have."""
+    emb = found.get("x_embedder.proj.weight")
+    heads = found.get("blocks.0.attn.qkv.weight")
+    if emb is None or heads is None:
+        return None
+    hidden, patch, depth = emb[0], emb[2], _depth(found)
+    names = [
+        n
+        for n, c in SIT_CONFIGS.items()
+        if (c["hidden_size"], c["patch_size"], c["depth"]) == (hidden, patch, depth)
+    ]
+    return names[0] if names else None
+
+
 def _hints(model: nn.Module, expected: dict[str, tuple], found: dict[str, tuple]) -> list[str]:
     """Likely reasons for a mismatch, from the shapes of a few telltale parameters."""
     hints = []
     is_refiner = isinstance(model, VelocityRefiner)
+    name = _named_size(found)
+    if name is not None and not is_refiner and _named_size(expected) != name:
+        hints.append(
+            f"the checkpoint's depth, width and patch are those of {name}: build "
+            f"SiT.from_name({name!r}, ...) for it"
+        )
     emb = "x_embedder.proj.weight"
     if emb in expected and emb in found:
         (d_m, c_m, p_m, _), (d_c, c_c, p_c, _) = expected[emb], found[emb]
@@ -181,7 +215,11 @@ def _check_compatible(model: nn.Module, sd: dict[str, Tensor], source: str) -> N
                 ],
             )
         )
-    parts.extend(f"  hint: {h}\n" for h in _hints(model, expected, found))
+    hints = _hints(model, expected, found)
+    prefix_hint = _common_prefix_hint(missing, unexpected) if missing and unexpected else None
+    if prefix_hint is not None:
+        hints.insert(0, prefix_hint)
+    parts.extend(f"  hint: {h}\n" for h in hints)
     raise CheckpointError("".join(parts).rstrip())
 
 

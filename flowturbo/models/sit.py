@@ -350,6 +350,48 @@ class SiT(nn.Module):
         x = torch.einsum("nhwpqc->nchpwq", x)  # (B, C_out, g, p, g, p)
         return x.reshape(B, c, g * p, g * p)
 
+    def _check_inputs(self, x: Tensor, t: Tensor, y: Tensor) -> None:
+        """Names a misfit input before torch fails deep inside (shapes, dtypes, devices only:
+        no device synchronisation)."""
+        weight = self.x_embedder.proj.weight
+        c, size = weight.shape[1], self.input_size
+        name = type(self).__name__
+        what = "torch.cat([x, v], 1)" if isinstance(self, VelocityRefiner) else "x"
+        if x.ndim != 4 or x.shape[1:] != (c, size, size):
+            raise ValueError(
+                f"{name} takes {what} of shape (B, {c}, {size}, {size}), got {tuple(x.shape)}"
+                + (": add the batch dimension, x[None]" if x.ndim == 3 else "")
+            )
+        if x.device != weight.device:
+            raise ValueError(
+                f"{what} is on {x.device} but the {name}'s weights are on {weight.device}: "
+                f"create the noise there, or move the model (model.to({str(x.device)!r}))"
+            )
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(
+                f"{what} is {x.dtype} but the {name}'s weights are {weight.dtype}: cast one to "
+                f"the other (noise.to({weight.dtype}) or model.to({x.dtype})), or run under "
+                "torch.autocast"
+            )
+        if t.shape != (x.shape[0],):
+            raise ValueError(
+                f"t must be a scalar or of shape (B,) = ({x.shape[0]},), got {tuple(t.shape)}"
+            )
+        if not isinstance(y, Tensor):
+            raise TypeError(
+                f"y must be a tensor of class labels of shape (B,), got {type(y).__name__}: "
+                "e.g. torch.tensor(labels, device=x.device)"
+            )
+        if y.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"y must hold integer class labels (torch.long), got {y.dtype}")
+        if y.shape != (x.shape[0],):
+            raise ValueError(
+                f"y must have shape (B,) = ({x.shape[0]},), one label per sample, got "
+                f"{tuple(y.shape)}"
+            )
+        if y.device != x.device:
+            raise ValueError(f"y is on {y.device} but x is on {x.device}: move the labels")
+
     def forward(
         self,
         x: Tensor,
@@ -372,6 +414,7 @@ class SiT(nn.Module):
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
             t = t.expand(B)
+        self._check_inputs(x, t, y)
         h = self.x_embedder(x) + self.pos_embed  # (B, T, D)
         c = self.t_embedder(t) + self.y_embedder(y, force_drop_ids)  # (B, D)
         for block in self.blocks:
@@ -455,4 +498,9 @@ class VelocityRefiner(SiT):
         Returns:
             (B, C, H, W) correction ``delta_v``.
         """
+        if v.shape != x.shape:
+            raise ValueError(
+                f"the refiner's velocity v must be shaped like x {tuple(x.shape)}, got "
+                f"{tuple(v.shape)}"
+            )
         return super().forward(torch.cat([x, v], dim=1), t, y, force_drop_ids)

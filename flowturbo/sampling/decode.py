@@ -49,6 +49,11 @@ def encode_images(images: Tensor, vae: Any | None = None, scale: float = SD_VAE_
 
 def from_uint8(images: Tensor) -> Tensor:
     """uint8 images in [0, 255] to float32 in [-1, 1], the inverse of :func:`to_uint8`."""
+    if images.dtype != torch.uint8:
+        raise TypeError(
+            f"from_uint8 takes uint8 images in [0, 255], got {images.dtype}: float images are "
+            "expected in [-1, 1] already (from [0, 1]: images * 2 - 1)"
+        )
     return images.float() / 127.5 - 1.0
 
 

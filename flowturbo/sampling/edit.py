@@ -128,6 +128,11 @@ def inpaint(
             "cannot hold: use compile=True (each step kind compiled)"
         )
     _check_same_shape(image=image, noise=noise)
+    if image.dim() != 4:
+        raise ValueError(
+            f"inpaint takes images of shape (B, C, H, W), got {tuple(image.shape)}"
+            + (": add the batch dimension, image[None]" if image.dim() == 3 else "")
+        )
     sched = parse_schedule(schedule)
     n = sched.num_steps
     ts = uniform_grid(n) if timesteps is None else check_grid(timesteps, n)
@@ -191,6 +196,18 @@ def resize_mask(mask: Tensor, shape: torch.Size | Sequence[int]) -> Tensor:
 
 
 def _check_same_shape(**tensors: Tensor) -> None:
+    for name, t in tensors.items():
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            got = t.dtype if isinstance(t, Tensor) else type(t).__name__
+            raise TypeError(
+                f"{name} must be a floating-point tensor in the model's space, got {got}"
+                + (
+                    ": convert uint8 images with from_uint8 (then encode_images for a latent "
+                    "model)"
+                    if got == torch.uint8
+                    else ""
+                )
+            )
     shapes = {name: tuple(t.shape) for name, t in tensors.items()}
     if len(set(shapes.values())) != 1:
         listed = ", ".join(f"{name} {shape}" for name, shape in shapes.items())

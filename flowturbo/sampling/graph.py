@@ -25,8 +25,8 @@ from torch import Tensor
 
 from flowturbo.sampling.compile import SAMPLERS, CompiledFunction, compiled_function, warn_once
 from flowturbo.sampling.guidance import ClassifierFreeGuidance
-from flowturbo.sampling.schedule import check_grid, uniform_grid
-from flowturbo.sampling.steps import STEPS, run_steps, step_kinds
+from flowturbo.sampling.schedule import Schedule, check_grid, uniform_grid
+from flowturbo.sampling.steps import STEPS, as_plan, run_steps, step_kinds
 
 #: Compiled samplers kept by :func:`compiled_sampler` (each CUDA graph holds its own memory).
 MAX_CACHED_SAMPLERS = 8
@@ -59,7 +59,7 @@ class CompiledSampler:
 
     def __init__(
         self,
-        plan: str,
+        plan: str | Schedule,
         model: Callable[..., Tensor],
         noise: Tensor,
         *,
@@ -73,6 +73,7 @@ class CompiledSampler:
         warmup: int = 2,
         **model_kwargs: Any,
     ):
+        plan = as_plan(plan)
         self.kinds = step_kinds(plan, refiner_input)
         if "R" in plan and refiner is None:
             raise ValueError("the schedule has R steps but no refiner was given: pass refiner=...")
@@ -176,7 +177,7 @@ class CompiledSampler:
 
 
 def compiled_sampler(
-    plan: str,
+    plan: str | Schedule,
     model: Callable[..., Tensor],
     noise: Tensor,
     *,
@@ -195,6 +196,7 @@ def compiled_sampler(
     input; the other keyword values; the torch.compile options; the autocast state. The
     :data:`MAX_CACHED_SAMPLERS` most recently used samplers are kept.
     """
+    plan = as_plan(plan)
     device_type = noise.device.type
     autocast = torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type)
     grid = None if timesteps is None else tuple(torch.as_tensor(timesteps).tolist())

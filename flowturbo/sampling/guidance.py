@@ -49,6 +49,12 @@ class ClassifierFreeGuidance:
 
     def __call__(self, x: Tensor, t: Tensor, *extra: Tensor, y: Tensor) -> Tensor:
         """x (B, C, H, W), t (B,), extra (B, C, H, W) each, y (B,) -> (B, C, H, W)."""
+        if not isinstance(y, torch.Tensor) or y.shape != (x.shape[0],):
+            got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+            raise ValueError(
+                f"guidance needs y, a tensor of one class label per sample, shape (B,) = "
+                f"({x.shape[0]},), got {got}"
+            )
         if self.scale == 1.0:
             return self.fn(x, t, *extra, y=y)
         both = [torch.cat([a, a]) for a in (x, t, *extra)]

@@ -18,7 +18,7 @@ from flowturbo.sampling.schedule import (
     parse_schedule,
     uniform_grid,
 )
-from flowturbo.sampling.steps import STEPS, Constraint, run_steps, step_kinds
+from flowturbo.sampling.steps import STEPS, Constraint, as_plan, run_steps, step_kinds
 
 VelocityFn = Callable[..., Tensor]
 Callback = Callable[[dict[str, Any]], None]
@@ -26,7 +26,7 @@ RefinerInput = Literal["d0", "cache"]
 
 
 def integrate(
-    plan: str,
+    plan: str | Schedule,
     model: VelocityFn,
     noise: Tensor,
     *,
@@ -45,7 +45,7 @@ def integrate(
     The shared loop behind :func:`sample` and the fixed-step baseline solvers.
 
     Args:
-        plan: step kinds, e.g. ``"HHPPPPRRR"``.
+        plan: step kinds, e.g. ``"HHPPPPRRR"``, or a parsed :class:`Schedule` (its plan).
         model: ``model(x, t, **model_kwargs) -> v`` with ``t`` of shape (B,).
         noise: (B, C, H, W) state at the first grid time (Gaussian noise at t = 0).
         refiner: ``refiner(x, t, v, **model_kwargs) -> delta_v``; needed by R steps.
@@ -66,6 +66,7 @@ def integrate(
     Returns:
         (B, C, H, W) state at the last grid time, a tensor the caller owns.
     """
+    plan = as_plan(plan)
     kinds = step_kinds(plan, refiner_input)
     if "R" in plan and refiner is None:
         raise ValueError("the schedule has R steps but no refiner was given: pass refiner=...")

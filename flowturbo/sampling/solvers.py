@@ -8,6 +8,7 @@ sampler (same loop, grid, compilation and callbacks), so comparisons are like fo
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -16,6 +17,20 @@ from torch import Tensor
 
 from flowturbo.sampling.sampler import Callback, VelocityFn, integrate
 from flowturbo.sampling.schedule import plan_nfe, uniform_grid
+
+
+def _num_steps(name: str, steps: int) -> int:
+    """``steps`` as an int >= 1; a float, a string or a schedule is refused, not truncated."""
+    try:
+        n = operator.index(steps)  # ints, numpy ints and integer 0-dim tensors; not 2.5
+    except TypeError:
+        hint = " (for a schedule such as 'H2P4R3' use sample)" if isinstance(steps, str) else ""
+        raise TypeError(
+            f"{name}: steps must be an integer number of steps, got {steps!r}{hint}"
+        ) from None
+    if n < 1:
+        raise ValueError(f"{name}: steps must be >= 1, got {n}")
+    return n
 
 
 def _fixed_step(letter: str, name: str) -> Callable[..., Tensor]:
@@ -30,10 +45,9 @@ def _fixed_step(letter: str, name: str) -> Callable[..., Tensor]:
         progress: bool = False,
         **model_kwargs: Any,
     ) -> Tensor:
-        if int(steps) < 1:
-            raise ValueError(f"{name}: steps must be >= 1, got {steps}")
+        steps = _num_steps(name, steps)
         return integrate(
-            letter * int(steps),
+            letter * steps,
             model,
             noise,
             timesteps=timesteps,
@@ -93,9 +107,8 @@ def heun_trajectory(
     Returns:
         states (B, K, C, H, W), velocities (B, K, C, H, W) and times (K,), K = steps + 1.
     """
-    if int(steps) < 1:
-        raise ValueError(f"heun_trajectory: steps must be >= 1, got {steps}")
-    times = uniform_grid(int(steps), device=noise.device).to(noise.dtype)
+    steps = _num_steps("heun_trajectory", steps)
+    times = uniform_grid(steps, device=noise.device).to(noise.dtype)
     b = noise.shape[0]
     x, states, velocities = noise, [], []
     d0 = model(x, times[0].expand(b), **model_kwargs)

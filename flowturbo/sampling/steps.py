@@ -14,6 +14,8 @@ from typing import Any
 
 from torch import Tensor
 
+from flowturbo.sampling.schedule import Schedule
+
 Step = Callable[..., tuple[Tensor, Tensor]]
 #: ``constrain(x, cache, t) -> (x, cache)``, applied after every step (see :func:`run_steps`).
 Constraint = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
@@ -100,6 +102,18 @@ STEPS: dict[str, Step] = {
     "M": midpoint_step,
     "A": adams_bashforth2_step,
 }
+
+
+def as_plan(plan: str | Schedule) -> str:
+    """The step plan of a parsed :class:`Schedule`, or ``plan`` itself if it is a string."""
+    if isinstance(plan, Schedule):
+        return plan.plan
+    if not isinstance(plan, str):
+        raise TypeError(
+            f"a step plan is a string of step letters such as 'HHPPRR' (or a parsed Schedule), "
+            f"got {type(plan).__name__}"
+        )
+    return plan
 
 
 def step_kinds(plan: str, refiner_input: str = "d0") -> list[str]:
