@@ -54,7 +54,7 @@ def _time(
     return n_batches, n_samples, time.perf_counter() - start
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--batch-size", type=int, default=128)
@@ -65,7 +65,12 @@ def main() -> None:
     parser.add_argument("--latent-samples", type=int, default=8192)
     parser.add_argument("--latent-shape", type=int, nargs=3, default=[4, 32, 32])
     parser.add_argument("--shard-size", type=int, default=1000)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    for flag in ("batch_size", "batches", "shuffle_buffer", "latent_samples", "shard_size"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.warmup < 0 or min(args.workers) < 0 or min(args.latent_shape) < 1:
+        parser.error("--warmup and --workers must be >= 0, --latent-shape sides >= 1")
 
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(args.cache_dir) if args.cache_dir else Path(tmp) / "cache"

@@ -71,11 +71,17 @@ def profile(out: Path, batch: int, schedule: str = "H1P5R3") -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--profile", action="store_true")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--profile", action="store_true", help="save a profiler table per batch")
     p.add_argument("--batch", nargs="+", type=int, default=[1, 8])
-    p.add_argument("--out", type=Path, default=None)  # experiments/gpu/bench_gpu_b<batch>.json
+    p.add_argument(
+        "--out", type=Path, default=None, help="default experiments/gpu/bench_gpu_b<batch>.json"
+    )
     known, rest = p.parse_known_args(argv)
+    if any(b < 1 for b in known.batch):
+        p.error(f"--batch must be >= 1, got {' '.join(map(str, known.batch))}")
     if not torch.cuda.is_available():
         raise SystemExit("bench_gpu.py measures the GPU path: no CUDA device here")
     tag = "_".join(map(str, known.batch))

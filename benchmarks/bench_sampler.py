@@ -22,16 +22,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
-import tempfile
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from flowturbo.eval import measure_latencies
+from flowturbo.eval.atomic import atomic_path
 from flowturbo.models import SiT, VelocityRefiner
 from flowturbo.sampling import (
     ClassifierFreeGuidance,
@@ -186,7 +185,26 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
     if args.decode and any(MODELS[m][0] != 4 for m in args.models):
         p.error("--decode decodes 4-channel latents: use it with latent (4-channel) models only")
-    device = torch.device(args.device)
+    for schedule in args.schedules:
+        try:
+            parse_schedule(schedule)
+        except ValueError as e:
+            p.error(f"--schedules: {e}")
+    for flag, values, least in (
+        ("--batch", args.batch, 1),
+        ("--repeats", [args.repeats], 1),
+        ("--warmup", [args.warmup], 0),
+    ):
+        if any(v < least for v in values):
+            p.error(f"{flag} must be >= {least}, got {' '.join(map(str, values))}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        p.error(f"--device {args.device!r}: {e}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: no CUDA device here (use --device cpu)")
+    if args.out is not None and args.out.is_dir():
+        p.error(f"--out {args.out} is a folder; give the JSON file to write")
     machine = {
         "device": torch.cuda.get_device_name(device)
         if device.type == "cuda"
@@ -208,15 +226,13 @@ def main(argv: list[str] | None = None) -> None:
             + " |"
         )
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         payload = {
             "machine": machine,
             "settings": vars(args) | {"out": str(args.out)},
             "rows": rows,
         }
-        with tempfile.NamedTemporaryFile("w", dir=args.out.parent, delete=False) as f:
-            json.dump(payload, f, indent=2)
-        os.replace(f.name, args.out)
+        with atomic_path(args.out) as tmp:
+            tmp.write_text(json.dumps(payload, indent=2))
 
 
 if __name__ == "__main__":

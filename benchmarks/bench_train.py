@@ -20,16 +20,19 @@ from __future__ import annotations
 
 import argparse
 import functools
+import inspect
 import json
 import platform
 import time
+from pathlib import Path
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from flowturbo.eval.atomic import atomic_path
 from flowturbo.lit import RefinerModule
-from flowturbo.models import SiT, VelocityRefiner
+from flowturbo.models import SIT_CONFIGS, SiT, VelocityRefiner
 
 
 class StepTimer(L.Callback):
@@ -97,7 +100,7 @@ def run(args: argparse.Namespace, target: str) -> dict:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="SiT-Demo/4")
     p.add_argument("--size", type=int, default=32, help="input_size (latent or pixel side)")
@@ -112,7 +115,24 @@ def main() -> None:
     p.add_argument("--accelerator", default="cpu")
     p.add_argument("--precision", default="32-true")
     p.add_argument("--out", help="write the results as JSON here")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    if args.model not in SIT_CONFIGS:
+        p.error(f"--model {args.model!r} unknown; choose from {', '.join(SIT_CONFIGS)}")
+    for flag in ("size", "channels", "classes", "refiner_depth", "batch_size", "grid", "steps"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.warmup < 0:
+        p.error(f"--warmup must be >= 0, got {args.warmup}")
+    dt_max = inspect.signature(RefinerModule).parameters["dt_max"].default
+    if int(dt_max * args.grid + 1e-6) < 1:  # RefinerModule's own condition
+        p.error(
+            f"--grid {args.grid}: cached points 1/{args.grid} apart exceed the refiner's "
+            f"dt_max={dt_max}; use --grid >= {round(1 / dt_max + 0.5)}"
+        )
+    if args.accelerator == "gpu" and not torch.cuda.is_available():
+        p.error("--accelerator gpu: no CUDA device here")
+    if args.out is not None and Path(args.out).is_dir():
+        p.error(f"--out {args.out} is a folder; give the JSON file to write")
 
     rows = [run(args, t) for t in ("interpolant", "trajectory")]
     machine = {
@@ -134,12 +154,9 @@ def main() -> None:
     ratio = rows[1]["examples_per_s"] / rows[0]["examples_per_s"]
     print(f"  trajectory / interpolant throughput: {ratio:.2f}x")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(
-                {"settings": vars(args), "machine": machine, "rows": rows, "ratio": ratio},
-                f,
-                indent=1,
-            )
+        payload = {"settings": vars(args), "machine": machine, "rows": rows, "ratio": ratio}
+        with atomic_path(args.out) as tmp:  # parent folders created
+            tmp.write_text(json.dumps(payload, indent=1))
 
 
 if __name__ == "__main__":

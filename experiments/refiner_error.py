@@ -19,11 +19,13 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+from pathlib import Path
 
 import torch
 
 from flowturbo.assets import asset_path
 from flowturbo.data import ShardDataModule
+from flowturbo.eval.atomic import atomic_path
 from flowturbo.flow import refiner_loss
 from flowturbo.lit import RefinerModule, load_frozen_base
 from flowturbo.models import build_from_checkpoint
@@ -42,7 +44,7 @@ def errors(module: RefinerModule, loader, refiner) -> dict:
     return {"mse_refined": mse, "mse_unrefined": base, "ratio": mse / base, "examples": total["n"]}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--base", default=asset_path("demo_base.pt"))
     p.add_argument("--refiners", nargs="+", required=True)
@@ -51,7 +53,16 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--out")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    if args.batches < 1 or args.batch_size < 1:
+        p.error(f"--batches and --batch-size must be >= 1, got {args.batches}, {args.batch_size}")
+    if not 0 < args.dt_max <= 1:
+        p.error(f"--dt-max must be in (0, 1], got {args.dt_max}")
+    missing = [f for f in (args.base, *args.refiners) if not Path(f).is_file()]
+    if missing:
+        p.error(f"checkpoint file(s) not found: {', '.join(map(str, missing))}")
+    if args.out is not None and Path(args.out).is_dir():
+        p.error(f"--out {args.out} is a folder; give the JSON file to write")
 
     torch.manual_seed(0)
     base = functools.partial(load_frozen_base, args.base)
@@ -87,8 +98,8 @@ def main() -> None:
                 f"{r['mse_unrefined']:.5f}, ratio {r['ratio']:.3f} ({r['examples']} examples)"
             )
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"settings": vars(args), "results": results}, f, indent=1)
+        with atomic_path(args.out) as tmp:  # parent folders created
+            tmp.write_text(json.dumps({"settings": vars(args), "results": results}, indent=1))
 
 
 if __name__ == "__main__":

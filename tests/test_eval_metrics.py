@@ -2,6 +2,8 @@ import csv
 import importlib
 import json
 import math
+import os
+import sys
 
 import pytest
 import torch
@@ -318,3 +320,159 @@ def test_shipped_classifier_is_accurate_and_small():
     assert "python -m flowturbo.eval.digits" in info["command"]
     assert DEFAULT_WEIGHTS.stat().st_size < 2 * 2**20
     assert not model.training
+
+
+# ----------------------------------------------------------------------------- argument checks
+
+
+def test_digits_command_refuses_bad_settings_before_reading_data(monkeypatch, capsys):
+    def no_data(*a, **k):
+        raise AssertionError("the data must not be read")
+
+    monkeypatch.setattr(digits, "load_demo_split", no_data)
+    for argv, flag in (
+        (["--epochs", "0"], "--epochs"),
+        (["--batch-size", "5000"], "--batch-size"),  # no step would run: OneCycleLR crashed
+        (["--lr", "-1"], "--lr"),
+        (["--threads", "-2"], "--threads"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            digits.main(argv)
+        assert e.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_fid_refuses_unusable_inputs_naming_them(tiny_weights, tmp_path):
+    import numpy as np
+
+    from flowturbo.eval.fidelity import fid_against_statistics, load_reference
+
+    kw = dict(extractor=EXTRACTOR_NAME, weights_path=tiny_weights, cache_root=tmp_path / "c")
+    one = dict(isc=False, prc=False, reference_cache_name=None, **kw)
+    with pytest.raises(ValueError, match="at least 2 images"):  # the FID was NaN
+        fidelity_metrics(blobs(1, 0), blobs(8, 1), **one)
+    ref28 = blobs(8, 1)[..., :28, :28].contiguous()
+    with pytest.raises(ValueError, match="reference images are 28 x 28"):
+        fidelity_metrics(blobs(8, 0), ref28, **one)
+    mu, sigma = np.zeros(16), np.eye(16)
+    sigma[3, 3] = np.nan
+    with pytest.raises(ValueError, match="not finite: 0 NaN/inf entries in mu, 1 in sigma"):
+        fid_against_statistics(blobs(8, 0), mu, sigma, isc=False, **kw)
+    rgba = tmp_path / "rgba.npz"
+    np.savez(rgba, arr_0=np.zeros((4, 32, 32, 4), np.uint8))
+    with pytest.raises(ValueError, match="C = 1 or 3 channels last"):
+        load_reference(str(rgba))
+
+
+def test_fid_against_statistics_caches_only_the_statistics(tiny_weights, tmp_path):
+    import numpy as np
+
+    from flowturbo.eval.fidelity import fid_against_statistics
+
+    ref, gen = blobs(64, 0), blobs(64, 1)
+    fe = DigitFeatureExtractor(EXTRACTOR_NAME, ["features"], str(tiny_weights))
+    (feats,) = fe(UInt8Images(ref).images.expand(-1, 3, -1, -1))
+    mu, sigma = feats.numpy().mean(0), np.cov(feats.numpy(), rowvar=False)
+    cache = tmp_path / "cache"
+    kw = dict(extractor=EXTRACTOR_NAME, weights_path=tiny_weights, cache_root=cache)
+    got = fid_against_statistics(gen, mu, sigma, isc=True, isc_splits=4, **kw)
+    want = fidelity_metrics(gen, ref, reference_cache_name=None, prc=False, isc_splits=4, **kw)
+    assert got["fid"] == pytest.approx(want["fid"], rel=1e-4)
+    assert got["isc_mean"] == pytest.approx(want["isc_mean"], rel=1e-4)
+    # only the statistics: the generated images' features were cached under their name
+    assert [p.name.split("-flowturbo-digits-")[1] for p in cache.iterdir()] == [
+        "stat-fid-features.pt"
+    ]
+
+
+def test_fid_cache_entries_shared_and_read_only_roots(tiny_weights, tmp_path, monkeypatch):
+    import numpy as np
+
+    from flowturbo.eval import fidelity
+
+    cache = tmp_path / "cache"
+    kw = dict(extractor=EXTRACTOR_NAME, weights_path=tiny_weights, isc=False, prc=False)
+    ref, gen = blobs(32, 0), blobs(32, 1)
+    a = fidelity_metrics(gen, ref, reference_cache_name="b", cache_root=cache, **kw)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in cache.iterdir()}
+    assert modes and all(m & 0o044 == 0o044 for m in modes.values()), modes  # was 0600
+
+    # a cache root this process cannot write to: no caching (was a PermissionError)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(
+        fidelity.os, "access", lambda p, m: False if str(p) == str(locked) else real_access(p, m)
+    )
+    with pytest.warns(UserWarning, match="not writable"):
+        b = fidelity_metrics(gen, ref, reference_cache_name="b", cache_root=locked, **kw)
+    assert b["fid"] == pytest.approx(a["fid"]) and not any(locked.iterdir())
+    mu, sigma = np.zeros(16, np.float32), np.eye(16)
+    kw.pop("prc")
+    c = fidelity.fid_against_statistics(gen, mu, sigma, cache_root=locked, **kw)
+    assert math.isfinite(c["fid"]) and not any(locked.iterdir())
+
+
+def _script(name):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / name
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
+    return module
+
+
+@pytest.mark.parametrize(
+    "script, argv, flag",
+    [
+        ("benchmarks/bench_sampler.py", ["--schedules", "X9"], "--schedules"),
+        ("benchmarks/bench_sampler.py", ["--batch", "0"], "--batch"),
+        ("benchmarks/bench_sampler.py", ["--repeats", "0"], "--repeats"),
+        ("benchmarks/bench_sampler.py", ["--device", "cuda:7"], "--device"),
+        ("benchmarks/bench_train.py", ["--steps", "0"], "--steps"),
+        ("benchmarks/bench_train.py", ["--grid", "2"], "--grid"),
+        ("benchmarks/bench_train.py", ["--model", "SiT-Foo/2"], "--model"),
+        ("benchmarks/bench_data.py", ["--batch-size", "0"], "--batch-size"),
+        ("benchmarks/bench_gpu.py", ["--batch", "0"], "--batch"),
+        ("experiments/refiner_error.py", ["--refiners", "x.pt", "--batches", "0"], "--batches"),
+        ("experiments/refiner_error.py", ["--refiners", "nowhere.pt"], "nowhere.pt"),
+    ],
+)
+def test_scripts_refuse_bad_arguments_naming_them(script, argv, flag, capsys, monkeypatch):
+    if "--device" in argv and torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    module = _script(script)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as e:
+        module.main(argv)
+    assert e.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_bench_gpu_help_works_without_a_gpu(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as e:
+        _script("benchmarks/bench_gpu.py").main(["--help"])
+    assert e.value.code == 0 and "--profile" in capsys.readouterr().out
+
+
+def test_bench_train_writes_its_results_into_a_new_folder(tmp_path, monkeypatch):
+    module = _script("benchmarks/bench_train.py")
+    monkeypatch.setattr(
+        module,
+        "run",
+        lambda args, t: {
+            "target": t,
+            "ms_per_step": 1.0,
+            "examples_per_s": 2.0,
+            "steps_timed": 1,
+        },  # fmt: skip
+    )
+    out = tmp_path / "new" / "train.json"
+    module.main(["--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["ratio"] == 1.0 and [p.name for p in out.parent.iterdir()] == ["train.json"]

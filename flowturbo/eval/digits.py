@@ -47,6 +47,8 @@ DEFAULT_WEIGHTS = Path(__file__).resolve().parents[1] / "assets" / "digits_class
 """Where the shipped classifier lives: ``flowturbo/assets/digits_classifier.pt``."""
 IMAGE_SIZE = 32
 NUM_CLASSES = 10
+TRAIN_IMAGES = 4500
+"""Digits in the demo train split."""
 
 
 def train_command(out_path: str | os.PathLike) -> str:
@@ -442,6 +444,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--cache-dir", default=None, help="demo shard cache root")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = p.parse_args(argv)
+    positive = {"--epochs": args.epochs, "--batch-size": args.batch_size, "--lr": args.lr}
+    positive |= {"--width": args.width, "--feature-dim": args.feature_dim}
+    if args.threads is not None:
+        positive["--threads"] = args.threads
+    for flag, value in positive.items():
+        if not value > 0:  # also NaN
+            p.error(f"{flag} must be positive, got {value}")
+    if args.batch_size > TRAIN_IMAGES:
+        p.error(
+            f"--batch-size {args.batch_size} exceeds the {TRAIN_IMAGES} demo training digits "
+            "(the last partial batch is dropped, so no step would run)"
+        )
+    for flag, value in {
+        "--weight-decay": args.weight_decay,
+        "--shift": args.shift,
+        "--degrees": args.degrees,
+        "--scale": args.scale,
+    }.items():
+        if not value >= 0:
+            p.error(f"{flag} must be >= 0, got {value}")
+    if args.scale >= 1:
+        p.error(f"--scale must be below 1 (a relative zoom), got {args.scale}")
+    if Path(args.out).is_dir():
+        p.error(f"--out {args.out} is a folder; give the weights file to write")
     if args.threads:
         torch.set_num_threads(args.threads)
     result = train_classifier(

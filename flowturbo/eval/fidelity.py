@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,6 +113,38 @@ def file_hash(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def _writable(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` (or, if it does not exist yet, its nearest existing parent) can be
+    written to."""
+    path = Path(folder).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path.is_dir() and os.access(path, os.W_OK | os.X_OK)
+
+
+def _share_entries(cache_root: str | os.PathLike, cache_name: str) -> None:
+    """Makes this process's cache entries readable by everyone: torch-fidelity writes them
+    with mode 0600 (a temporary file renamed), which other users of a shared cache cannot read."""
+    for entry in Path(cache_root).glob(f"{cache_name}-*.pt"):
+        try:
+            if entry.stat().st_uid == os.getuid():
+                os.chmod(entry, entry.stat().st_mode | 0o444)
+        except OSError:  # another process replaced or removed it meanwhile
+            pass
+
+
+def _check_images(what: str, shape: tuple[int, ...], extractor: str) -> None:
+    """Image (C, H, W) size the extractor takes; a clear error naming ``what`` otherwise."""
+    if extractor == "flowturbo-digits":
+        from flowturbo.eval.digits import IMAGE_SIZE
+
+        if tuple(shape[-2:]) != (IMAGE_SIZE, IMAGE_SIZE):
+            raise ValueError(
+                f"the {what} images are {shape[-2]} x {shape[-1]}, but feature extractor "
+                f"{extractor!r} takes {IMAGE_SIZE} x {IMAGE_SIZE} images (the demo digits)"
+            )
+
+
 def resolve_weights(extractor: str, weights_path: str | os.PathLike | None) -> Path:
     """The extractor's weights file, checked to exist; never a download.
 
@@ -154,7 +188,7 @@ def _extractor_weights(extractor: str, weights_path: str | os.PathLike | None) -
 
 def _calculate(
     gen: Dataset,
-    ref: Dataset,
+    ref: Dataset | None,
     cache_name: str | None,
     cache_root: str | os.PathLike,
     extractor: str,
@@ -167,17 +201,21 @@ def _calculate(
     prc_neighborhood: int = 3,
     save_cpu_ram: bool,
     verbose: bool,
+    fid: bool = True,
 ) -> dict[str, Any]:
-    """One torch-fidelity call; the reference (``ref``) is cached under ``cache_name``."""
+    """One torch-fidelity call; the reference (``ref``) is cached under ``cache_name``.
+
+    With ``fid=False`` and ``prc=False`` only ``gen`` is read (the IS) and ``ref`` is unused.
+    """
     raw = torch_fidelity.calculate_metrics(
         input1=gen,
-        input2=ref,
-        input2_cache_name=cache_name,
-        cache=cache_name is not None,
+        input2=ref if fid or prc else None,
+        input2_cache_name=cache_name if fid or prc else None,
+        cache=cache_name is not None and (fid or prc),
         cache_root=str(cache_root),
         cuda=torch.cuda.is_available(),
         batch_size=batch_size,
-        fid=True,
+        fid=fid,
         isc=isc,
         prc=prc,
         # named explicitly: with no extractor, torch-fidelity would use vgg16 for prc
@@ -188,7 +226,7 @@ def _calculate(
         save_cpu_ram=save_cpu_ram,
         verbose=verbose,
     )
-    out: dict[str, Any] = {"fid": raw[torch_fidelity.KEY_METRIC_FID]}
+    out: dict[str, Any] = {"fid": raw[torch_fidelity.KEY_METRIC_FID]} if fid else {}
     if isc:
         out["isc_mean"] = raw[torch_fidelity.KEY_METRIC_ISC_MEAN]
         out["isc_std"] = raw[torch_fidelity.KEY_METRIC_ISC_STD]
@@ -247,6 +285,13 @@ def fidelity_metrics(
     gen = UInt8Images(generated)
     ref = UInt8Images(reference) if torch.is_tensor(reference) else reference
     n, m = len(gen), len(ref)
+    if min(n, m) < 2:
+        raise ValueError(
+            f"FID needs at least 2 images per set (a covariance), got {n} generated and {m} "
+            "reference images"
+        )
+    _check_images("generated", tuple(gen.images.shape[1:]), extractor)
+    _check_images("reference", tuple(ref[0].shape), extractor)
     if isc and n < isc_splits:
         raise ValueError(f"the Inception Score needs at least isc_splits={isc_splits} images")
     if prc and min(n, m) <= prc_neighborhood:
@@ -259,6 +304,13 @@ def fidelity_metrics(
             raise ValueError(f"bad cache name {reference_cache_name!r} (no slashes or spaces)")
         ref_hash = content_hash(reference)[:16]
         cache_name = f"{reference_cache_name}-{ref_hash}-w{weights_tag}"
+        if not _writable(cache_root):
+            warnings.warn(
+                f"FID cache root {cache_root} is not writable: the reference's features are "
+                "computed without caching",
+                stacklevel=2,
+            )
+            cache_name = None
 
     out = _calculate(
         gen,  # generated: no cache name, ever
@@ -275,6 +327,8 @@ def fidelity_metrics(
         save_cpu_ram=save_cpu_ram,
         verbose=verbose,
     )
+    if cache_name is not None:
+        _share_entries(cache_root, cache_name)
     out.update(
         extractor=extractor,
         extractor_weights=weights_tag,
@@ -386,6 +440,11 @@ def load_reference(spec: str, cache_dir: str | os.PathLike | None = None) -> Ref
                     raise ValueError(
                         f"{path}: arr_0 must be (N, H, W[, C]) uint8, got {arr.dtype} {arr.shape}"
                     )
+                if arr.ndim == 4 and arr.shape[-1] not in (1, 3):
+                    raise ValueError(
+                        f"{path}: arr_0 must hold (N, H, W, C) images with C = 1 or 3 channels "
+                        f"last (as ADM's reference batches), got shape {arr.shape}"
+                    )
                 images = torch.from_numpy(arr if arr.ndim == 4 else arr[..., None])
                 return Reference(name, str(path), images=images.permute(0, 3, 1, 2).contiguous())
             if "mu" in data and "sigma" in data:
@@ -439,6 +498,29 @@ def fid_against_statistics(
         raise ValueError(
             f"statistics must be mu (D,) and sigma (D, D), got {mu.shape}, {sigma.shape}"
         )
+    bad = int((~np.isfinite(mu)).sum()), int((~np.isfinite(sigma)).sum())
+    if any(bad):
+        raise ValueError(
+            f"reference statistics are not finite: {bad[0]} NaN/inf entries in mu, {bad[1]} in "
+            "sigma (recompute them)"
+        )
+    if len(gen) < 2:
+        raise ValueError(f"FID needs at least 2 generated images (a covariance), got {len(gen)}")
+    _check_images("generated", tuple(gen.images.shape[1:]), extractor)
+    if not _writable(cache_root):  # the statistics go through torch-fidelity's cache
+        with tempfile.TemporaryDirectory(prefix="flowturbo-fid-") as tmp:
+            return fid_against_statistics(
+                generated,
+                mu,
+                sigma,
+                extractor=extractor,
+                weights_path=weights_path,
+                cache_root=tmp,
+                isc=isc,
+                batch_size=batch_size,
+                isc_splits=isc_splits,
+                verbose=verbose,
+            )
     stats_hash = hashlib.sha256(mu.tobytes() + sigma.tobytes()).hexdigest()[:16]
     weights_tag = file_hash(weights)[:12]
     cache_name = f"stats-{stats_hash}-w{weights_tag}"
@@ -447,20 +529,17 @@ def fid_against_statistics(
     if not stat_file.is_file():
         with atomic_path(stat_file) as tmp:
             torch.save({"mu": mu, "sigma": sigma}, tmp)
+    # FID alone: torch-fidelity then reads input2's statistics from the cache entry above and
+    # never its images; with the IS in the same call it would extract (and cache, under the
+    # statistics' name) the generated images' features as input2's
+    kw = dict(batch_size=batch_size, isc_splits=isc_splits, save_cpu_ram=True, verbose=verbose)
     out = _calculate(
-        gen,
-        gen,  # never read: its statistics come from the cache entry above
-        cache_name,
-        cache_root,
-        extractor,
-        weights,
-        isc=isc,
-        prc=False,
-        batch_size=batch_size,
-        isc_splits=isc_splits,
-        save_cpu_ram=True,
-        verbose=verbose,
+        gen, gen, cache_name, cache_root, extractor, weights, isc=False, prc=False, **kw
     )
+    if isc:
+        out |= _calculate(
+            gen, None, None, cache_root, extractor, weights, isc=True, prc=False, fid=False, **kw
+        )
     out.update(
         extractor=extractor,
         extractor_weights=weights_tag,
