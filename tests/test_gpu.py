@@ -38,6 +38,21 @@ def test_cuda_graph_sampling_equals_eager(dtype):
 
 
 @torch.no_grad()
+def test_a_callback_keeps_what_it_was_given_under_cuda_graphs():
+    """A step's CUDA-graph outputs are overwritten by its next replay: a callback that keeps
+    the states (a trajectory) must get tensors of its own."""
+    v, r = _tiny_pair()
+    noise = torch.randn(8, 4, 32, 32, device="cuda")
+    y = torch.randint(0, 10, (8,), device="cuda")
+    kept = {False: [], True: []}
+    for compile in (False, True):
+        sample(v, noise, "H2P4R2", refiner=r, compile=compile, y=y,
+               callback=lambda info, c=compile: kept[c].append(info["x"]))  # fmt: skip
+    for eager, compiled in zip(kept[False], kept[True], strict=True):
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_whole_sampler_cuda_graph_equals_eager(dtype):
     from flowturbo.sampling import compiled_sampler

@@ -101,6 +101,38 @@ def test_bad_plans_given_to_integrate_name_the_part(mixture, noise, plan, names)
         integrate(plan, mixture, noise, refiner=ExactRefiner(mixture))
 
 
+def test_a_base_model_given_as_the_refiner_is_named():
+    from flowturbo.models import SiT
+
+    base = SiT.from_name("SiT-Tiny/4", input_size=8, in_channels=1, num_classes=3).eval()
+    x, y = torch.randn(2, 1, 8, 8), torch.tensor([0, 1])
+    for refiner in (base, ClassifierFreeGuidance(base, 1.5, 3)):
+        with pytest.raises(TypeError, match="is it the base model"):
+            sample(base, x, "H1R1", refiner=refiner, y=y)
+
+
+def test_the_vae_gets_its_own_dtype_and_returns_the_callers():
+    """A bf16 (or fp16) VAE fed float32 latents or images failed inside diffusers."""
+    from diffusers import AutoencoderKL
+
+    from flowturbo.sampling import decode_latents, encode_images
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=(32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=16,
+    ).to(torch.bfloat16)
+    with torch.no_grad():
+        images = decode_latents(torch.randn(2, 4, 8, 8), vae)
+        latents = encode_images(images.clamp(-1, 1), vae)
+    assert images.dtype == latents.dtype == torch.float32
+    assert images.shape == (2, 3, 16, 16) and latents.shape == (2, 4, 8, 8)
+
+
 def test_refiner_required_for_R_steps(mixture, noise):
     with pytest.raises(ValueError, match="no refiner"):
         sample(mixture, noise, "H2R2")

@@ -26,7 +26,8 @@ def decode_latents(latents: Tensor, vae: Any | None = None, scale: float = SD_VA
     """
     if vae is None:
         return latents
-    return vae.decode(latents / scale).sample
+    z = _to_vae(latents / scale, vae)
+    return vae.decode(z).sample.to(latents.dtype)
 
 
 @torch.no_grad()
@@ -44,7 +45,16 @@ def encode_images(images: Tensor, vae: Any | None = None, scale: float = SD_VAE_
     """
     if vae is None:
         return images
-    return vae.encode(images).latent_dist.mean * scale
+    return (vae.encode(_to_vae(images, vae)).latent_dist.mean * scale).to(images.dtype)
+
+
+def _to_vae(x: Tensor, vae: Any) -> Tensor:
+    """``x`` on the VAE's device and in its dtype (e.g. an fp16 VAE fed float32 latents);
+    unchanged for a VAE that does not say (anything with ``encode``/``decode``)."""
+    dtype, device = getattr(vae, "dtype", None), getattr(vae, "device", None)
+    if torch.is_autocast_enabled(x.device.type):  # autocast casts inside the VAE itself
+        dtype = None
+    return x.to(device=device, dtype=dtype)
 
 
 def from_uint8(images: Tensor) -> Tensor:

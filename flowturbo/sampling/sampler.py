@@ -70,6 +70,14 @@ def integrate(
     kinds = step_kinds(plan, refiner_input)
     if "R" in plan and refiner is None:
         raise ValueError("the schedule has R steps but no refiner was given: pass refiner=...")
+    net = getattr(refiner, "fn", refiner)  # through a guidance wrapper
+    embedder = getattr(getattr(net, "x_embedder", None), "proj", None)
+    if "R" in plan and embedder is not None and embedder.weight.shape[1] == noise.shape[1]:
+        raise TypeError(
+            f"refiner= takes {noise.shape[1]} input channels, those of x alone; a velocity "
+            f"refiner takes x and v concatenated ({2 * noise.shape[1]}): is it the base model? "
+            "Pass the VelocityRefiner"
+        )
     n = len(plan)
     ts = uniform_grid(n) if timesteps is None else check_grid(timesteps, n)
     if isinstance(compile, str) and compile not in ("steps", "sampler"):
@@ -87,11 +95,13 @@ def integrate(
         return run(noise, **model_kwargs)
 
     steps = STEPS
+    graphs = False  # CUDA graphs: a step's outputs are buffers its next replay overwrites
     if compile:
         options = default_compile_options(noise.device)
         options.update(compile if isinstance(compile, dict) else {})
         steps = compiled_steps(options)
-        if options.get("mode") in ("reduce-overhead", "max-autotune") and noise.is_cuda:
+        graphs = options.get("mode") in ("reduce-overhead", "max-autotune") and noise.is_cuda
+        if graphs:
             torch.compiler.cudagraph_mark_step_begin()
 
     times = ts.tolist()
@@ -103,6 +113,8 @@ def integrate(
         nfe[0], nfe[1] = nfe[0] + b, nfe[1] + r
         bar.update()
         if callback is not None:
+            if graphs:  # the callback may keep them
+                x, c = x.clone(), None if c is None else c.clone()
             info = {"step": k, "kind": plan[k], "t": times[k + 1], "x": x, "velocity": c}
             callback({**info, "base_nfe": nfe[0], "refiner_nfe": nfe[1]})
 
