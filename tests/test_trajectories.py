@@ -156,6 +156,7 @@ def test_refiner_trains_from_the_cache_without_a_base(base_file, tmp_path):
     )
     trainer.fit(module, datamodule=data)
     assert trainer.global_step == 4
+    assert data.num_classes == 3  # from the cache's manifest: labels are range-checked
     assert torch.isfinite(trainer.callback_metrics["val/error_ratio"])
 
 

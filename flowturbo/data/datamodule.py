@@ -560,6 +560,7 @@ class ShardDataModule(L.LightningDataModule):
         self.train_urls: list[str] | None = None
         self.val_urls: list[str] | None = None
         self.classes: list[str] | None = None
+        self._manifest_classes: int | None = None
         self._loaders: list[ShardLoader] = []
 
     def __getstate__(self) -> dict[str, Any]:
@@ -588,11 +589,18 @@ class ShardDataModule(L.LightningDataModule):
             if isinstance(spec, str | os.PathLike):
                 folder = os.path.expanduser(str(spec))
                 if os.path.isfile(os.path.join(folder, MANIFEST_NAME)):
-                    self.classes = self.classes or Manifest.load(folder).classes
-        configured = self.configured_classes
-        if configured is not None and self.classes is not None and configured < len(self.classes):
+                    manifest = Manifest.load(folder)
+                    self.classes = self.classes or manifest.classes
+                    # a trajectory cache records the base's class count instead of names
+                    self._manifest_classes = self._manifest_classes or (
+                        len(manifest.classes)
+                        if manifest.classes
+                        else manifest.meta.get("num_classes")
+                    )
+        configured, listed = self.configured_classes, self._manifest_classes
+        if configured is not None and listed is not None and configured < listed:
             raise ValueError(
-                f"num_classes={configured} but the shards' manifest lists {len(self.classes)} "
+                f"num_classes={configured} but the shards' manifest lists {listed} "
                 f"classes, whose labels do not fit a {configured}-class model: set num_classes "
                 "to the model's number of classes, or use shards of that many classes"
             )
@@ -600,10 +608,9 @@ class ShardDataModule(L.LightningDataModule):
     @property
     def num_classes(self) -> int | None:
         """Labels are checked against [0, num_classes): the manifest's class count (after
-        :meth:`setup`), else the ``num_classes`` argument, else None (no check)."""
-        if self.classes is not None:
-            return len(self.classes)
-        return self.configured_classes
+        :meth:`setup`; a trajectory cache's ``meta.num_classes``), else the ``num_classes``
+        argument, else None (no check)."""
+        return self._manifest_classes or self.configured_classes
 
     def _rank_world(self) -> tuple[int, int]:
         """(global rank, world size): the trainer's, else torch.distributed's, else (0, 1)."""
