@@ -178,6 +178,8 @@ def test_single_values_are_one_element_lists_and_step_counts_must_be_integers(as
         (["latency.batch=0"], r"latency\.batch must be an integer >= 1, got 0"),
         (["latency.warmup=-1"], r"latency\.warmup must be an integer >= 0, got -1"),
         (["sampler.batch_size=0"], r"sampler\.batch_size must be an integer >= 1, got 0"),
+        (["fid.batch_size=0"], r"fid\.batch_size must be an integer >= 1, got 0"),
+        (["ref_error.steps=0"], r"ref_error\.steps must be an integer >= 1, got 0"),
     ],
 )
 def test_bad_numbers_are_refused_before_any_model_is_loaded(

@@ -536,13 +536,17 @@ def check_settings(cfg: DictConfig) -> None:
     """Checks the sweep's numbers before anything is loaded or generated.
 
     Raises:
-        ValueError: naming the setting: ``sampler.batch_size`` < 1; ``fid.num_images`` < 2, or
+        ValueError: naming the setting: ``sampler.batch_size`` or ``fid.batch_size`` < 1;
+            ``ref_error.steps`` < 1 for a Heun reference; ``fid.num_images`` < 2, or
             too few for the Inception Score or precision/recall when they are on; a latency
             setting out of range (``batch``, ``repeats`` < 1, ``warmup`` < 0) when some latency
             is measured.
     """
     _check_int(cfg, "sampler.batch_size", 1)
+    _check_int(cfg, "fid.batch_size", 1)
     n = _check_int(cfg, "fid.num_images", 2, "(FID needs a covariance of the images)")
+    if int(cfg.ref_error.num_images) > 0 and cfg.ref_error.solver == "heun":
+        _check_int(cfg, "ref_error.steps", 1)
     if cfg.fid.isc and n < ISC_SPLITS:
         raise ValueError(
             f"fid.num_images={n}: the Inception Score needs at least {ISC_SPLITS} images (one "
