@@ -78,10 +78,10 @@ def measure_latencies(
     Returns:
         A :class:`Latency` per key of ``fns`` (none for no functions).
     """
-    if repeats < 1 or warmup < 0 or batch < 1:
-        raise ValueError("need repeats >= 1, warmup >= 0 and batch >= 1")
     if not fns:  # e.g. a sweep with latency.eager=false and latency.compiled=false
         return {}
+    if repeats < 1 or warmup < 0 or batch < 1:
+        raise ValueError("need repeats >= 1, warmup >= 0 and batch >= 1")
     device = torch.device(device)
     keys = list(fns)
     for key in keys:

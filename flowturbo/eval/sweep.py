@@ -457,7 +457,7 @@ def measure_entries_latency(
                 calls[entry.key, "compiled"] = run(entry, compiled)
         if lat.decode and nets.vae is not None:  # the same for every entry: timed once
             calls["", "decode"] = _decode_call(run(group[0], False)(), nets)
-        timed = measure_latencies(calls, **timing) if calls else {}
+        timed = measure_latencies(calls, **timing)
         for entry in group:
             out: dict[str, Any] = {"batch": b, "device": str(device), "machine": machine(device)}
             for (key, mode), latency in timed.items():
