@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from flowturbo.cli import non_negative_int, positive_int
 from flowturbo.data import ShardDataModule, demo_shards, write_sample_shards
 
 
@@ -56,21 +57,16 @@ def _time(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--batches", type=int, default=60, help="timed training batches")
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--shuffle-buffer", type=int, default=1000)
+    parser.add_argument("--workers", type=non_negative_int, nargs="+", default=[0, 2])
+    parser.add_argument("--batch-size", type=positive_int, default=128)
+    parser.add_argument("--batches", type=positive_int, default=60, help="timed training batches")
+    parser.add_argument("--warmup", type=non_negative_int, default=5)
+    parser.add_argument("--shuffle-buffer", type=positive_int, default=1000)
     parser.add_argument("--cache-dir", default=None, help="demo cache root (default: a temp dir)")
-    parser.add_argument("--latent-samples", type=int, default=8192)
-    parser.add_argument("--latent-shape", type=int, nargs=3, default=[4, 32, 32])
-    parser.add_argument("--shard-size", type=int, default=1000)
+    parser.add_argument("--latent-samples", type=positive_int, default=8192)
+    parser.add_argument("--latent-shape", type=positive_int, nargs=3, default=[4, 32, 32])
+    parser.add_argument("--shard-size", type=positive_int, default=1000)
     args = parser.parse_args(argv)
-    for flag in ("batch_size", "batches", "shuffle_buffer", "latent_samples", "shard_size"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if args.warmup < 0 or min(args.workers) < 0 or min(args.latent_shape) < 1:
-        parser.error("--warmup and --workers must be >= 0, --latent-shape sides >= 1")
 
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(args.cache_dir) if args.cache_dir else Path(tmp) / "cache"

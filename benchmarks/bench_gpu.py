@@ -27,6 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_sampler  # noqa: E402
 
+from flowturbo.cli import positive_int  # noqa: E402
+
 PRESET = [
     "--models", "SiT-XL/2",
     "--schedules", "H8", "H24", "H1P5R3", "H2P4R2", "H8P9R5",
@@ -75,13 +77,11 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--profile", action="store_true", help="save a profiler table per batch")
-    p.add_argument("--batch", nargs="+", type=int, default=[1, 8])
+    p.add_argument("--batch", nargs="+", type=positive_int, default=[1, 8])
     p.add_argument(
         "--out", type=Path, default=None, help="default experiments/gpu/bench_gpu_b<batch>.json"
     )
     known, rest = p.parse_known_args(argv)
-    if any(b < 1 for b in known.batch):
-        p.error(f"--batch must be >= 1, got {' '.join(map(str, known.batch))}")
     if not torch.cuda.is_available():
         raise SystemExit("bench_gpu.py measures the GPU path: no CUDA device here")
     tag = "_".join(map(str, known.batch))

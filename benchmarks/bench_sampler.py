@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from flowturbo.cli import non_negative_int, positive_int
 from flowturbo.eval import measure_latencies
 from flowturbo.eval.atomic import atomic_path
 from flowturbo.models import SiT, VelocityRefiner
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--models", nargs="+", default=["SiT-XL/2"] if on_gpu else ["SiT-Demo/4", "SiT-S/2"]
     )
-    p.add_argument("--batch", nargs="+", type=int, default=[1, 8, 64] if on_gpu else [8])
+    p.add_argument("--batch", nargs="+", type=positive_int, default=[1, 8, 64] if on_gpu else [8])
     p.add_argument("--schedules", nargs="+", default=["H8", "H1P7", "H2P4R3", "H1P5R3"])
     p.add_argument(
         "--modes",
@@ -175,8 +176,8 @@ def main(argv: list[str] | None = None) -> None:
         "--dtype", default="bf16" if on_gpu else "fp32", choices=["fp32", "bf16", "fp16"]
     )
     p.add_argument("--cfg", type=float, default=1.5)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=non_negative_int, default=2)
+    p.add_argument("--repeats", type=positive_int, default=5)
     p.add_argument("--device", default="cuda" if on_gpu else "cpu")
     p.add_argument("--out", type=Path, default=None, help="write results as JSON here")
     args = p.parse_args(argv)
@@ -190,13 +191,6 @@ def main(argv: list[str] | None = None) -> None:
             parse_schedule(schedule)
         except ValueError as e:
             p.error(f"--schedules: {e}")
-    for flag, values, least in (
-        ("--batch", args.batch, 1),
-        ("--repeats", [args.repeats], 1),
-        ("--warmup", [args.warmup], 0),
-    ):
-        if any(v < least for v in values):
-            p.error(f"{flag} must be >= {least}, got {' '.join(map(str, values))}")
     try:
         device = torch.device(args.device)
     except RuntimeError as e:

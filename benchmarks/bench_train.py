@@ -30,6 +30,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from flowturbo.cli import non_negative_int, positive_int
 from flowturbo.eval.atomic import atomic_path
 from flowturbo.lit import RefinerModule
 from flowturbo.models import SIT_CONFIGS, SiT, VelocityRefiner
@@ -103,26 +104,25 @@ def run(args: argparse.Namespace, target: str) -> dict:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="SiT-Demo/4")
-    p.add_argument("--size", type=int, default=32, help="input_size (latent or pixel side)")
-    p.add_argument("--channels", type=int, default=1)
-    p.add_argument("--classes", type=int, default=10)
+    p.add_argument(
+        "--size", type=positive_int, default=32, help="input_size (latent or pixel side)"
+    )
+    p.add_argument("--channels", type=positive_int, default=1)
+    p.add_argument("--classes", type=positive_int, default=10)
     p.add_argument("--learn-sigma", action="store_true")
-    p.add_argument("--refiner-depth", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--grid", type=int, default=30, help="Heun steps of a cached trajectory")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--refiner-depth", type=positive_int, default=1)
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument(
+        "--grid", type=positive_int, default=30, help="Heun steps of a cached trajectory"
+    )
+    p.add_argument("--warmup", type=non_negative_int, default=3)
+    p.add_argument("--steps", type=positive_int, default=20)
     p.add_argument("--accelerator", default="cpu")
     p.add_argument("--precision", default="32-true")
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args(argv)
     if args.model not in SIT_CONFIGS:
         p.error(f"--model {args.model!r} unknown; choose from {', '.join(SIT_CONFIGS)}")
-    for flag in ("size", "channels", "classes", "refiner_depth", "batch_size", "grid", "steps"):
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if args.warmup < 0:
-        p.error(f"--warmup must be >= 0, got {args.warmup}")
     dt_max = inspect.signature(RefinerModule).parameters["dt_max"].default
     if int(dt_max * args.grid + 1e-6) < 1:  # RefinerModule's own condition
         p.error(

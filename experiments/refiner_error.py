@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from flowturbo.assets import asset_path
+from flowturbo.cli import positive_int
 from flowturbo.data import ShardDataModule
 from flowturbo.eval.atomic import atomic_path
 from flowturbo.flow import refiner_loss
@@ -50,12 +51,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--refiners", nargs="+", required=True)
     p.add_argument("--trajectories", default="trajectories/demo/val")
     p.add_argument("--dt-max", type=float, default=0.12)
-    p.add_argument("--batches", type=int, default=8)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batches", type=positive_int, default=8)
+    p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--out")
     args = p.parse_args(argv)
-    if args.batches < 1 or args.batch_size < 1:
-        p.error(f"--batches and --batch-size must be >= 1, got {args.batches}, {args.batch_size}")
     if not 0 < args.dt_max <= 1:
         p.error(f"--dt-max must be in (0, 1], got {args.dt_max}")
     missing = [f for f in (args.base, *args.refiners) if not Path(f).is_file()]

@@ -38,6 +38,7 @@ from torch_fidelity import FeatureExtractorBase, register_feature_extractor
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from tqdm.auto import tqdm
 
+from flowturbo.cli import positive_int
 from flowturbo.data.demo import demo_shards
 from flowturbo.data.shards import image_field, read_shard, resolve_shards
 from flowturbo.eval.atomic import atomic_path
@@ -431,26 +432,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         description="Train the demo-data digit classifier used as the FID feature extractor.",
     )
     p.add_argument("--out", default=str(DEFAULT_WEIGHTS), help="weights file to write")
-    p.add_argument("--epochs", type=int, default=15)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--epochs", type=positive_int, default=15)
+    p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--width", type=int, default=32)
-    p.add_argument("--feature-dim", type=int, default=128)
+    p.add_argument("--width", type=positive_int, default=32)
+    p.add_argument("--feature-dim", type=positive_int, default=128)
     p.add_argument("--shift", type=float, default=2.0)
     p.add_argument("--degrees", type=float, default=10.0)
     p.add_argument("--scale", type=float, default=0.1)
     p.add_argument("--cache-dir", default=None, help="demo shard cache root")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     args = p.parse_args(argv)
-    positive = {"--epochs": args.epochs, "--batch-size": args.batch_size, "--lr": args.lr}
-    positive |= {"--width": args.width, "--feature-dim": args.feature_dim}
-    if args.threads is not None:
-        positive["--threads"] = args.threads
-    for flag, value in positive.items():
-        if not value > 0:  # also NaN
-            p.error(f"{flag} must be positive, got {value}")
+    if not args.lr > 0:  # also NaN
+        p.error(f"--lr must be positive, got {args.lr}")
     if args.batch_size > TRAIN_IMAGES:
         p.error(
             f"--batch-size {args.batch_size} exceeds the {TRAIN_IMAGES} demo training digits "
