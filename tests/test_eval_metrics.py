@@ -356,14 +356,18 @@ def test_fid_refuses_unusable_inputs_naming_them(tiny_weights, tmp_path):
     mu, sigma = np.zeros(16), np.eye(16)
     sigma[3, 3] = np.nan
     with pytest.raises(ValueError, match="not finite: 0 NaN/inf entries in mu, 1 in sigma"):
-        fid_against_statistics(blobs(8, 0), mu, sigma, isc=False, **kw)
+        fid_against_statistics(
+            blobs(8, 0), mu, sigma, isc=False, extractor=EXTRACTOR_NAME, weights_path=tiny_weights
+        )
     rgba = tmp_path / "rgba.npz"
     np.savez(rgba, arr_0=np.zeros((4, 32, 32, 4), np.uint8))
     with pytest.raises(ValueError, match="C = 1 or 3 channels last"):
         load_reference(str(rgba))
 
 
-def test_fid_against_statistics_caches_only_the_statistics(tiny_weights, tmp_path):
+def test_fid_against_statistics_reads_the_generated_images_once(
+    tiny_weights, tmp_path, monkeypatch
+):
     import numpy as np
 
     from flowturbo.eval.fidelity import fid_against_statistics
@@ -372,20 +376,27 @@ def test_fid_against_statistics_caches_only_the_statistics(tiny_weights, tmp_pat
     fe = DigitFeatureExtractor(EXTRACTOR_NAME, ["features"], str(tiny_weights))
     (feats,) = fe(UInt8Images(ref).images.expand(-1, 3, -1, -1))
     mu, sigma = feats.numpy().mean(0), np.cov(feats.numpy(), rowvar=False)
-    cache = tmp_path / "cache"
-    kw = dict(extractor=EXTRACTOR_NAME, weights_path=tiny_weights, cache_root=cache)
+    kw = dict(extractor=EXTRACTOR_NAME, weights_path=tiny_weights)
+    want = fidelity_metrics(
+        gen, ref, reference_cache_name=None, cache_root=tmp_path, prc=False, isc_splits=4, **kw
+    )
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+    seen, cls = [], FEATURE_EXTRACTORS_REGISTRY[EXTRACTOR_NAME]
+    forward = cls.forward
+    monkeypatch.setattr(cls, "forward", lambda self, x: seen.append(len(x)) or forward(self, x))
     got = fid_against_statistics(gen, mu, sigma, isc=True, isc_splits=4, **kw)
-    want = fidelity_metrics(gen, ref, reference_cache_name=None, prc=False, isc_splits=4, **kw)
     assert got["fid"] == pytest.approx(want["fid"], rel=1e-4)
     assert got["isc_mean"] == pytest.approx(want["isc_mean"], rel=1e-4)
-    # only the statistics: the generated images' features were cached under their name
-    assert [p.name.split("-flowturbo-digits-")[1] for p in cache.iterdir()] == [
-        "stat-fid-features.pt"
-    ]
+    assert got["isc_std"] == pytest.approx(want["isc_std"], rel=1e-4)
+    assert sum(seen) == 64  # FID and IS from one pass (was two: 128 images)
+    with pytest.raises(ValueError, match="3 features, the extractor"):
+        fid_against_statistics(gen, mu[:3], sigma[:3, :3], isc=False, **kw)
+    with pytest.raises(ValueError, match="isc_splits=100"):
+        fid_against_statistics(gen, mu, sigma, isc=True, isc_splits=100, **kw)
 
 
 def test_fid_cache_entries_shared_and_read_only_roots(tiny_weights, tmp_path, monkeypatch):
-    import numpy as np
 
     from flowturbo.eval import fidelity
 
@@ -406,10 +417,6 @@ def test_fid_cache_entries_shared_and_read_only_roots(tiny_weights, tmp_path, mo
     with pytest.warns(UserWarning, match="not writable"):
         b = fidelity_metrics(gen, ref, reference_cache_name="b", cache_root=locked, **kw)
     assert b["fid"] == pytest.approx(a["fid"]) and not any(locked.iterdir())
-    mu, sigma = np.zeros(16, np.float32), np.eye(16)
-    kw.pop("prc")
-    c = fidelity.fid_against_statistics(gen, mu, sigma, cache_root=locked, **kw)
-    assert math.isfinite(c["fid"]) and not any(locked.iterdir())
 
 
 def _script(name):

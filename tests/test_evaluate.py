@@ -607,7 +607,6 @@ def test_fid_against_statistics_equals_fid_against_the_images(assets, tmp_path):
         only.sigma,
         extractor="flowturbo-digits",
         weights_path=assets / "digits.pt",
-        cache_root=tmp_path / "cache2",
         isc=False,
     )
     assert fid["fid"] == pytest.approx(full["fid"], rel=1e-6)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,8 +37,6 @@ import torch
 import torch_fidelity
 from torch import Tensor
 from torch.utils.data import Dataset
-
-from flowturbo.eval.atomic import atomic_path
 
 INCEPTION = "inception-v3-compat"
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -186,56 +183,6 @@ def _extractor_weights(extractor: str, weights_path: str | os.PathLike | None) -
     return resolve_weights(extractor, weights_path)
 
 
-def _calculate(
-    gen: Dataset,
-    ref: Dataset | None,
-    cache_name: str | None,
-    cache_root: str | os.PathLike,
-    extractor: str,
-    weights: Path,
-    *,
-    isc: bool,
-    prc: bool,
-    batch_size: int,
-    isc_splits: int,
-    prc_neighborhood: int = 3,
-    save_cpu_ram: bool,
-    verbose: bool,
-    fid: bool = True,
-) -> dict[str, Any]:
-    """One torch-fidelity call; the reference (``ref``) is cached under ``cache_name``.
-
-    With ``fid=False`` and ``prc=False`` only ``gen`` is read (the IS) and ``ref`` is unused.
-    """
-    raw = torch_fidelity.calculate_metrics(
-        input1=gen,
-        input2=ref if fid or prc else None,
-        input2_cache_name=cache_name if fid or prc else None,
-        cache=cache_name is not None and (fid or prc),
-        cache_root=str(cache_root),
-        cuda=torch.cuda.is_available(),
-        batch_size=batch_size,
-        fid=fid,
-        isc=isc,
-        prc=prc,
-        # named explicitly: with no extractor, torch-fidelity would use vgg16 for prc
-        feature_extractor=extractor,
-        feature_extractor_weights_path=str(weights),
-        isc_splits=isc_splits,
-        prc_neighborhood=prc_neighborhood,
-        save_cpu_ram=save_cpu_ram,
-        verbose=verbose,
-    )
-    out: dict[str, Any] = {"fid": raw[torch_fidelity.KEY_METRIC_FID]} if fid else {}
-    if isc:
-        out["isc_mean"] = raw[torch_fidelity.KEY_METRIC_ISC_MEAN]
-        out["isc_std"] = raw[torch_fidelity.KEY_METRIC_ISC_STD]
-    if prc:
-        out["precision"] = raw[torch_fidelity.KEY_METRIC_PRECISION]
-        out["recall"] = raw[torch_fidelity.KEY_METRIC_RECALL]
-    return out
-
-
 def fidelity_metrics(
     generated: Tensor,
     reference: Dataset | Tensor,
@@ -312,21 +259,32 @@ def fidelity_metrics(
             )
             cache_name = None
 
-    out = _calculate(
-        gen,  # generated: no cache name, ever
-        ref,
-        cache_name,
-        cache_root,
-        extractor,
-        weights,
+    raw = torch_fidelity.calculate_metrics(
+        input1=gen,  # generated: no cache name, ever
+        input2=ref,
+        input2_cache_name=cache_name,
+        cache=cache_name is not None,
+        cache_root=str(cache_root),
+        cuda=torch.cuda.is_available(),
+        batch_size=batch_size,
+        fid=True,
         isc=isc,
         prc=prc,
-        batch_size=batch_size,
+        # named explicitly: with no extractor, torch-fidelity would use vgg16 for prc
+        feature_extractor=extractor,
+        feature_extractor_weights_path=str(weights),
         isc_splits=isc_splits,
         prc_neighborhood=prc_neighborhood,
         save_cpu_ram=save_cpu_ram,
         verbose=verbose,
     )
+    out: dict[str, Any] = {"fid": raw[torch_fidelity.KEY_METRIC_FID]}
+    if isc:
+        out["isc_mean"] = raw[torch_fidelity.KEY_METRIC_ISC_MEAN]
+        out["isc_std"] = raw[torch_fidelity.KEY_METRIC_ISC_STD]
+    if prc:
+        out["precision"] = raw[torch_fidelity.KEY_METRIC_PRECISION]
+        out["recall"] = raw[torch_fidelity.KEY_METRIC_RECALL]
     if cache_name is not None:
         _share_entries(cache_root, cache_name)
     out.update(
@@ -465,7 +423,6 @@ def fid_against_statistics(
     *,
     extractor: str,
     weights_path: str | os.PathLike | None,
-    cache_root: str | os.PathLike,
     isc: bool = True,
     batch_size: int = 250,
     isc_splits: int = 10,
@@ -473,26 +430,29 @@ def fid_against_statistics(
 ) -> dict[str, Any]:
     """FID of ``generated`` against precomputed reference statistics (and optionally the IS).
 
-    The statistics are written once into torch-fidelity's cache under a name holding their
-    hash, so torch-fidelity compares against them without reading reference images.
-    Precision/recall need reference features and are not available this way.
+    The generated images pass through the extractor once; the FID and the IS are both read
+    from those features, with torch-fidelity's own formulas. Nothing is cached. Precision/recall
+    need reference features and are not available this way.
 
     Args:
         generated: (N, C, H, W) uint8, C = 1 or 3.
         mu: (D,) mean of the reference features at the extractor's FID layer.
         sigma: (D, D) their covariance.
-        extractor, weights_path, cache_root, isc, batch_size, isc_splits, verbose: as in
+        extractor, weights_path, isc, batch_size, isc_splits, verbose: as in
             :func:`fidelity_metrics`.
 
     Returns:
         ``fid`` (and ``isc_mean``, ``isc_std``), ``extractor``, ``extractor_weights``,
         ``reference_hash`` (of the statistics), ``num_generated``, ``num_reference`` (None).
     """
+    from torch_fidelity.metric_fid import fid_featuresdict_to_statistics, fid_statistics_to_metric
+    from torch_fidelity.metric_isc import isc_featuresdict_to_metric
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+    from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
     weights = _extractor_weights(extractor, weights_path)
     gen = UInt8Images(generated)
-    mu = np.asarray(mu, dtype=np.float32)  # torch-fidelity's own dtypes (asserted)
+    mu = np.asarray(mu, dtype=np.float32)  # the dtypes of torch-fidelity's own statistics
     sigma = np.asarray(sigma, dtype=np.float64)
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise ValueError(
@@ -507,43 +467,38 @@ def fid_against_statistics(
     if len(gen) < 2:
         raise ValueError(f"FID needs at least 2 generated images (a covariance), got {len(gen)}")
     _check_images("generated", tuple(gen.images.shape[1:]), extractor)
-    if not _writable(cache_root):  # the statistics go through torch-fidelity's cache
-        with tempfile.TemporaryDirectory(prefix="flowturbo-fid-") as tmp:
-            return fid_against_statistics(
-                generated,
-                mu,
-                sigma,
-                extractor=extractor,
-                weights_path=weights_path,
-                cache_root=tmp,
-                isc=isc,
-                batch_size=batch_size,
-                isc_splits=isc_splits,
-                verbose=verbose,
-            )
-    stats_hash = hashlib.sha256(mu.tobytes() + sigma.tobytes()).hexdigest()[:16]
-    weights_tag = file_hash(weights)[:12]
-    cache_name = f"stats-{stats_hash}-w{weights_tag}"
-    layer = FEATURE_EXTRACTORS_REGISTRY[extractor].get_default_feature_layer_for_metric("fid")
-    stat_file = Path(cache_root) / f"{cache_name}-{extractor}-stat-fid-{layer}.pt"
-    if not stat_file.is_file():
-        with atomic_path(stat_file) as tmp:
-            torch.save({"mu": mu, "sigma": sigma}, tmp)
-    # FID alone: torch-fidelity then reads input2's statistics from the cache entry above and
-    # never its images; with the IS in the same call it would extract (and cache, under the
-    # statistics' name) the generated images' features as input2's
-    kw = dict(batch_size=batch_size, isc_splits=isc_splits, save_cpu_ram=True, verbose=verbose)
-    out = _calculate(
-        gen, gen, cache_name, cache_root, extractor, weights, isc=False, prc=False, **kw
+    if isc and len(gen) < isc_splits:
+        raise ValueError(f"the Inception Score needs at least isc_splits={isc_splits} images")
+
+    # one pass of the extractor over the generated images, at every layer a metric reads
+    cls = FEATURE_EXTRACTORS_REGISTRY[extractor]
+    layer_fid = cls.get_default_feature_layer_for_metric("fid")
+    layer_isc = cls.get_default_feature_layer_for_metric("isc") if isc else None
+    layers = sorted({layer_fid} | ({layer_isc} if isc else set()))
+    cuda = torch.cuda.is_available()
+    net = create_feature_extractor(
+        extractor, layers, cuda=cuda, feature_extractor_weights_path=str(weights), verbose=verbose
     )
-    if isc:
-        out |= _calculate(
-            gen, None, None, cache_root, extractor, weights, isc=True, prc=False, fid=False, **kw
+    features = get_featuresdict_from_dataset(gen, net, batch_size, cuda, True, verbose)
+    stats = fid_featuresdict_to_statistics(features, layer_fid)
+    if stats["mu"].shape != mu.shape:
+        raise ValueError(
+            f"the reference statistics have {mu.shape[0]} features, the extractor {extractor!r} "
+            f"gives {stats['mu'].shape[0]} at its FID layer: they were computed with another "
+            "extractor"
         )
+    raw = fid_statistics_to_metric(stats, {"mu": mu, "sigma": sigma}, verbose)
+    out: dict[str, Any] = {"fid": raw[torch_fidelity.KEY_METRIC_FID]}
+    if isc:
+        raw = isc_featuresdict_to_metric(
+            features, layer_isc, isc_splits=isc_splits, verbose=verbose
+        )
+        out["isc_mean"] = raw[torch_fidelity.KEY_METRIC_ISC_MEAN]
+        out["isc_std"] = raw[torch_fidelity.KEY_METRIC_ISC_STD]
     out.update(
         extractor=extractor,
-        extractor_weights=weights_tag,
-        reference_hash=stats_hash,
+        extractor_weights=file_hash(weights)[:12],
+        reference_hash=hashlib.sha256(mu.tobytes() + sigma.tobytes()).hexdigest()[:16],
         num_generated=len(gen),
         num_reference=None,
     )

@@ -280,8 +280,7 @@ def measure_quality(
     write_grid(images, out_dir / "grids" / f"{entry.key}.png", cfg, nets.num_classes)
 
     start = time.perf_counter()
-    cache_root = Path(f.cache_root)
-    common = dict(extractor=f.extractor, weights_path=extractor_weights(f), cache_root=cache_root)
+    common = dict(extractor=f.extractor, weights_path=extractor_weights(f))
     if reference.is_statistics:
         metrics = fid_against_statistics(
             images,
@@ -297,6 +296,7 @@ def measure_quality(
             images,
             reference.images,
             reference_cache_name=reference.name,
+            cache_root=Path(f.cache_root),
             isc=bool(f.isc),
             prc=bool(f.prc),
             batch_size=f.batch_size,
