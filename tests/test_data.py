@@ -10,6 +10,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+import webdataset as wds
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -233,8 +234,9 @@ def test_shard_ending_early_without_manifest_is_recorded(tmp_path):
     with tarfile.open(shard) as tar:
         cut = tar.getmembers()[6].offset_data + 10  # inside sample 3's png
     shard.write_bytes(shard.read_bytes()[:cut])
+    # a local cut shard is refused up front (below); a streamed one is found while reading
     dm = ShardDataModule(
-        val_shards=OmegaConf.create([str(shard), str(tmp_path / "shard-000001.tar")]),
+        val_shards=OmegaConf.create([f"pipe:cat {shard}", str(tmp_path / "shard-000001.tar")]),
         channels=1,
         num_workers=0,
     )
@@ -243,6 +245,21 @@ def test_shard_ending_early_without_manifest_is_recorded(tmp_path):
     assert dm.val_skips.count == 1  # webdataset reports the read error twice: counted once
     assert "shard ended early" in dm.val_skips.examples[0]
     assert "shard-000000.tar" in dm.val_skips.examples[0]
+
+
+def test_local_shards_cut_between_samples_are_refused_by_name(tmp_path):
+    _id_shards(tmp_path, 20, 10)
+    shard = tmp_path / "shard-000001.tar"
+    with tarfile.open(shard) as tar:
+        cut = tar.getmembers()[8].offset  # the header of sample 14: samples 10-13 are whole
+    shard.write_bytes(shard.read_bytes()[:cut])
+    (tmp_path / "manifest.json").unlink()
+    for spec in (str(tmp_path), str(tmp_path / "shard-{000000..000001}.tar")):
+        with pytest.raises(RuntimeError, match=r"1 of 2 .* end-of-archive .*shard-000001.tar"):
+            resolve_shards(spec)
+    # webdataset itself reads such a shard to the cut and stops without an error
+    assert len(list(wds.WebDataset(str(shard), shardshuffle=False))) == 4
+    assert resolve_shards(str(tmp_path / "shard-000000.tar"))  # whole shards pass
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])

@@ -201,8 +201,10 @@ def resolve_shards(spec: str | os.PathLike | Sequence[str]) -> list[str]:
     Raises:
         FileNotFoundError: Nothing matches, or named local shards are missing.
         RuntimeError: The folder's manifest is from an unfinished writer run, or a shard's
-            file size differs from the size the manifest records (truncated or damaged).
+            file size differs from the size the manifest records (truncated or damaged), or
+            a local shard without a manifest does not end with tar's end-of-archive marker.
     """
+    checked = False  # sizes checked against a manifest
     if isinstance(spec, Sequence) and not isinstance(spec, str):
         urls = [str(s) for s in spec]
     else:
@@ -211,7 +213,7 @@ def resolve_shards(spec: str | os.PathLike | Sequence[str]) -> list[str]:
         if folder.is_dir():
             manifest_path = folder / MANIFEST_NAME
             if manifest_path.is_file():
-                urls = _manifest_shards(manifest_path)
+                urls, checked = _manifest_shards(manifest_path), True
             else:
                 urls = sorted(str(p) for p in folder.glob("*.tar"))
         else:
@@ -235,7 +237,27 @@ def resolve_shards(spec: str | os.PathLike | Sequence[str]) -> list[str]:
             f"{len(missing)} of {len(urls)} shard files named by {str(spec)!r} do not exist, "
             f"e.g. {missing[0]}; check the pattern's range or re-run the shard writer"
         )
+    # without a manifest, a local tar must end with tar's end-of-archive marker: a cut between
+    # two members would otherwise end the shard early without an error
+    unended = [] if checked else [u for u in urls if not _is_remote(u) and not _has_tar_end(u)]
+    if unended:
+        raise RuntimeError(
+            f"{len(unended)} of {len(urls)} shard files named by {str(spec)!r} do not end with "
+            f"tar's end-of-archive marker (two zero blocks), so they were cut short (an "
+            f"interrupted copy or write) and reading them would silently lose the samples "
+            f"after the cut: {', '.join(unended[:5])}{', ...' if len(unended) > 5 else ''}; "
+            "copy or write them again (`tar tf FILE` reports the unexpected end)"
+        )
     return urls
+
+
+def _has_tar_end(path: str) -> bool:
+    """Whether a tar file ends with the end-of-archive marker: its last 1,024 bytes are zero."""
+    with open(path, "rb") as f:
+        if f.seek(0, os.SEEK_END) < 2 * tarfile.BLOCKSIZE:
+            return False
+        f.seek(-2 * tarfile.BLOCKSIZE, os.SEEK_END)
+        return not any(f.read())
 
 
 def _manifest_shards(manifest_path: Path) -> list[str]:
