@@ -2,6 +2,7 @@
 by the DataModule and trained on without a base."""
 
 import io
+import tarfile
 from pathlib import Path
 
 import lightning as L
@@ -84,6 +85,17 @@ def test_cache_resumes_and_refuses_other_settings(base_file, tmp_path):
     assert summary["train"]["complete"] and shard.read_bytes() == before  # same content
     assert summary["shards_written"] == 1
     assert (out / "train" / "shard-000000.tar").stat().st_mtime_ns == other  # not rewritten
+    # shards cut or changed since they were written are written again, and only they
+    cut, grown = out / "train" / "shard-000000.tar", out / "val" / "shard-000000.tar"
+    whole = {p: p.read_bytes() for p in (cut, grown)}
+    with tarfile.open(cut) as tar:
+        cut.write_bytes(whole[cut][: tar.getmembers()[2].offset])  # after sample 0: a tar cut
+    grown.write_bytes(whole[grown] + bytes(1024))  # a tar still, but not the one recorded
+    kept = shard.stat().st_mtime_ns
+    summary = cache_trajectories(cache_cfg(base_file, out))
+    assert summary["shards_written"] == 2 and summary["train"]["complete"]
+    assert all(p.read_bytes() == b for p, b in whole.items())
+    assert shard.stat().st_mtime_ns == kept
     with pytest.raises(RuntimeError, match="steps"):
         cache_trajectories(cache_cfg(base_file, out, "cache.steps=5"))
 

@@ -239,7 +239,7 @@ def resolve_shards(spec: str | os.PathLike | Sequence[str]) -> list[str]:
         )
     # without a manifest, a local tar must end with tar's end-of-archive marker: a cut between
     # two members would otherwise end the shard early without an error
-    unended = [] if checked else [u for u in urls if not _is_remote(u) and not _has_tar_end(u)]
+    unended = [] if checked else [u for u in urls if not _is_remote(u) and not has_tar_end(u)]
     if unended:
         raise RuntimeError(
             f"{len(unended)} of {len(urls)} shard files named by {str(spec)!r} do not end with "
@@ -251,7 +251,7 @@ def resolve_shards(spec: str | os.PathLike | Sequence[str]) -> list[str]:
     return urls
 
 
-def _has_tar_end(path: str) -> bool:
+def has_tar_end(path: str) -> bool:
     """Whether a tar file ends with the end-of-archive marker: its last 1,024 bytes are zero."""
     with open(path, "rb") as f:
         if f.seek(0, os.SEEK_END) < 2 * tarfile.BLOCKSIZE:
@@ -280,9 +280,8 @@ def _manifest_shards(manifest_path: Path) -> list[str]:
             f"records, so they are truncated or damaged and would silently lose samples: "
             f"{', '.join(damaged[:5])}{', ...' if len(damaged) > 5 else ''}; delete them and "
             "re-run the command that wrote the set: it writes missing shards again "
-            "(write_image_shards, write_latent_shards and write_sample_shards with resume=True "
-            "also rewrite shards of the wrong size; cache_trajectories.py keeps every shard "
-            "file that exists)"
+            "(the shard writers with resume=True, and cache_trajectories.py, also rewrite "
+            "shards of the wrong size)"
         )
     return [str(p) for p in manifest.shard_paths(folder)]
 

@@ -6,7 +6,8 @@ sampler deals the shard indices out to the ranks, and each rank writes the shard
 Every trajectory depends only on (seed, its global index), so a shard's content is the same
 whoever writes it and whenever. A shard is written to a temporary name and renamed when
 complete; a re-run skips every shard file that exists, so an interrupted job resumes where it
-stopped. Before any shard is written, rank 0 writes each split's ``manifest.json`` with
+stopped, and writes again a shard cut or changed since (a size other than its manifest's, or no
+tar end). Before any shard is written, rank 0 writes each split's ``manifest.json`` with
 ``complete=False`` (so ``resolve_shards`` refuses the folder of a run that was killed); when all
 ranks are done, it rewrites them complete. ``plan.json`` holds the settings: a folder with
 shards made with other settings is refused, a plan with no shard yet is replaced.
@@ -34,7 +35,14 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from flowturbo.data.datamodule import TRAJECTORY_FIELD
-from flowturbo.data.shards import SHARD_NAME, Manifest, ShardInfo, encode_field, write_tar
+from flowturbo.data.shards import (
+    SHARD_NAME,
+    Manifest,
+    ShardInfo,
+    encode_field,
+    has_tar_end,
+    write_tar,
+)
 from flowturbo.sampling import heun_trajectory
 
 log = logging.getLogger(__name__)
@@ -116,12 +124,30 @@ class TrajectoryCache(L.LightningModule):
         return self.out_dir / split / SHARD_NAME.format(k)
 
     def shards_on_disk(self) -> int:
-        """Shards of the plan present on disk (a shard file appears only when complete)."""
-        return sum(
-            self.shard_path(split, k).is_file()
-            for split, n in self.shards_per_split().items()
-            for k in range(n)
-        )
+        """Intact shards of the plan on disk (see :meth:`damaged`; a shard file appears only
+        when complete)."""
+        count = 0
+        for split, n in self.shards_per_split().items():
+            paths = [self.shard_path(split, k) for k in range(n)]
+            damaged = self.damaged(split)
+            count += sum(p.is_file() and p not in damaged for p in paths)
+        return count
+
+    def damaged(self, split: str) -> list[Path]:
+        """The split's shard files cut or changed since they were written: a size other than
+        the one the split's manifest records, or no tar end-of-archive marker."""
+        manifest_path = self.out_dir / split / "manifest.json"
+        recorded = {}
+        if manifest_path.is_file():
+            recorded = {s.name: s.bytes for s in Manifest.load(manifest_path).shards}
+        out = []
+        for k in range(self.shards_per_split()[split]):
+            path = self.shard_path(split, k)
+            if path.is_file():
+                size = path.stat().st_size
+                if recorded.get(path.name, size) != size or not has_tar_end(str(path)):
+                    out.append(path)
+        return out
 
     def first_index(self, split: str, k: int) -> int:
         """Global index of the first trajectory of shard k of ``split`` (val follows train)."""
@@ -211,6 +237,11 @@ class TrajectoryCache(L.LightningModule):
                 folder.mkdir(parents=True, exist_ok=True)
                 for stale in folder.glob(".shard-*.tar.tmp-*"):  # partial shards of a killed run
                     stale.unlink(missing_ok=True)
+                for path in self.damaged(split):  # written again by this run
+                    log.warning(
+                        "%s was cut or changed since it was written: writing it again", path
+                    )
+                    path.unlink()
                 self._write_manifest(split, n, complete=False)
         self.trainer.strategy.barrier()
 
