@@ -10,6 +10,7 @@ from flowturbo.sampling import (
     ClassifierFreeGuidance,
     baseline_nfe,
     dopri5,
+    euler,
     integrate,
     parse_schedule,
     sample,
@@ -223,6 +224,13 @@ def test_custom_grid(mixture, noise, reference):
         sample(mixture, noise, "H6", timesteps=uniform_grid(5))
     with pytest.raises(ValueError, match="increasing"):
         sample(mixture, noise, "H2", timesteps=[0.0, 0.7, 0.5])
+    # sample and the baselines go from noise to data; part of the path is integrate's
+    for partial in ([0.2, 0.6, 1.0], [0.0, 0.4, 0.8]):
+        with pytest.raises(ValueError, match="must start at 0 and end at 1.*integrate"):
+            sample(mixture, noise, "H2", timesteps=partial)
+        with pytest.raises(ValueError, match="euler integrates from noise"):
+            euler(mixture, noise, 2, timesteps=partial)
+        assert integrate("HH", mixture, noise, timesteps=partial).shape == noise.shape
 
 
 # ---------------------------------------------------------------- refiner steps
@@ -243,7 +251,7 @@ def test_refiner_input_modes(mixture, noise):
         seen.append(v)
         return mixture(x, t) - v
 
-    x_half = sample(mixture, noise, "H1", timesteps=[0.0, 0.5])  # the state before the R step
+    x_half = integrate("H", mixture, noise, timesteps=[0.0, 0.5])  # the state before R
     half = torch.full((64,), 0.5)
     cache = mixture(noise + 0.5 * mixture(noise, torch.zeros(64)), half)
     sample(mixture, noise, "H1R1", refiner=refiner, refiner_input="cache")

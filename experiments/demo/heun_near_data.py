@@ -46,7 +46,7 @@ with torch.no_grad():
     g = torch.Generator().manual_seed(1)
     for t in (0.0, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0):
         path = torch.linspace(0, t, 65)
-        xt = heun(base, noise, 64, y=y, timesteps=path) if t > 0 else noise
+        xt = integrate("H" * 64, base, noise, y=y, timesteps=path) if t > 0 else noise
         tt = torch.full((64,), t)
         v = base(xt, tt, y=y)
         d = 1e-3 * torch.randn(xt.shape, generator=g)

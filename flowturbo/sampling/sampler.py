@@ -14,6 +14,7 @@ from flowturbo.sampling.graph import compiled_sampler
 from flowturbo.sampling.schedule import (
     STEP_COST,
     Schedule,
+    check_full_grid,
     check_grid,
     parse_schedule,
     uniform_grid,
@@ -148,7 +149,7 @@ def sample(
         noise: (B, C, H, W) Gaussian noise.
         schedule: e.g. ``"H8"``, ``"H1P7"``, ``"H2P4R3"``, or a parsed :class:`Schedule`.
         refiner: ``refiner(x, t, v, **model_kwargs) -> delta_v``; required if R steps are used.
-        timesteps: optional custom grid of N + 1 increasing times in [0, 1].
+        timesteps: optional custom grid of N + 1 increasing times from 0 to 1.
         refiner_input: ``"d0"`` (default) or ``"cache"`` (public FlowTurbo sampler compat.).
         compile: sample-aware compilation: each step kind compiled once and reused
             (True, or a dict of ``torch.compile`` options), or ``"sampler"``: the whole loop
@@ -159,7 +160,7 @@ def sample(
         **model_kwargs: passed to the model and refiner (e.g. ``y=labels``).
 
     Returns:
-        (B, C, H, W) samples at t = 1 (or the grid's last time).
+        (B, C, H, W) samples at t = 1.
 
     Raises:
         ValueError: a malformed schedule or grid, or R steps without a refiner.
@@ -170,7 +171,7 @@ def sample(
         model,
         noise,
         refiner=refiner,
-        timesteps=timesteps,
+        timesteps=check_full_grid(timesteps, sched.num_steps, "sample"),
         refiner_input=refiner_input,
         compile=compile,
         callback=callback,

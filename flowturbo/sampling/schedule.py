@@ -127,6 +127,25 @@ def uniform_grid(num_steps: int, device: torch.device | str | None = None) -> Te
     return torch.arange(num_steps + 1, dtype=torch.float64, device=device) / num_steps
 
 
+def check_full_grid(
+    timesteps: Tensor | Sequence[float] | None, num_steps: int, caller: str
+) -> Tensor | None:
+    """A grid for sampling from noise to data: :func:`check_grid`, starting at 0, ending at 1.
+
+    None (the default grid) passes through. ``caller`` names the function in the error.
+    """
+    if timesteps is None:
+        return None
+    ts = check_grid(timesteps, num_steps)
+    if ts[0] != 0 or ts[-1] != 1:
+        raise ValueError(
+            f"{caller} integrates from noise at t = 0 to data at t = 1: timesteps must start "
+            f"at 0 and end at 1, got {ts.tolist()}; for part of the path use "
+            "flowturbo.sampling.integrate (or edit)"
+        )
+    return ts
+
+
 def check_grid(timesteps: Tensor | Sequence[float], num_steps: int) -> Tensor:
     """Validates a custom time grid for ``num_steps`` steps.
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from flowturbo.sampling.sampler import Callback, VelocityFn, integrate
-from flowturbo.sampling.schedule import plan_nfe, uniform_grid
+from flowturbo.sampling.schedule import check_full_grid, plan_nfe, uniform_grid
 
 
 def _num_steps(name: str, steps: int) -> int:
@@ -50,7 +50,7 @@ def _fixed_step(letter: str, name: str) -> Callable[..., Tensor]:
             letter * steps,
             model,
             noise,
-            timesteps=timesteps,
+            timesteps=check_full_grid(timesteps, steps, name),
             compile=compile,
             callback=callback,
             progress=progress,
