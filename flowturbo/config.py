@@ -12,6 +12,17 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("asset", asset_path, replace=True)
 
 
+def command_line(script: str) -> str:
+    """How the running Hydra job was started, for examples in messages:
+    ``python {script} experiment=<the chosen experiment>`` (without it outside Hydra)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    experiment = None
+    if HydraConfig.initialized():
+        experiment = HydraConfig.get().runtime.choices.get("experiment")
+    return f"python {script}" + (f" experiment={experiment}" if experiment else "")
+
+
 def check_required(cfg: DictConfig, command: str) -> None:
     """Raises a readable error listing every ``???`` value the user still has to give.
 

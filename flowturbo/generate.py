@@ -719,10 +719,10 @@ def generate_images(cfg: DictConfig) -> dict[str, Any]:
     from hydra.utils import instantiate
     from torch.utils.data import DataLoader
 
-    from flowturbo.config import check_required, register_resolvers
+    from flowturbo.config import check_required, command_line, register_resolvers
 
     register_resolvers()
-    check_required(cfg, f"python generate.py experiment={cfg.get('name', '...')}")
+    check_required(cfg, command_line("generate.py"))
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     entry, row = choose_entry(cfg)

@@ -12,7 +12,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from flowturbo.config import check_required, register_resolvers
+from flowturbo.config import check_required, command_line, register_resolvers
 from flowturbo.models import save_checkpoint
 
 register_resolvers()
@@ -98,7 +98,7 @@ EXPORT_DTYPES = (None, "float32", "float16", "bfloat16")
 def train(cfg: DictConfig) -> dict:
     """Fits ``cfg.model`` on ``cfg.data`` and writes ``ckpt_dir/ema.pt`` (``export=net``: the
     trained network's own weights, ``net.pt``); returns the final metrics."""
-    check_required(cfg, f"python train.py experiment={cfg.get('name', '...')}")
+    check_required(cfg, command_line("train.py"))
     export = cfg.get("export", "ema")
     if export not in ("ema", "net"):
         raise ValueError(f"export must be 'ema' or 'net', got {export!r}")

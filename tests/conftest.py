@@ -73,6 +73,7 @@ def generate_cfg(tiny_models):
         common = [
             f"model.base_ckpt={tiny_models / 'base.pt'}",
             f"model.refiner_ckpt={tiny_models / 'refiner.pt'}",
+            "vae=null",
             f"out_dir={out_dir}",
             "threads=1",
             "progress=false",

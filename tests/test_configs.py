@@ -148,6 +148,35 @@ def test_required_values_are_marked_missing(tmp_path):
         _ = cfg.model.base.path
 
 
+@pytest.mark.parametrize("name", ALL_EXPERIMENTS)
+def test_every_value_an_experiment_marks_missing_is_asked_for(name, tmp_path):
+    """A ``???`` in an experiment merged onto a value of the main config is no ``???`` any more
+    (OmegaConf keeps the value): sit_xl_generate's refiner and VAE were silently null."""
+    from omegaconf import OmegaConf
+
+    from flowturbo.config import check_required, command_line
+
+    def walk(node, prefix=""):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                yield from walk(value, f"{prefix}{key}.")
+            elif value == "???":
+                yield f"{prefix}{key}"
+
+    raw = OmegaConf.load(Path(CONF, "experiment", f"{name}.yaml"))
+    marked = set(walk(OmegaConf.to_container(raw, resolve=False)))
+    config = "evaluate" if name in SWEEPS else "generate" if name in GENERATE else "train"
+    cfg = cfg_for([f"experiment={name}"], tmp_path, config)
+    script = f"{config}.py"
+    if not marked:
+        check_required(cfg, command_line(script))
+        return
+    with pytest.raises(ValueError, match=f"python {script} experiment={name} ") as e:
+        check_required(cfg, command_line(script))
+    listed = str(e.value).split("must be given: ")[1].split(". ")[0].split(", ")
+    assert marked <= set(listed), (marked, listed)
+
+
 def test_missing_values_are_named_in_one_readable_error(tmp_path):
     cfg = cfg_for(["experiment=sit_refiner"], tmp_path)
     with pytest.raises(

@@ -508,13 +508,13 @@ def run_sweep(cfg: DictConfig) -> dict[str, Any]:
     Returns:
         The summary (:func:`flowturbo.eval.summary.summarize`): ``rows`` and ``acceleration``.
     """
-    from flowturbo.config import check_required, register_resolvers
+    from flowturbo.config import check_required, command_line, register_resolvers
 
     register_resolvers()
     out_dir = Path(cfg.out_dir)
     if cfg.get("summarize_only"):
         return summarize(out_dir, cfg)
-    check_required(cfg, f"python evaluate.py experiment={cfg.get('name', '...')}")
+    check_required(cfg, command_line("evaluate.py"))
     check_settings(cfg)
     device = resolve_device(cfg.device)
     if cfg.get("threads"):
