@@ -97,9 +97,17 @@ def test_bad_schedules_name_the_part(text, names):
     ("plan", "names"), [("HX", r"unknown steps \['X'\]"), ("", "no step"), ("RH", "starts with R")]
 )
 def test_bad_plans_given_to_integrate_name_the_part(mixture, noise, plan, names):
-    """integrate takes a plan, not a schedule string: it is checked the same way."""
+    """integrate takes a plan (or a schedule string): it is checked the same way."""
     with pytest.raises(ValueError, match=names):
         integrate(plan, mixture, noise, refiner=ExactRefiner(mixture))
+
+
+def test_integrate_takes_a_schedule_string_as_its_plan(mixture, noise):
+    refiner = ExactRefiner(mixture)
+    by_plan = integrate("HPPRR", mixture, noise, refiner=refiner)
+    torch.testing.assert_close(integrate("H1P2R2", mixture, noise, refiner=refiner), by_plan)
+    with pytest.raises(ValueError, match="'X'"):
+        integrate("H1X2", mixture, noise)
 
 
 def test_a_base_model_given_as_the_refiner_is_named():
@@ -485,6 +493,7 @@ def test_compiled_sampler_equals_eager_and_is_reused_per_setting(fresh_compile_c
 
     # the same settings give the same sampler, and nothing is compiled again
     assert compiled_sampler("HPPRR", guided, x, refiner=refiner, compile_options=opts, y=y) is run
+    assert compiled_sampler("H1P2R2", guided, x, refiner=refiner, compile_options=opts, y=y) is run
     out_a = run(x, y=y)
     out_b = run(x * 0.5, y=torch.tensor([1, 1]))  # fresh inputs after a replay ...
     assert not torch.allclose(out_b, out_a)  # ... give fresh outputs

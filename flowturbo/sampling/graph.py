@@ -40,7 +40,7 @@ class CompiledSampler:
     by new tensors are not; build a new sampler then (:func:`clear_compile_cache`).
 
     Args:
-        plan: one step letter per step (``Schedule.plan``, e.g. ``"HHPPPPRRR"``).
+        plan: one step letter per step (``"HHPPPPRRR"``), or a schedule (``"H2P4R3"``, or parsed).
         model: base velocity ``model(x, t, **kw)`` (e.g. a guidance wrapper around a SiT).
         noise: an example input; fixes the batch shape, dtype and device.
         refiner: ``refiner(x, t, v, **kw)``; needed by R steps.

@@ -46,7 +46,7 @@ def integrate(
     The shared loop behind :func:`sample` and the fixed-step baseline solvers.
 
     Args:
-        plan: step kinds, e.g. ``"HHPPPPRRR"``, or a parsed :class:`Schedule` (its plan).
+        plan: step kinds, e.g. ``"HHPPPPRRR"``, or a schedule (``"H2P4R3"``, or parsed).
         model: ``model(x, t, **model_kwargs) -> v`` with ``t`` of shape (B,).
         noise: (B, C, H, W) state at the first grid time (Gaussian noise at t = 0).
         refiner: ``refiner(x, t, v, **model_kwargs) -> delta_v``; needed by R steps.

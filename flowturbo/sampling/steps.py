@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import Tensor
 
-from flowturbo.sampling.schedule import Schedule
+from flowturbo.sampling.schedule import Schedule, parse_schedule
 
 Step = Callable[..., tuple[Tensor, Tensor]]
 #: ``constrain(x, cache, t) -> (x, cache)``, applied after every step (see :func:`run_steps`).
@@ -105,15 +105,16 @@ STEPS: dict[str, Step] = {
 
 
 def as_plan(plan: str | Schedule) -> str:
-    """The step plan of a parsed :class:`Schedule`, or ``plan`` itself if it is a string."""
+    """The step plan (``"HHPPPPRRR"``) of a plan, a schedule string (``"H2P4R3"``: it holds
+    digits, which a plan never does) or a parsed :class:`Schedule`."""
     if isinstance(plan, Schedule):
         return plan.plan
     if not isinstance(plan, str):
         raise TypeError(
-            f"a step plan is a string of step letters such as 'HHPPRR' (or a parsed Schedule), "
-            f"got {type(plan).__name__}"
+            f"a step plan is a string of step letters such as 'HHPPRR' (or a schedule such as "
+            f"'H2P2R2', or a parsed Schedule), got {type(plan).__name__}"
         )
-    return plan
+    return parse_schedule(plan).plan if any(c.isdigit() for c in plan) else plan
 
 
 def step_kinds(plan: str, refiner_input: str = "d0") -> list[str]:
