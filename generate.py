@@ -7,9 +7,9 @@
     python generate.py experiment=sit_xl_generate model.base_ckpt=SiT-XL-2-256x256.pt \\
         model.refiner_ckpt=SiT-XL-2-Refiner.pt vae=sd-vae-ft-ema   # 50,000 images + .npz, GPUs
 
-Images go to ``generated/<name>/images/`` (one PNG each, written atomically; a rerun skips the
-existing ones, so an interrupted job resumes), with ``grid.png``, ``job.json`` and, with
-``npz=true``, ``samples.npz`` for ADM's evaluation suite. Settings: conf/generate.yaml.
+Images go to ``generated/<name>/<sampler>/images/`` (one PNG each, written atomically; a rerun
+skips the existing ones, so an interrupted job resumes), with ``grid.png``, ``job.json`` and,
+with ``npz=true``, ``samples.npz`` for ADM's evaluation suite. Settings: conf/generate.yaml.
 """
 
 import hydra
