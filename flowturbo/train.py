@@ -160,6 +160,14 @@ def check_data_kind(cfg: DictConfig, datamodule: object) -> None:
     )
 
 
+#: train.py's command for a trajectory cache of a flow model of the user's own.
+OWN_TRAIN_COMMAND = (
+    "python train.py experiment=own_refiner model.target=trajectory data=trajectories "
+    "model.base.path={base_path} model.base.factory={factory} "
+    "data.train_shards={out_dir}/train data.val_shards={out_dir}/val"
+)
+
+
 def cache_trajectories(cfg: DictConfig) -> dict:
     """Writes the trajectory cache ``cfg.cache`` describes to ``cfg.out_dir`` (resumable).
 
@@ -196,6 +204,10 @@ def cache_trajectories(cfg: DictConfig) -> dict:
             "python train.py ... data=trajectories "
             "data.train_shards={out_dir}/train data.val_shards={out_dir}/val"
         )
+        factory = cfg.cache.base.get("factory")
+        if factory:  # a flow model of the user's own, not the cache config's SiT
+            hint = OWN_TRAIN_COMMAND + " (and your copy's settings)"
         base_path = cfg.cache.base.get("path", "...")
-        print(f"train a refiner on it: {hint.format(out_dir=cfg.out_dir, base_path=base_path)}")
+        hint = hint.format(out_dir=cfg.out_dir, base_path=base_path, factory=factory)
+        print(f"train a refiner on it: {hint}")
     return summary

@@ -100,7 +100,7 @@ def test_cache_resumes_and_refuses_other_settings(base_file, tmp_path):
         cache_trajectories(cache_cfg(base_file, out, "cache.steps=5"))
 
 
-def test_a_flow_model_of_ones_own_caches_the_sits_trajectories(base_file, tmp_path):
+def test_a_flow_model_of_ones_own_caches_the_sits_trajectories(base_file, tmp_path, capsys):
     """tests/own_flow.py runs the same SiT from data to noise; adapted, it is the same base,
     but a folder it did not write is refused (the adapter is part of the base's identity)."""
     own = [
@@ -113,7 +113,10 @@ def test_a_flow_model_of_ones_own_caches_the_sits_trajectories(base_file, tmp_pa
         "+cache.base.null_label=-1",
     ]
     cache_trajectories(cache_cfg(base_file, tmp_path / "sit"))
+    capsys.readouterr()
     cache_trajectories(cache_cfg(base_file, tmp_path / "own", *own))
+    hint = capsys.readouterr().out
+    assert "experiment=own_refiner" in hint and "factory=own_flow.load_reversed_sit" in hint
 
     def read(folder):
         files = [f for p in sorted((folder / "train").glob("*.tar")) for _, f in read_shard(p)]
@@ -254,11 +257,17 @@ def test_settings_the_base_cannot_take_are_refused(base_file, tmp_path, override
     assert not (tmp_path / "traj" / "plan.json").exists()
 
 
-@pytest.mark.parametrize("cache", ["demo", "imagenet"])
+@pytest.mark.parametrize("cache", ["demo", "imagenet", "own"])
 def test_the_printed_train_command_composes(cache):
+    from flowturbo.train import OWN_TRAIN_COMMAND
+
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        command = compose("cache_trajectories", overrides=[f"cache={cache}"]).cache.train_command
-        program, *overrides = command.format(out_dir="/x", base_path="/z").split()[1:]
+        name = "imagenet" if cache == "own" else cache
+        command = compose("cache_trajectories", overrides=[f"cache={name}"]).cache.train_command
+        if cache == "own":  # a factory in cache.base: own_refiner's command instead
+            command = OWN_TRAIN_COMMAND
+        args = command.format(out_dir="/x", base_path="/z", factory="own_flow.load_reversed_sit")
+        program, *overrides = args.split()[1:]
         assert program == "train.py"
         cfg = compose("train", overrides=overrides)
     assert cfg.model.target == "trajectory" and cfg.data.kind == "trajectory"
