@@ -36,6 +36,7 @@ from torch.utils.data import Dataset
 
 from flowturbo.data.datamodule import TRAJECTORY_FIELD
 from flowturbo.data.shards import (
+    MANIFEST_NAME,
     SHARD_NAME,
     Manifest,
     ShardInfo,
@@ -128,15 +129,14 @@ class TrajectoryCache(L.LightningModule):
         when complete)."""
         count = 0
         for split, n in self.shards_per_split().items():
-            paths = [self.shard_path(split, k) for k in range(n)]
-            damaged = self.damaged(split)
-            count += sum(p.is_file() and p not in damaged for p in paths)
+            count += sum(self.shard_path(split, k).is_file() for k in range(n))
+            count -= len(self.damaged(split))
         return count
 
     def damaged(self, split: str) -> list[Path]:
         """The split's shard files cut or changed since they were written: a size other than
         the one the split's manifest records, or no tar end-of-archive marker."""
-        manifest_path = self.out_dir / split / "manifest.json"
+        manifest_path = self.out_dir / split / MANIFEST_NAME
         recorded = {}
         if manifest_path.is_file():
             recorded = {s.name: s.bytes for s in Manifest.load(manifest_path).shards}
@@ -306,7 +306,7 @@ class TrajectoryCache(L.LightningModule):
             fingerprint=hashlib.sha256(json.dumps(self.settings()).encode()).hexdigest()[:16],
             meta={**self.settings(), "field": TRAJECTORY_FIELD, "split": split},
         )
-        manifest.save(self.out_dir / split / "manifest.json")
+        manifest.save(self.out_dir / split / MANIFEST_NAME)
 
 
 def _fingerprint(model: nn.Module) -> str:
