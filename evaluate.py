@@ -1,4 +1,4 @@
-"""Sweep sampler schedules into FID-versus-latency Pareto fronts (DESIGN.md, "Measuring").
+"""Sweep sampler schedules into FID-versus-latency Pareto fronts (README, "Evaluating").
 
     python evaluate.py experiment=demo_sweep          # CPU, no downloads, shipped models
     python evaluate.py experiment=demo_sweep fid.num_images=5000 name=demo_sweep_5k

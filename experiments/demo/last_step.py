@@ -3,7 +3,7 @@
 Reads a sweep's results.json (5,000 images per schedule, made by the command in
 experiments/README.md) and prints, for the schedules of that run: FID, reference error and
 latency side by side with their Euler-last-step variants (the last H or R step swapped for one
-E step, or an E step added), then DESIGN.md's acceleration ratio at matched FID and at matched
+E step, or an E step added), then the acceleration ratio at matched FID and at matched
 reference error for FlowTurbo against Heun and against Heun with an Euler last step, eager with
 eager and compiled with compiled.
 

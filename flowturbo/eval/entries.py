@@ -1,9 +1,10 @@
 """What a sweep or a generation job samples with: an *entry*, a schedule or a baseline solver.
 
-An entry is written as a schedule (``"H2P4R3"``, DESIGN.md) or ``"<solver>:<steps>"``
-(``"euler:16"``, ``"midpoint:8"``, ``"multistep:16"``; ``"heun:8"`` is the schedule ``"H8"``).
-Its family (``"heun"``, ``"flowturbo"``, ...) groups it in tables and plots and is derived from
-the entry alone, so summaries of old row files classify them as the current code does.
+An entry is written as a schedule (``"H2P4R3"``, see :mod:`flowturbo.sampling`) or
+``"<solver>:<steps>"`` (``"euler:16"``, ``"midpoint:8"``, ``"multistep:16"``; ``"heun:8"`` is
+the schedule ``"H8"``). Its family (``"heun"``, ``"flowturbo"``, ...) groups it in tables and
+plots and is derived from the entry alone, so summaries of old row files classify them as the
+current code does.
 """
 
 from __future__ import annotations

@@ -75,9 +75,9 @@ def acceleration_ratios(
 
     For every row of the ``baseline`` family (e.g. Heun-k), the candidate-family row with the
     lowest latency among those whose ``quality_key`` is <= the baseline's is its match, and
-    ``ratio = 1 - latency(match) / latency(baseline)`` (DESIGN.md, "Measuring"). A baseline row
-    without a match (or without quality/latency values) is kept with ``ratio`` None and a
-    ``note`` saying why.
+    ``ratio = 1 - latency(match) / latency(baseline)`` (the paper's acceleration ratio at
+    matched quality). A baseline row without a match (or without quality/latency values) is
+    kept with ``ratio`` None and a ``note`` saying why.
 
     Args:
         rows: Result rows with a ``"sampler"`` family field.

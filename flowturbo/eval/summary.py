@@ -5,7 +5,7 @@ entry, whichever job wrote it) and writes, atomically, into ``out_dir``:
 
 - ``results.json`` / ``results.csv``: one flat row per entry (:func:`flat_row`);
 - ``pareto.png``: FID against ms/img, eager and compiled panels, each with its front;
-- ``acceleration.json``: for every Heun row (DESIGN.md's ratio) and every row of the baseline
+- ``acceleration.json``: for every Heun row (the paper's ratio) and every row of the baseline
   solvers in the sweep (Euler, midpoint, multistep), the fastest FlowTurbo (and
   pseudo-corrector) row whose FID (or error to the reference solution) is no worse, eager
   against eager and compiled against compiled (:func:`acceleration_tables`).
@@ -43,7 +43,7 @@ QUALITY_SETTINGS = (
     "reference", "ref_error_images",
 )  # fmt: skip
 LIKE_FOR_LIKE = (*QUALITY_SETTINGS, "batch", "device", "machine")
-#: Families FlowTurbo is compared with: Heun (DESIGN.md's ratio, as in the paper), then the
+#: Families FlowTurbo is compared with: Heun (the paper's ratio), then the
 #: baseline solvers a sweep may hold, which can be stronger than Heun on some models.
 BASELINE_FAMILIES = ("heun", "heun_euler", "euler", "midpoint", "multistep")
 #: How the text summary names each baseline family.

@@ -69,7 +69,7 @@ def sample_step_sizes(t: Tensor, dt_max: float, u: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class RefinerBatch:
-    """One batch of refiner training examples (DESIGN.md, "Training the refiner").
+    """One batch of refiner training examples.
 
     The refiner sees (x, t, v) and must predict ``target`` = V(x, t) - v.
 

@@ -86,7 +86,7 @@ Target = Literal["interpolant", "trajectory"]
 
 
 class RefinerModule(L.LightningModule):
-    """Trains ``refiner`` to predict the change of a frozen base's velocity (DESIGN.md).
+    """Trains ``refiner`` to predict the change of a frozen base's velocity.
 
     ``target="interpolant"`` (batches ``(x1, y)`` of data): x_t on the path, v = V(x_t, t),
     dt in (0, dt_max], x' = x_t + dt v; the refiner sees (x', t + dt, v) and predicts

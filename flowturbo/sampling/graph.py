@@ -1,6 +1,6 @@
 """The whole sampler as one static program: compiled networks and, on a GPU, one CUDA graph.
 
-FlowTurbo's sample-aware compilation (DESIGN.md): the schedule is fixed before sampling starts,
+FlowTurbo's sample-aware compilation: the schedule is fixed before sampling starts,
 so for a given batch shape, dtype, device and guidance the complete loop (every H, P and R step,
 guidance, an optional decode) is the same sequence of kernels every call. A
 :class:`CompiledSampler` compiles the networks once with torch.compile (inductor, without CUDA

@@ -142,7 +142,7 @@ def sample(
     """Samples with a FlowTurbo schedule (Zhao et al., "FlowTurbo", NeurIPS 2024).
 
     Integrates dx/dt = v(x, t) from ``noise`` at t = 0 towards data at t = 1 with the steps of
-    ``schedule`` (E Euler, H Heun, P pseudo corrector, R refiner; DESIGN.md, "Schedules").
+    ``schedule`` (E Euler, H Heun, P pseudo corrector, R refiner).
 
     Args:
         model: base velocity, ``model(x, t, **model_kwargs) -> v``, ``t`` of shape (B,).

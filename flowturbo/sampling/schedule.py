@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-#: Step letters a schedule string may use (DESIGN.md, "Schedules").
+#: Step letters a schedule string may use (what each step computes: :mod:`flowturbo.sampling`).
 SCHEDULE_LETTERS = {
     "E": "Euler: one base evaluation",
     "H": "Heun: two base evaluations",

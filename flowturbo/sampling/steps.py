@@ -4,7 +4,7 @@
 ``c`` the cached velocity (None before the first step), ``tp`` the previous grid time (used by the
 multistep method), ``t0``/``t1`` 0-dim time tensors, ``kw`` the model keyword arguments. The
 functions are plain tensor code so that each can be compiled once and reused for every step of its
-kind (DESIGN.md, "Sample-aware compilation").
+kind (FlowTurbo's sample-aware compilation).
 """
 
 from __future__ import annotations
