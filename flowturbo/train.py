@@ -46,6 +46,15 @@ def make_loggers(cfg: DictConfig) -> list:
     return loggers
 
 
+def make_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    """The configured callbacks (``cfg.callbacks``; null entries dropped) and, always,
+    :class:`~flowturbo.lit.callbacks.SeedEachRank`."""
+    from flowturbo.lit.callbacks import SeedEachRank
+
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    return [*callbacks, SeedEachRank(cfg.seed)]
+
+
 def wandb_run_id(cfg: DictConfig) -> str:
     """The W&B run id of this training run: the one in ``ckpt_dir/wandb_id`` when the run
     resumes from ``last.ckpt``, else a new one, written there (by rank 0) for later resumes."""
@@ -114,8 +123,7 @@ def train(cfg: DictConfig) -> dict:
     ckpt_path = resume_path(cfg)
     if ckpt_path is not None:
         check_resumable(ckpt_path, module)
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=make_loggers(cfg))
+    trainer = instantiate(cfg.trainer, callbacks=make_callbacks(cfg), logger=make_loggers(cfg))
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     if not trainer.callback_metrics:  # resumed a finished run: nothing trained, nothing measured
         trainer.validate(module, datamodule=datamodule, verbose=False)

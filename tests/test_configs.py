@@ -283,6 +283,18 @@ def test_demo_base_then_demo_refiner_run_end_to_end(tmp_path, monkeypatch):
     assert torch.load(base_file, weights_only=False)["step"] == 5
 
 
+@pytest.mark.parametrize("callbacks", [[], ["~callbacks"]])
+def test_training_always_seeds_each_rank(tmp_path, callbacks):
+    """Without SeedEachRank every DDP rank would draw the same noise (tests/test_data.py)."""
+    from flowturbo.lit.callbacks import SeedEachRank
+    from flowturbo.train import make_callbacks
+
+    cfg = cfg_for(["experiment=demo_refiner", "seed=7", *callbacks], tmp_path)
+    made = make_callbacks(cfg)
+    assert len(made) == len(cfg.get("callbacks") or {}) + 1
+    assert isinstance(made[-1], SeedEachRank) and made[-1].seed == 7
+
+
 def test_a_resumed_run_continues_its_wandb_run(tmp_path):
     """A requeued or rerun job logs into the same W&B run (ECOSYSTEM.md: pin the id)."""
     from omegaconf import OmegaConf

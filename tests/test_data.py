@@ -29,6 +29,7 @@ from flowturbo.data import (
     write_sample_shards,
 )
 from flowturbo.data.datamodule import SampleDecoder
+from flowturbo.lit.callbacks import SeedEachRank
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -365,18 +366,21 @@ def test_rgb_image_shards_resize_and_flip(tmp_path):
 
 
 class _Recorder(L.LightningModule):
-    """Records the labels (= sample ids) each rank trains and validates on, to a file."""
+    """Records the labels (= sample ids) each rank trains and validates on, and one draw of
+    torch's generator per training step (as noise would be drawn), to a file."""
 
     def __init__(self, out_dir: str):
         super().__init__()
         self.out_dir = out_dir
         self.w = torch.nn.Parameter(torch.zeros(1))
         self.train_ids: list[list[int]] = []
+        self.draws: list[float] = []
         self.val_ids: list[int] = []
 
     def training_step(self, batch, batch_idx):
         x, y = batch
         self.train_ids.append(y.tolist())
+        self.draws.append(torch.rand(()).item())
         return (self.w * x.mean()).sum() + self.w.pow(2).sum()
 
     def on_validation_epoch_start(self):
@@ -390,6 +394,7 @@ class _Recorder(L.LightningModule):
             "rank": self.global_rank,
             "world": self.trainer.world_size,
             "train": self.train_ids,
+            "draws": self.draws,
             "val": self.val_ids,
         }
         Path(self.out_dir, f"rank{self.global_rank}.json").write_text(json.dumps(record))
@@ -423,14 +428,56 @@ def test_ddp_spawn_two_ranks_equal_batches_exact_validation(tmp_path):
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        callbacks=[SeedEachRank(0)],  # as train.py adds it
     )
     trainer.fit(_Recorder(str(tmp_path)), datamodule=dm)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["world"] for r in ranks] == [2, 2]
     assert [len(r["train"]) for r in ranks] == [6, 6]  # 2 epochs x 3 batches on each rank
     assert ranks[0]["train"] != ranks[1]["train"]  # ranks draw different streams
+    assert ranks[0]["draws"] != ranks[1]["draws"]  # and different noise for them
     val0, val1 = ranks[0]["val"], ranks[1]["val"]
     assert not set(val0) & set(val1) and sorted(val0 + val1) == list(range(n_val))
+
+
+def test_a_run_resumed_mid_epoch_draws_new_batches_and_noise(tmp_path):
+    """Lightning restores the loader's state from the checkpoint: a run resumed at step 2 of a
+    4-step epoch must not replay the epoch's first batches, nor the noise of step 0."""
+    _id_shards(tmp_path / "train", 60, 10)
+
+    def fit(ckpt_path=None):
+        dm = ShardDataModule(
+            train_shards=str(tmp_path / "train"),
+            channels=1,
+            batch_size=4,
+            steps_per_epoch=4,
+            shuffle_buffer=8,
+        )
+        torch.manual_seed(0)
+        module = _Recorder(str(tmp_path))
+        ckpt = L.pytorch.callbacks.ModelCheckpoint(
+            tmp_path / "ckpt", "{step}", save_top_k=-1, every_n_train_steps=2
+        )
+        L.Trainer(
+            accelerator="cpu",
+            max_steps=4,
+            logger=False,
+            callbacks=[ckpt, SeedEachRank(0)],
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp_path,
+        ).fit(module, datamodule=dm, ckpt_path=ckpt_path)
+        return module
+
+    first = fit()
+    state = torch.load(tmp_path / "ckpt" / "step=2.ckpt", weights_only=False)
+    assert state["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"delivered": 2}]
+    resumed = fit(str(tmp_path / "ckpt" / "step=2.ckpt"))
+    assert len(first.train_ids) == 4 and len(resumed.train_ids) == 2
+    assert resumed.train_ids != first.train_ids[:2]
+    assert resumed.draws != first.draws[:2]
+    again = fit(str(tmp_path / "ckpt" / "step=2.ckpt"))
+    assert again.train_ids == resumed.train_ids and again.draws == resumed.draws  # reproducible
 
 
 # ----------------------------------------------------------------------------- latents

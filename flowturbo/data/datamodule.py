@@ -6,7 +6,11 @@ decoded and batched with ``partial=False``; the loader is ``wds.WebLoader(batch_
 with ``.with_epoch(steps_per_epoch)``, so every rank yields exactly ``steps_per_epoch`` batches
 per epoch (unequal counts would hang DDP). The epoch in the seed starts at the trainer's
 ``current_epoch`` (a resumed run does not replay epoch 0) and advances inside each worker,
-which is why workers are persistent. Ranks need no shard split: their RNGs differ.
+which is why workers are persistent. Ranks need no shard split: their RNGs differ. A
+checkpoint records how many batches the loader had delivered (Lightning saves and restores
+:meth:`ShardLoader.state_dict`); a run resumed mid-epoch adds that count to the seed, so it
+draws new batches instead of replaying the epoch's first ones (it is not the stream an
+uninterrupted run would have drawn).
 
 **Validation**: one exact pass, no resampling, no shuffling. When the shard count is a multiple
 of ``world_size``, rank r reads shards r, r + world_size, ...; otherwise every rank reads every
@@ -274,7 +278,8 @@ def collate(
 # ----------------------------------------------------------------------------- the stream
 
 
-def _seed(*parts: int) -> int:
+def mix_seed(*parts: int) -> int:
+    """One 32-bit seed from several integers (a base seed, a rank, a worker, an epoch...)."""
     return int(np.random.SeedSequence([p % 2**32 for p in parts]).generate_state(1)[0])
 
 
@@ -295,6 +300,7 @@ class ShardStream(IterableDataset):
         world_size: Number of ranks.
         seed: Base seed (training).
         epoch: Epoch of the first pass; later passes count up from it.
+        resumed_at: Batches delivered before a resume (0: a fresh run), part of the seed.
         shuffle_buffer: Training shuffle buffer size; <= 1 disables it.
         max_consecutive_skips: Raise after this many unreadable samples in a row.
     """
@@ -310,6 +316,7 @@ class ShardStream(IterableDataset):
         world_size: int = 1,
         seed: int = 0,
         epoch: int = 0,
+        resumed_at: int = 0,
         shuffle_buffer: int = 1000,
         max_consecutive_skips: int = 1000,
     ):
@@ -321,12 +328,14 @@ class ShardStream(IterableDataset):
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle_buffer, self.max_consecutive_skips = shuffle_buffer, max_consecutive_skips
         self.epoch = epoch - 1  # advanced at the start of every pass
+        self.resumed_at = resumed_at
 
     def __iter__(self) -> Iterator[_WorkerBatch]:
         self.epoch += 1
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        rng = random.Random(_seed(self.seed, self.rank, worker, self.epoch))
+        resume = (self.resumed_at,) if self.resumed_at else ()  # a fresh run's seeds as before
+        rng = random.Random(mix_seed(self.seed, self.rank, worker, self.epoch, *resume))
         handler = _SkipHandler(
             self.max_consecutive_skips, shard_limit=max(100, 10 * len(self.urls))
         )
@@ -406,7 +415,8 @@ class ShardLoader:
     endless) and ``len()`` is defined; with ``limit`` a finite pass stops after ``limit``
     batches. Workers are persistent (their stream's epoch counter survives between epochs);
     ``mp_context`` is their start method (None: the process default). :meth:`close` stops
-    them.
+    them. :meth:`state_dict` / :meth:`load_state_dict` are what Lightning saves in a checkpoint
+    and restores on resume: the batches delivered so far, so that a resumed stream differs.
     """
 
     def __init__(
@@ -420,7 +430,9 @@ class ShardLoader:
         limit: int | None = None,
         mp_context: str | None = None,
     ):
-        self.counter, self.epoch_batches, self.limit = counter, epoch_batches, limit
+        self.stream, self.counter = stream, counter
+        self.epoch_batches, self.limit = epoch_batches, limit
+        self.delivered = stream.resumed_at
         kwargs: dict[str, Any] = {}
         if num_workers > 0:
             kwargs = {"persistent_workers": True, "multiprocessing_context": mp_context}
@@ -432,10 +444,18 @@ class ShardLoader:
         self.loader = loader.with_epoch(epoch_batches) if epoch_batches is not None else loader
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        if self.limit is None:
-            yield from self.loader
-        else:
-            yield from islice(self.loader, self.limit)
+        batches = self.loader if self.limit is None else islice(self.loader, self.limit)
+        for batch in batches:
+            self.delivered += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        """What a checkpoint keeps: the number of batches delivered (prefetched ones included)."""
+        return {"delivered": self.delivered}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Resume: seed the stream with the checkpoint's count (before its workers start)."""
+        self.delivered = self.stream.resumed_at = int(state["delivered"])
 
     def __len__(self) -> int:
         if self.epoch_batches is not None:

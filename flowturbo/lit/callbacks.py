@@ -11,6 +11,8 @@ from typing import Any
 import lightning as L
 import torch
 
+from flowturbo.data.datamodule import mix_seed
+
 log = logging.getLogger(__name__)
 
 
@@ -33,6 +35,27 @@ class LogSkippedSamples(L.Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self._log(trainer, module)
+
+
+class SeedEachRank(L.Callback):
+    """Seeds each rank's training draws (noise, times, dropped labels) by its rank and step.
+
+    ``seed_everything`` gives every process the same seed, so without this every rank of a DDP
+    run draws the same noise and times for its different images, and a resumed run draws the
+    noise of step 0 again. When fitting starts, torch's generators are seeded with (seed, global
+    rank, global step). Rank 0 of a fresh run keeps the stream ``seed_everything`` gave it, so
+    single-process runs are as before. ``train.py`` always adds it.
+
+    Args:
+        seed: the run's seed (``cfg.seed``).
+    """
+
+    def __init__(self, seed: int):
+        self.seed = int(seed)
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if trainer.global_rank or trainer.global_step:
+            torch.manual_seed(mix_seed(self.seed, trainer.global_rank, trainer.global_step))
 
 
 class CheckpointOnSignal(L.Callback):
