@@ -85,7 +85,14 @@ def check_resumable(path: str, module: L.LightningModule) -> None:
     before Lightning's load fails with every key listed."""
     import torch
 
-    ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    try:
+        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as exn:  # truncated zip, not a torch file, unpickling errors
+        raise ValueError(
+            f"{path} cannot be read as a checkpoint ({type(exn).__name__}: {exn}); it was "
+            "probably cut off while being written. Delete it to start this run over, or rerun "
+            "with resume=false (which also starts over)"
+        ) from exn
     theirs = {k: tuple(v.shape) for k, v in ckpt.get("state_dict", {}).items()}
     ours = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     missing, unexpected = sorted(ours.keys() - theirs.keys()), sorted(theirs.keys() - ours.keys())

@@ -219,6 +219,15 @@ def test_resolve_shards_accepts_a_hydra_list(tmp_path):
     assert resolve_shards(tuple(paths)) == paths
 
 
+def test_a_damaged_manifest_is_named(tmp_path):
+    _id_shards(tmp_path / "set", 4, 2)
+    (tmp_path / "set" / "manifest.json").write_text('{"kind": "image", "shard')
+    with pytest.raises(ValueError, match=r"set/manifest.json is not a shard-set manifest"):
+        Manifest.load(tmp_path / "set")
+    with pytest.raises(ValueError, match="write the folder again"):
+        resolve_shards(str(tmp_path / "set"))
+
+
 def test_truncated_shard_in_a_manifest_set_is_refused(tmp_path):
     _id_shards(tmp_path, 30, 10)
     shard = tmp_path / "shard-000001.tar"

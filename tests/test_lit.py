@@ -135,6 +135,22 @@ def test_a_checkpoint_mid_run_holds_the_ema_of_its_step(tmp_path, base_file, kin
         torch.testing.assert_close(ema[name], value, rtol=0, atol=0)
 
 
+def test_a_damaged_last_checkpoint_is_named_with_what_to_do(tmp_path, base_file):
+    """A job killed while saving can leave last.ckpt cut off; every requeue would then crash."""
+    from flowturbo.train import check_resumable
+
+    module = refiner_module(base_file)
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer(tmp_path, 2, callbacks=[ckpt], limit_val_batches=0).fit(module, loader())
+    last = tmp_path / "ckpt" / "last.ckpt"
+    check_resumable(str(last), module)  # whole: accepted
+    last.write_bytes(last.read_bytes()[:5000])
+    with pytest.raises(ValueError, match=r"last.ckpt cannot be read .* rerun with resume=false"):
+        check_resumable(str(last), module)
+    with pytest.raises(ValueError, match=r"model.label_dropout must be in \[0, 1\], got 2.0"):
+        refiner_module(base_file, label_dropout=2.0)
+
+
 def test_missing_or_wrong_base_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="model.base.path"):
         load_frozen_base(str(tmp_path / "nope.pt"))

@@ -605,6 +605,17 @@ def test_guidance_names_misshaped_labels() -> None:
         cfg(x, t, y=torch.tensor([[0], [1]]))
 
 
+def test_to_uint8_refuses_images_that_are_not_finite() -> None:
+    """NaN clamps to 0: a NaN checkpoint would give black images and report success."""
+    from flowturbo.sampling import to_uint8
+
+    images = torch.zeros(4, 3, 2, 2)
+    images[1, 0, 0, 0], images[3, 2, 1, 1] = float("nan"), float("inf")
+    with pytest.raises(ValueError, match="2 of 4 images hold NaN or infinite values"):
+        to_uint8(images)
+    assert to_uint8(torch.tensor([-2.0, 0.0, 1.0])).tolist() == [0, 128, 255]
+
+
 def test_from_uint8_refuses_float_images() -> None:
     from flowturbo.sampling import from_uint8
 

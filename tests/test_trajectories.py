@@ -247,6 +247,7 @@ def test_a_run_that_wrote_no_shard_does_not_lock_the_folder(base_file, tmp_path,
     "override, message",
     [
         ("cache.batch_size=0", "batch_size must be >= 1, got 0"),
+        ("cache.label_dropout=1.5", r"label_dropout must be in \[0, 1\], got 1.5"),
         ("cache.shape=[3,8,8]", r"cache.shape=\[3, 8, 8\] .* takes \[1, 8, 8\]"),
         ("cache.num_classes=5", "cache.num_classes=5 differs from the base's num_classes=3"),
     ],

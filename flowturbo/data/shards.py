@@ -180,8 +180,15 @@ class Manifest:
         path = Path(path)
         if path.is_dir():
             path = path / MANIFEST_NAME
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
+        try:
+            with open(path) as f:
+                return cls.from_dict(json.load(f))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exn:
+            raise ValueError(
+                f"{path} is not a shard-set manifest ({type(exn).__name__}: {exn}); it is "
+                "written by flowturbo's shard writers (and cache_trajectories.py): write the "
+                "folder again (resume=False), or restore the file"
+            ) from exn
 
     def shard_paths(self, root: str | os.PathLike) -> list[Path]:
         """Paths of the non-empty shards under ``root`` (the manifest's folder)."""

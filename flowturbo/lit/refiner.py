@@ -127,6 +127,8 @@ class RefinerModule(L.LightningModule):
             raise ValueError(f"target must be 'interpolant' or 'trajectory', got {target!r}")
         if target == "interpolant" and base is None:
             raise ValueError("interpolant targets need the frozen base: set model.base")
+        if not 0 <= label_dropout <= 1:
+            raise ValueError(f"model.label_dropout must be in [0, 1], got {label_dropout}")
         self.save_hyperparameters(ignore=["refiner", "base", "optimizer"])
         self.refiner = refiner
         self.ema = ema_copy(refiner, ema_decay)

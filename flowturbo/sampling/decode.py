@@ -68,5 +68,18 @@ def from_uint8(images: Tensor) -> Tensor:
 
 
 def to_uint8(images: Tensor) -> Tensor:
-    """Quantises images in [-1, 1] to uint8 in [0, 255] (clamped, rounded). Shape unchanged."""
+    """Quantises images in [-1, 1] to uint8 in [0, 255] (clamped, rounded). Shape unchanged.
+
+    Raises:
+        ValueError: the images hold NaN or infinite values, which would quantise to black
+            pixels without a word (a checkpoint with NaN weights, or a sampler that overflowed).
+    """
+    finite = torch.isfinite(images)
+    if not bool(finite.all()):
+        bad = int((~finite).flatten(1).any(1).sum()) if images.dim() > 1 else 1
+        raise ValueError(
+            f"{bad} of {len(images)} images hold NaN or infinite values: the networks' outputs "
+            "are not finite. Check that the checkpoints hold finite weights, and sample in "
+            "float32 (sampler.dtype=float32) if float16 overflowed"
+        )
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
