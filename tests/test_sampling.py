@@ -605,6 +605,16 @@ def test_guidance_names_misshaped_labels() -> None:
         cfg(x, t, y=torch.tensor([[0], [1]]))
 
 
+@pytest.mark.parametrize("shape", [(4, 1, 1, 1), (1, 3, 8, 8), (3, 8, 8), (4, 1, 8, 8)])
+def test_a_velocity_that_would_broadcast_into_x_is_refused(shape) -> None:
+    def v(x, t):
+        return torch.ones(shape)
+
+    for schedule in ("E2", "H2", "H1P1"):
+        with pytest.raises(ValueError, match=r"velocity of shape .* x of shape \(4, 3, 8, 8\)"):
+            sample(v, torch.randn(4, 3, 8, 8), schedule)
+
+
 def test_to_uint8_refuses_images_that_are_not_finite() -> None:
     """NaN clamps to 0: a NaN checkpoint would give black images and report success."""
     from flowturbo.sampling import to_uint8

@@ -110,6 +110,11 @@ def integrate(
     bar = tqdm(total=n, desc=desc, disable=not progress, leave=False)
 
     def after_step(k: int, x: Tensor, c: Tensor) -> None:
+        if k == 0 and c is not None and c.shape != x.shape:  # it would broadcast into x
+            raise ValueError(
+                f"the model returned a velocity of shape {tuple(c.shape)} for x of shape "
+                f"{tuple(x.shape)}: model(x, t, **kwargs) must return a tensor shaped like x"
+            )
         b, r = STEP_COST[kinds[k][0]]
         nfe[0], nfe[1] = nfe[0] + b, nfe[1] + r
         bar.update()
