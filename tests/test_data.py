@@ -67,10 +67,12 @@ def _image_folder(root: Path) -> dict[str, tuple[int, str]]:
     return expected
 
 
-def test_image_shards_round_trip_skips_and_resume(tmp_path):
+def test_image_shards_round_trip_skips_and_resume(tmp_path, caplog):
     root, out = tmp_path / "folder", tmp_path / "shards"
     expected = _image_folder(root)
+    (root / "stray.png").write_bytes(b"")  # outside the class folders
     manifest = write_image_shards(root, out, shard_size=8, workers=2, progress=False)
+    assert "left out 2 file(s)" in caplog.text and "cat/notes.txt, stray.png" in caplog.text
 
     # 31 image files -> 4 shards; the corrupt one is skipped, counted and named
     assert [s.count for s in manifest.shards] == [8, 8, 7, 7]  # broken.JPEG sorts into shard 2

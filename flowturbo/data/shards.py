@@ -499,7 +499,8 @@ def scan_image_folder(root: str | os.PathLike) -> tuple[list[str], list[tuple[st
     """List an ImageFolder tree ``root/<class_dir>/**/<image>`` as torchvision does.
 
     Class index = position in the sorted class-folder names; files are those with an
-    :data:`IMG_EXTENSIONS` suffix (case-insensitive), sorted; other files are ignored.
+    :data:`IMG_EXTENSIONS` suffix (case-insensitive), sorted; other files, and files directly
+    under ``root``, are left out with a warning that counts them and names a few.
 
     Returns:
         (classes, [(path relative to root, class index), ...]).
@@ -510,13 +511,25 @@ def scan_image_folder(root: str | os.PathLike) -> tuple[list[str], list[tuple[st
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
     if not classes:
         raise FileNotFoundError(f"{root} has no class folders (expected root/<class>/<image>)")
-    files = []
+    files, left_out = [], [e.name for e in os.scandir(root) if e.is_file()]
     for index, name in enumerate(classes):
         for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
             dirnames.sort()
             for fname in sorted(filenames):
+                rel = os.path.relpath(os.path.join(dirpath, fname), root)
                 if fname.lower().endswith(IMG_EXTENSIONS):
-                    files.append((os.path.relpath(os.path.join(dirpath, fname), root), index))
+                    files.append((rel, index))
+                else:
+                    left_out.append(rel)
+    if left_out:
+        log.warning(
+            "%s: left out %d file(s) that are not images in a class folder (suffixes %s); "
+            "first: %s",
+            root,
+            len(left_out),
+            ", ".join(IMG_EXTENSIONS),
+            ", ".join(sorted(left_out)[:3]),
+        )
     return classes, files
 
 
