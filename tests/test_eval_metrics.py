@@ -365,6 +365,109 @@ def test_fid_refuses_unusable_inputs_naming_them(tiny_weights, tmp_path):
         load_reference(str(rgba))
 
 
+class Payload:
+    """Pickles as a call of ``os.makedirs(path)``: what an untrusted file could run on loading."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (os.makedirs, (self.path,))
+
+
+def test_bad_reference_files_are_errors_naming_the_file_and_the_format(tmp_path):
+    import numpy as np
+
+    from flowturbo.eval.fidelity import load_reference
+
+    text = tmp_path / "text.npz"
+    text.write_text("mu sigma\n")
+    with pytest.raises(ValueError, match=r"text\.npz is not an \.npz archive .* with arr_0"):
+        load_reference(str(text))  # was numpy's "allow_pickle" error
+    np.savez(tmp_path / "whole.npz", arr_0=blobs(8, 0)[:, 0].numpy())
+    cut = tmp_path / "cut.npz"
+    cut.write_bytes((tmp_path / "whole.npz").read_bytes()[:-200])
+    with pytest.raises(ValueError, match=r"cut\.npz is not an \.npz archive .*truncated"):
+        load_reference(str(cut))  # was zipfile.BadZipFile
+    np.savez(tmp_path / "other.npz", images=np.zeros(3))
+    with pytest.raises(ValueError, match=r"neither arr_0 .* its arrays: images"):
+        load_reference(str(tmp_path / "other.npz"))
+
+    bad_pt = tmp_path / "stats.pt"
+    bad_pt.write_bytes(b"\x80\x02not a pickle")
+    with pytest.raises(ValueError, match=r"stats\.pt could not be read as a torch-fidelity stat"):
+        load_reference(str(bad_pt))  # was an UnpicklingError
+    marker = tmp_path / "ran"
+    torch.save({"mu": np.zeros(4), "sigma": np.eye(4), "x": Payload(marker)}, bad_pt)
+    with pytest.raises(ValueError, match="weights_only=True"):
+        load_reference(str(bad_pt))
+    assert not marker.exists()  # read with weights_only=False, the file ran os.makedirs
+
+    # torch-fidelity's own statistics (NumPy arrays) still load, as float32 / float64
+    good = tmp_path / "good.pt"
+    torch.save({"mu": np.ones(4, np.float32), "sigma": np.eye(4)}, good)
+    ref = load_reference(str(good))
+    assert ref.is_statistics and ref.mu.dtype == np.float32 and ref.sigma.dtype == np.float64
+    torch.save({"mu": np.ones(4), "sigma": np.eye(3)}, good)
+    with pytest.raises(ValueError, match=r"good\.pt: statistics must be mu \(D,\)"):
+        load_reference(str(good))
+
+
+def _png(path, image):
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image.numpy()).save(path)
+    return path
+
+
+def test_reference_folders_skip_and_count_unreadable_images(tmp_path, caplog, monkeypatch):
+    from flowturbo.eval.fidelity import ImageFolderImages, load_reference
+
+    folder = tmp_path / "ref"
+    images = blobs(5, 0)[:, 0]  # (5, 32, 32)
+    for i, image in enumerate(images):
+        _png(folder / f"{i}.png", image)
+    (folder / "garbage.png").write_text("not an image")
+    whole = _png(tmp_path / "whole.png", images[0]).read_bytes()
+    (folder / "sub").mkdir()
+    (folder / "sub" / "cut.png").write_bytes(whole[: len(whole) // 2])
+    with caplog.at_level("WARNING"):
+        ref = load_reference(str(folder))  # was a PIL.UnidentifiedImageError, later
+    assert len(ref) == 5 and ref.skipped == 2
+    assert "skipped 2 of 7 image files" in caplog.text and "garbage.png" in caplog.text
+    assert torch.equal(ref.images[3][0], images[3])
+    # the hash was computed while the files were checked: not read again, and the same
+    expected = content_hash([ref.images[i] for i in range(5)])
+    read, get = [], ImageFolderImages.__getitem__
+    monkeypatch.setattr(ImageFolderImages, "__getitem__", lambda s, i: read.append(i) or get(s, i))
+    assert content_hash(ref.images) == expected and read == []
+
+    _png(folder / "odd.png", blobs(1, 1)[0, 0, :28])  # 28 x 32
+    with pytest.raises(ValueError, match=r"odd\.png is 28 x 32, but \S+0\.png is 32 x 32"):
+        load_reference(str(folder))  # was torch.stack's "equal size"
+    for file in folder.rglob("*.png"):
+        file.write_text("")
+    with pytest.raises(FileNotFoundError, match="none of the 8 image files .* could be read"):
+        load_reference(str(folder))
+
+
+def test_extractors_are_checked_with_one_tiny_image(tiny_weights, tmp_path):
+    from flowturbo.eval.fidelity import check_extractor, check_registered
+
+    assert check_extractor(EXTRACTOR_NAME, tiny_weights) == 16  # its FID feature width
+    with pytest.raises(ValueError, match="no feature extractor named 'inception': use 'incep"):
+        check_registered("inception")
+    torch.save({"model": {}}, tmp_path / "base.pt")
+    with pytest.raises(ValueError, match=r"could not be built from the weights file .*base"):
+        check_extractor(EXTRACTOR_NAME, tmp_path / "base.pt")
+    marker = tmp_path / "ran"
+    torch.save({"fc.weight": Payload(marker)}, tmp_path / "inception.pth")
+    with pytest.raises(ValueError, match="could not be read as InceptionV3 weights"):
+        check_extractor("inception-v3-compat", tmp_path / "inception.pth")
+    assert not marker.exists()  # torch-fidelity reads the file with weights_only=False
+
+
 def test_fid_against_statistics_reads_the_generated_images_once(
     tiny_weights, tmp_path, monkeypatch
 ):

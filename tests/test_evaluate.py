@@ -193,6 +193,99 @@ def test_bad_numbers_are_refused_before_any_model_is_loaded(
         sweep.run_sweep(tiny(assets, tmp_path, *overrides))
 
 
+def _file(path, text="not what it should be\n"):
+    path.write_text(text)
+    return path
+
+
+def _npz(path, **arrays):
+    np.savez(path, **arrays)
+    return path
+
+
+#: A bad FID setting: (overrides from the assets and a folder, error, what it must say).
+BAD_FID = {
+    "unregistered extractor": (
+        lambda a, d: ["fid.extractor=inception"],
+        ValueError,
+        r"fid\.extractor=inception: torch-fidelity has no feature extractor named 'inception'",
+    ),
+    "missing InceptionV3 weights": (
+        lambda a, d: ["fid.extractor=inception-v3-compat", f"+fid.inception_weights={d}/no.pth"],
+        FileNotFoundError,
+        r"fid\.inception_weights=\S+no\.pth: InceptionV3 weights not found",
+    ),
+    "corrupt InceptionV3 weights": (
+        lambda a, d: [
+            "fid.extractor=inception-v3-compat",
+            f"+fid.inception_weights={_file(d / 'w.pth')}",
+        ],
+        ValueError,
+        r"fid\.inception_weights=\S+w\.pth: \S+ could not be read as InceptionV3 weights",
+    ),
+    "wrong extractor weights": (
+        lambda a, d: [f"fid.weights={a / 'base.pt'}"],
+        ValueError,
+        r"fid\.weights=\S+base\.pt: feature extractor 'flowturbo-digits' could not be built",
+    ),
+    "reference images of the wrong size": (
+        lambda a, d: [f"fid.reference={_npz(d / 'r.npz', arr_0=np.zeros((8, 28, 28), np.uint8))}"],
+        ValueError,
+        r"fid\.reference=\S+r\.npz: the reference images are 28 x 28",
+    ),
+    "reference statistics of the wrong width": (
+        lambda a, d: [f"fid.reference={_npz(d / 's.npz', mu=np.zeros(8), sigma=np.eye(8))}"],
+        ValueError,
+        r"fid\.reference=\S+s\.npz: the reference statistics have 8 features, but feature "
+        r"extractor 'flowturbo-digits' gives 16",
+    ),
+    "a text file as the reference": (
+        lambda a, d: [f"fid.reference={_file(d / 'ref.npz')}"],
+        ValueError,
+        r"fid\.reference=\S+ref\.npz: \S+ is not an \.npz archive",
+    ),
+    "too few reference images for precision/recall": (
+        lambda a, d: [f"fid.reference={_npz(d / 'r.npz', arr_0=np.zeros((3, 32, 32), np.uint8))}"],
+        ValueError,
+        r"fid\.reference=\S+r\.npz: precision/recall need more than 3 reference images, it has "
+        r"3: give more or set fid\.prc=false",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FID))
+def test_bad_fid_settings_are_refused_before_any_image_is_generated(
+    assets, tmp_path, monkeypatch, case
+):
+    """Found after the images, a bad FID setting threw them away (50,000 for SiT-XL)."""
+    overrides, error, message = BAD_FID[case]
+
+    def load_networks(*args, **kwargs):
+        raise AssertionError("loaded the models (to generate) before checking the FID settings")
+
+    monkeypatch.setattr(sweep, "load_networks", load_networks)
+    with pytest.raises(error, match=message):
+        sweep.run_sweep(tiny(assets, tmp_path / "sweep", *overrides(assets, tmp_path)))
+
+
+def test_a_reference_folders_unreadable_images_are_counted_in_the_row(assets, tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "ref"
+    folder.mkdir()
+    for i, image in enumerate(load_reference(str(assets / "ref.npz")).images[:12, 0]):
+        Image.fromarray(image.numpy()).save(folder / f"{i:02d}.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    small = ["sweep.schedules=[H1]", "sweep.baselines.euler=[]", "fid.num_images=16"]
+    off = ["ref_error.num_images=0", "latency.eager=false", "grid.num_images=0"]
+    cfg = tiny(assets, tmp_path / "sweep", *small, *off, f"fid.reference={folder}")
+    (row,) = sweep.run_sweep(cfg)["rows"]  # was a PIL.UnidentifiedImageError after the images
+    assert row["fid"] is not None
+    stored = json.loads((tmp_path / "sweep" / "rows" / "H1.json").read_text())
+    quality = stored["parts"]["quality"]["result"]
+    assert quality["num_reference"] == 12 and quality["reference_skipped"] == 1
+
+
 def test_latency_settings_are_not_checked_when_no_latency_is_measured(assets, tmp_path):
     off = ["latency.eager=false", "latency.repeats=0", "latency.batch=0", "latency.warmup=-1"]
     small = ["sweep.schedules=[H1]", "sweep.baselines.euler=[]", "fid.num_images=16"]

@@ -16,7 +16,9 @@ reference or extractor never reuses stale statistics.
 References (:func:`load_reference`): the demo splits (``demo:train``), a folder of images, an
 ``.npz`` of images (ADM's reference batches) or of FID statistics ``mu``/``sigma``, or a
 torch-fidelity statistics file; against statistics (:func:`fid_against_statistics`) only FID
-and IS can be computed.
+and IS can be computed. :func:`check_extractor` and :func:`check_reference` check an extractor
+and a reference cheaply before any image is generated; a bad file is an error that names it
+and the format expected, and unreadable images of a reference folder are skipped and counted.
 
 Precision/recall follow torch-fidelity's convention: precision is the fraction of generated
 images inside the reference manifold, recall the fraction of reference images inside the
@@ -26,8 +28,10 @@ generated one (input1 = generated, input2 = reference).
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +41,8 @@ import torch
 import torch_fidelity
 from torch import Tensor
 from torch.utils.data import Dataset
+
+log = logging.getLogger(__name__)
 
 INCEPTION = "inception-v3-compat"
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -77,19 +83,24 @@ def content_hash(images: Tensor | Dataset) -> str:
 
     Args:
         images: A tensor (any shape; moved to the CPU), or a Dataset of tensors, hashed item
-            by item (reads every item once).
+            by item (reads every item once), then their number. A Dataset that already knows
+            this hash (``content_sha256``, as :class:`ImageFolderImages` computes it while it
+            checks its files) is not read again.
 
     Returns:
         64 hex digits; equal for equal contents, different when any pixel, the shape or the
         dtype differs.
     """
+    known = getattr(images, "content_sha256", None)
+    if known is not None:
+        return known
     h = hashlib.sha256()
     if torch.is_tensor(images):
         _update(h, images)
     else:
-        h.update(f"dataset:{len(images)};".encode())
         for i in range(len(images)):
             _update(h, images[i])
+        h.update(f"dataset:{len(images)};".encode())
     return h.hexdigest()
 
 
@@ -181,6 +192,86 @@ def _extractor_weights(extractor: str, weights_path: str | os.PathLike | None) -
 
         digits.register()
     return resolve_weights(extractor, weights_path)
+
+
+def _reason(err: BaseException) -> str:
+    """``Type: message`` of a library error, on one line and cut short, for our messages."""
+    return f"{type(err).__name__}: {' '.join(str(err).split())[:400] or 'no detail'}"
+
+
+def check_registered(extractor: str) -> None:
+    """Checks that torch-fidelity knows a feature extractor by this name.
+
+    Raises:
+        ValueError: It does not; the message lists the names it knows.
+    """
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+    from flowturbo.eval import digits
+
+    digits.register()  # the project's extractor, listed below when the name is unknown
+    if extractor not in FEATURE_EXTRACTORS_REGISTRY:
+        raise ValueError(
+            f"torch-fidelity has no feature extractor named {extractor!r}: use {INCEPTION!r} "
+            "(InceptionV3, for ImageNet) or 'flowturbo-digits' (the demo digits); registered: "
+            f"{', '.join(sorted(FEATURE_EXTRACTORS_REGISTRY))}"
+        )
+
+
+def check_extractor(extractor: str, weights_path: str | os.PathLike | None) -> int:
+    """Checks that a feature extractor runs here, before any image is measured with it.
+
+    The extractor must be registered (:func:`check_registered`) and its weights file must
+    exist (:func:`resolve_weights`) and load: it is built on the CPU and run on
+    torch-fidelity's dummy input (one tiny image). InceptionV3's file is first read with
+    ``weights_only=True``: torch-fidelity's loader would unpickle anything in it.
+
+    Args:
+        extractor: torch-fidelity extractor name.
+        weights_path: its weights file (see :func:`fidelity_metrics`).
+
+    Returns:
+        D, the number of features at the extractor's FID layer (the length of the mu of
+        reference statistics made with it).
+
+    Raises:
+        ValueError: the extractor is not registered, or its weights file does not load.
+        FileNotFoundError: the weights file is missing.
+    """
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+    from torch_fidelity.utils import create_feature_extractor
+
+    check_registered(extractor)
+    weights = resolve_weights(extractor, weights_path)
+    if extractor == INCEPTION:
+        try:
+            torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - unpickling raises many kinds; all mean the same
+            raise ValueError(
+                f"{weights} could not be read as InceptionV3 weights ({_reason(err)}): expected "
+                f"torch-fidelity's {INCEPTION_WEIGHTS_FILE} (a state dict), complete (not "
+                f"truncated by an interrupted download); fetch it again from "
+                f"{INCEPTION_WEIGHTS_URL}"
+            ) from err
+    cls = FEATURE_EXTRACTORS_REGISTRY[extractor]
+    layer = cls.get_default_feature_layer_for_metric("fid")
+    dummy = cls.get_dummy_input_for_compile()  # (1, 3, h, w) uint8
+    try:
+        net = create_feature_extractor(
+            extractor,
+            [layer],
+            cuda=False,
+            feature_extractor_weights_path=str(weights),
+            verbose=False,
+        )
+        with torch.no_grad():
+            (features,) = net(dummy)  # (1, D)
+    except Exception as err:  # noqa: BLE001 - a wrong file fails in many ways; all mean the same
+        raise ValueError(
+            f"feature extractor {extractor!r} could not be built from the weights file "
+            f"{weights} ({_reason(err)}): is it this extractor's weights file, and complete?"
+        ) from err
+    return int(features.shape[-1])
 
 
 def fidelity_metrics(
@@ -300,34 +391,111 @@ def fidelity_metrics(
 # ----------------------------------------------------------------------------- references
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+_REFERENCE_KINDS = (
+    "a folder of images, an .npz of images (arr_0, N x H x W x 3 uint8) or of statistics (mu, "
+    "sigma), a torch-fidelity .pt statistics file, or demo:train / demo:val"
+)
+
+
+def _read_image(file: Path) -> Tensor:
+    """One image file as (3, H, W) uint8 (converted to RGB)."""
+    from PIL import Image
+
+    with Image.open(file) as img:
+        array = np.asarray(img.convert("RGB"))  # (H, W, 3)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
 class ImageFolderImages(Dataset):
-    """Every image file under a folder (recursively, sorted by path) as (3, H, W) uint8.
+    """Image files as (3, H, W) uint8 items, read on access and converted to RGB.
 
-    Images are read on access and converted to RGB; they are not resized, so they must all
-    have one size (InceptionV3 resizes to 299 inside; the digits extractor needs 32 x 32).
+    Made by :meth:`from_folder`, which checks every file once. Images are not resized, so
+    they all have one size (InceptionV3 resizes to 299 inside; the digits extractor needs
+    32 x 32).
+
+    Args:
+        files: The image files, each readable, all of one size.
+        content_sha256: Their :func:`content_hash`, when already known (None: computed on
+            request, reading every file).
+        skipped: Files left out because they could not be read, as ``{"source", "error"}``
+            dicts.
     """
 
-    def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
-        self.files = sorted(
-            p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+    def __init__(
+        self,
+        files: list[Path],
+        content_sha256: str | None = None,
+        skipped: list[dict[str, str]] | None = None,
+    ):
+        self.files = list(files)
+        self.content_sha256 = content_sha256
+        self.skipped = list(skipped or [])
+
+    @classmethod
+    def from_folder(cls, root: str | os.PathLike) -> ImageFolderImages:
+        """Every readable image file under ``root`` (recursively, sorted by path).
+
+        Reads each file once: a file that cannot be decoded is skipped, counted and listed in
+        ``skipped`` (a warning names how many and the first), and the content hash is computed
+        on the way, so that the FID cache is keyed without reading the folder again.
+
+        Raises:
+            FileNotFoundError: No image file under ``root``, or none that can be read.
+            ValueError: An image of another size than the first; the message names both files
+                and sizes.
+        """
+        root = Path(root)
+        candidates = sorted(
+            p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
         )
-        if not self.files:
+        if not candidates:
             raise FileNotFoundError(
                 f"no image files ({', '.join(IMAGE_SUFFIXES)}) under the reference folder {root}"
             )
+        h = hashlib.sha256()
+        files: list[Path] = []
+        skipped: list[dict[str, str]] = []
+        first: Tensor | None = None
+        for file in candidates:
+            try:
+                image = _read_image(file)  # (3, H, W)
+            except Exception as err:  # noqa: BLE001 - decoders raise many kinds; all mean the same
+                skipped.append({"source": str(file), "error": _reason(err)})
+                continue
+            if first is None:
+                first = image
+            elif image.shape != first.shape:
+                raise ValueError(
+                    f"the reference images must all have one size (they are not resized): "
+                    f"{file} is {image.shape[1]} x {image.shape[2]}, but {files[0]} is "
+                    f"{first.shape[1]} x {first.shape[2]} (height x width); resize or remove "
+                    "the odd ones"
+                )
+            files.append(file)
+            _update(h, image)
+        if skipped:
+            log.warning(
+                "reference folder %s: skipped %d of %d image files that could not be read; "
+                "first: %s (%s)",
+                root,
+                len(skipped),
+                len(candidates),
+                skipped[0]["source"],
+                skipped[0]["error"],
+            )
+        if not files:
+            raise FileNotFoundError(
+                f"none of the {len(candidates)} image files under the reference folder {root} "
+                f"could be read; first: {skipped[0]['source']} ({skipped[0]['error']})"
+            )
+        h.update(f"dataset:{len(files)};".encode())  # as content_hash ends a Dataset's hash
+        return cls(files, h.hexdigest(), skipped)
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int) -> Tensor:
-        from PIL import Image
-
-        with Image.open(self.files[i]) as img:
-            array = np.asarray(img.convert("RGB"))  # (H, W, 3)
-        return torch.from_numpy(array.copy()).permute(2, 0, 1)
+        return _read_image(self.files[i])
 
 
 @dataclass
@@ -337,8 +505,10 @@ class Reference:
     Attributes:
         name: cache-name prefix and label (``"demo-train"``, ``"VIRTUAL_imagenet256"``).
         images: (M, C, H, W) uint8 tensor or a Dataset of (3, H, W) uint8; None for statistics.
-        mu, sigma: FID statistics of the reference features ((D,) and (D, D)); None for images.
+        mu, sigma: FID statistics of the reference features ((D,) float32 and (D, D) float64);
+            None for images.
         source: where it came from, for the record.
+        skipped: image files of a reference folder left out because they could not be read.
     """
 
     name: str
@@ -346,6 +516,7 @@ class Reference:
     images: Tensor | Dataset | None = None
     mu: np.ndarray | None = None
     sigma: np.ndarray | None = None
+    skipped: int = 0
 
     @property
     def is_statistics(self) -> bool:
@@ -361,18 +532,24 @@ def load_reference(spec: str, cache_dir: str | os.PathLike | None = None) -> Ref
     Args:
         spec: one of
             - ``"demo:train"`` / ``"demo:val"``: the demo digits split, (M, 1, 32, 32) uint8;
-            - a folder: every image file under it (:class:`ImageFolderImages`);
+            - a folder: every readable image file under it
+              (:meth:`ImageFolderImages.from_folder`; unreadable ones are skipped and counted
+              in ``Reference.skipped``);
             - an ``.npz`` with ``arr_0`` (M, H, W, 3) or (M, H, W) uint8 images (e.g. ADM's
               ``VIRTUAL_imagenet256_labeled.npz``), or only ``mu`` and ``sigma`` (statistics);
-            - a ``.pt`` torch-fidelity statistics file (a dict with ``mu`` and ``sigma``).
+            - a ``.pt`` torch-fidelity statistics file (a dict with ``mu`` and ``sigma``), read
+              with ``weights_only=True`` (arrays and numbers only, no code).
         cache_dir: cache root of the demo shards (default: the project cache).
 
     Returns:
         A :class:`Reference`.
 
     Raises:
-        FileNotFoundError: the file or folder does not exist.
-        ValueError: an unknown kind of reference.
+        FileNotFoundError: the file or folder does not exist, or the folder holds no readable
+            image.
+        ValueError: an unknown kind of reference, a file that cannot be read as its kind, or
+            contents of the wrong shape or type; the message names the file and the format
+            expected.
     """
     if spec.startswith("demo:"):
         from flowturbo.eval.digits import load_demo_split
@@ -382,38 +559,148 @@ def load_reference(spec: str, cache_dir: str | os.PathLike | None = None) -> Ref
         return Reference(f"demo-{split}", spec, images=images[:, None])  # (M, 1, 32, 32)
     path = Path(spec)
     if not path.exists():
-        raise FileNotFoundError(
-            f"FID reference not found: {spec}. Give a folder of images, an .npz of images "
-            "(arr_0, N x H x W x 3 uint8) or of statistics (mu, sigma), a torch-fidelity .pt "
-            "statistics file, or demo:train / demo:val"
-        )
+        raise FileNotFoundError(f"FID reference not found: {spec}. Give {_REFERENCE_KINDS}")
     name = path.stem.replace(" ", "_")
     if path.is_dir():
-        return Reference(name, str(path), images=ImageFolderImages(path))
+        images = ImageFolderImages.from_folder(path)
+        return Reference(name, str(path), images=images, skipped=len(images.skipped))
     if path.suffix == ".npz":
-        with np.load(path) as data:
-            if "arr_0" in data:
-                arr = data["arr_0"]
-                if arr.dtype != np.uint8 or arr.ndim not in (3, 4):
-                    raise ValueError(
-                        f"{path}: arr_0 must be (N, H, W[, C]) uint8, got {arr.dtype} {arr.shape}"
-                    )
-                if arr.ndim == 4 and arr.shape[-1] not in (1, 3):
-                    raise ValueError(
-                        f"{path}: arr_0 must hold (N, H, W, C) images with C = 1 or 3 channels "
-                        f"last (as ADM's reference batches), got shape {arr.shape}"
-                    )
-                images = torch.from_numpy(arr if arr.ndim == 4 else arr[..., None])
-                return Reference(name, str(path), images=images.permute(0, 3, 1, 2).contiguous())
-            if "mu" in data and "sigma" in data:
-                return Reference(name, str(path), mu=data["mu"], sigma=data["sigma"])
-            raise ValueError(f"{path} has neither arr_0 (images) nor mu and sigma (statistics)")
+        data = _read_npz(path)
+        if "arr_0" in data:
+            arr = data["arr_0"]
+            if arr.dtype != np.uint8 or arr.ndim not in (3, 4):
+                raise ValueError(
+                    f"{path}: arr_0 must be (N, H, W[, C]) uint8, got {arr.dtype} {arr.shape}"
+                )
+            if arr.ndim == 4 and arr.shape[-1] not in (1, 3):
+                raise ValueError(
+                    f"{path}: arr_0 must hold (N, H, W, C) images with C = 1 or 3 channels "
+                    f"last (as ADM's reference batches), got shape {arr.shape}"
+                )
+            images = torch.from_numpy(arr if arr.ndim == 4 else arr[..., None])
+            return Reference(name, str(path), images=images.permute(0, 3, 1, 2).contiguous())
+        mu, sigma = _checked_statistics(data["mu"], data["sigma"], f"the statistics in {path}")
+        return Reference(name, str(path), mu=mu, sigma=sigma)
     if path.suffix == ".pt":
-        stats = torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            with torch.serialization.safe_globals(_numpy_globals()):
+                stats = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - unpickling raises many kinds; all mean the same
+            raise ValueError(
+                f"{path} could not be read as a torch-fidelity statistics file ({_reason(err)}): "
+                "expected a dict of mu and sigma arrays, as torch.save writes it (arrays and "
+                "numbers only, read with weights_only=True), complete (not truncated by an "
+                "interrupted copy)"
+            ) from err
         if not (isinstance(stats, dict) and "mu" in stats and "sigma" in stats):
             raise ValueError(f"{path} is not a torch-fidelity statistics file (mu, sigma)")
-        return Reference(name, str(path), mu=np.asarray(stats["mu"]), sigma=stats["sigma"])
-    raise ValueError(f"unknown kind of FID reference {spec!r} (folder, .npz, .pt or demo:...)")
+        mu, sigma = _checked_statistics(stats["mu"], stats["sigma"], f"the statistics in {path}")
+        return Reference(name, str(path), mu=mu, sigma=sigma)
+    raise ValueError(f"unknown kind of FID reference {spec!r}: give {_REFERENCE_KINDS}")
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of an .npz reference that are used (``arr_0``, or ``mu`` and ``sigma``).
+
+    Raises:
+        ValueError: the file is not a readable .npz archive, or holds neither; the message
+            names the file and the format expected.
+    """
+    expected = (
+        "expected a NumPy .npz archive (np.savez) with arr_0 (N x H x W x 3 uint8 images) or "
+        "mu and sigma (statistics)"
+    )
+    if not zipfile.is_zipfile(path):  # np.load would try to unpickle it, and say so
+        raise ValueError(
+            f"{path} is not an .npz archive (not a complete zip file: another kind of file, or "
+            f"truncated by an interrupted copy): {expected}"
+        )
+    try:
+        with np.load(path) as data:  # allow_pickle=False: arrays only, no code
+            names = list(data.files)
+            if "arr_0" in names:
+                keys: tuple[str, ...] = ("arr_0",)
+            elif "mu" in names and "sigma" in names:
+                keys = ("mu", "sigma")
+            else:
+                keys = ()
+            arrays = {key: data[key] for key in keys}
+    except Exception as err:  # noqa: BLE001 - numpy and zipfile raise many kinds
+        raise ValueError(
+            f"{path} could not be read as an .npz file ({_reason(err)}): {expected}, complete "
+            "(not damaged by an interrupted copy)"
+        ) from err
+    if not arrays:
+        raise ValueError(
+            f"{path} has neither arr_0 (images) nor mu and sigma (statistics); its arrays: "
+            f"{', '.join(names) or 'none'}"
+        )
+    return arrays
+
+
+def _numpy_globals() -> list[Any]:
+    """What ``torch.load(weights_only=True)`` needs to rebuild NumPy float arrays (torch-fidelity
+    stores its statistics as such); none of it runs code."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # NumPy 1
+        from numpy.core.multiarray import _reconstruct
+
+    dtypes = [type(np.dtype(t)) for t in (np.float16, np.float32, np.float64)]
+    return [_reconstruct, np.ndarray, np.dtype, *dtypes]
+
+
+def _checked_statistics(mu: Any, sigma: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """FID statistics as torch-fidelity computes them: mu (D,) float32, sigma (D, D) float64.
+
+    Raises:
+        ValueError: not numeric, of the wrong shapes, or not finite; the message names
+            ``what``.
+    """
+    try:
+        mu = np.asarray(mu, dtype=np.float32)  # the dtypes of torch-fidelity's own statistics
+        sigma = np.asarray(sigma, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{what}: mu and sigma must be numeric arrays ({_reason(err)})") from err
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise ValueError(
+            f"{what}: statistics must be mu (D,) and sigma (D, D), got {mu.shape}, {sigma.shape}"
+        )
+    bad = int((~np.isfinite(mu)).sum()), int((~np.isfinite(sigma)).sum())
+    if any(bad):
+        raise ValueError(
+            f"{what} are not finite: {bad[0]} NaN/inf entries in mu, {bad[1]} in sigma "
+            "(recompute them)"
+        )
+    return mu, sigma
+
+
+def check_reference(reference: Reference, extractor: str, feature_dim: int) -> None:
+    """Checks that a reference fits the extractor, before anything is measured against it.
+
+    Args:
+        reference: from :func:`load_reference`.
+        extractor: torch-fidelity extractor name.
+        feature_dim: D of the extractor's FID layer (:func:`check_extractor`).
+
+    Raises:
+        ValueError: statistics of another feature width than ``feature_dim``, fewer than 2
+            images, or images of a size the extractor does not take.
+    """
+    if reference.is_statistics:
+        if reference.mu.shape[0] != feature_dim:
+            raise ValueError(
+                f"the reference statistics have {reference.mu.shape[0]} features, but feature "
+                f"extractor {extractor!r} gives {feature_dim} at its FID layer: they were "
+                "computed with another extractor; give statistics made with this one, or the "
+                "reference images"
+            )
+        return
+    if len(reference) < 2:
+        raise ValueError(
+            f"the reference has {len(reference)} image(s); FID needs at least 2 (a covariance)"
+        )
+    _check_images("reference", tuple(reference.images[0].shape), extractor)
 
 
 def fid_against_statistics(
@@ -452,18 +739,7 @@ def fid_against_statistics(
 
     weights = _extractor_weights(extractor, weights_path)
     gen = UInt8Images(generated)
-    mu = np.asarray(mu, dtype=np.float32)  # the dtypes of torch-fidelity's own statistics
-    sigma = np.asarray(sigma, dtype=np.float64)
-    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise ValueError(
-            f"statistics must be mu (D,) and sigma (D, D), got {mu.shape}, {sigma.shape}"
-        )
-    bad = int((~np.isfinite(mu)).sum()), int((~np.isfinite(sigma)).sum())
-    if any(bad):
-        raise ValueError(
-            f"reference statistics are not finite: {bad[0]} NaN/inf entries in mu, {bad[1]} in "
-            "sigma (recompute them)"
-        )
+    mu, sigma = _checked_statistics(mu, sigma, "the reference statistics")
     if len(gen) < 2:
         raise ValueError(f"FID needs at least 2 generated images (a covariance), got {len(gen)}")
     _check_images("generated", tuple(gen.images.shape[1:]), extractor)

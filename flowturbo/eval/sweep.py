@@ -31,6 +31,7 @@ merges every row file in ``rows/`` and runs at the end of every job, or alone.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -52,6 +53,9 @@ from flowturbo.eval.entries import SweepEntry, sweep_entries
 from flowturbo.eval.fidelity import (
     INCEPTION,
     Reference,
+    check_extractor,
+    check_reference,
+    check_registered,
     fid_against_statistics,
     fidelity_metrics,
     load_reference,
@@ -306,6 +310,7 @@ def measure_quality(
         )
     metrics.update(
         reference=reference.source,
+        reference_skipped=reference.skipped,
         generation_s=generation_s,
         metrics_s=time.perf_counter() - start,
     )
@@ -502,6 +507,10 @@ def resolve_device(name: str) -> torch.device:
 def run_sweep(cfg: DictConfig) -> dict[str, Any]:
     """Evaluates every entry of the sweep (resuming), then writes the summary.
 
+    The settings are checked first (:func:`check_settings`), then, when some FID is to be
+    measured, the extractor and the reference (:func:`check_fid`): only then are the networks
+    loaded and images generated.
+
     Args:
         cfg: the composed ``conf/evaluate.yaml`` (with an experiment).
 
@@ -522,8 +531,10 @@ def run_sweep(cfg: DictConfig) -> dict[str, Any]:
     todo = plan_work(cfg, sweep_entries(cfg), device, out_dir)
     if todo:
         log.info("to do: %s", ", ".join(f"{e.label} ({'+'.join(m)})" for e, _, m in todo))
-        nets = load_networks(cfg, device, need_refiner=any(e.uses_refiner for e, _, _ in todo))
         shared: dict[str, Any] = {}  # the FID reference and the reference solution, loaded once
+        if any("quality" in missing for _, _, missing in todo):
+            shared["reference"] = check_fid(cfg)
+        nets = load_networks(cfg, device, need_refiner=any(e.uses_refiner for e, _, _ in todo))
         for entry, settings, missing in todo:
             evaluate_entry(entry, settings, missing, nets, cfg, out_dir, shared)
         timed = [(entry, settings) for entry, settings, missing in todo if "latency" in missing]
@@ -563,6 +574,52 @@ def check_settings(cfg: DictConfig) -> None:
         _check_int(cfg, "latency.batch", 1)
         _check_int(cfg, "latency.repeats", 1)
         _check_int(cfg, "latency.warmup", 0)
+
+
+def check_fid(cfg: DictConfig) -> Reference:
+    """Checks the FID settings and reads the reference, before any network is loaded or any
+    image generated (a bad setting found after the images would throw them away).
+
+    ``fid.extractor`` must be registered with torch-fidelity and its weights file
+    (:func:`extractor_weights`) must load (:func:`flowturbo.eval.fidelity.check_extractor`,
+    one tiny image through it); ``fid.reference`` must be readable and fit the extractor
+    (:func:`flowturbo.eval.fidelity.check_reference`): statistics of its feature width, or
+    images of a size it takes, more than ``PRC_NEIGHBORHOOD`` of them when ``fid.prc`` is on.
+    No reference feature is computed here.
+
+    Returns:
+        The reference, read once for every entry of the job.
+
+    Raises:
+        FileNotFoundError, ValueError: the message starts with the setting to change.
+    """
+    f = cfg.fid
+    weights = extractor_weights(f)
+    weights_key = "fid.inception_weights" if f.extractor == INCEPTION else "fid.weights"
+    with _named("fid.extractor", f.extractor):
+        check_registered(f.extractor)
+    with _named(weights_key, weights):
+        feature_dim = check_extractor(f.extractor, weights)
+    with _named("fid.reference", f.reference):
+        reference = load_reference(str(f.reference))
+        check_reference(reference, f.extractor, feature_dim)
+        if f.prc and not reference.is_statistics and len(reference) <= PRC_NEIGHBORHOOD:
+            raise ValueError(
+                f"precision/recall need more than {PRC_NEIGHBORHOOD} reference images, it has "
+                f"{len(reference)}: give more or set fid.prc=false"
+            )
+    return reference
+
+
+@contextlib.contextmanager
+def _named(key: str, value: Any) -> Iterator[None]:
+    """Puts the setting ``key=value`` in front of the FileNotFoundError or ValueError raised
+    inside."""
+    try:
+        yield
+    except (FileNotFoundError, ValueError) as err:
+        kind = FileNotFoundError if isinstance(err, FileNotFoundError) else ValueError
+        raise kind(f"{key}={value}: {err}") from err
 
 
 def _check_int(cfg: DictConfig, key: str, minimum: int, why: str = "") -> int:
