@@ -268,6 +268,13 @@ def test_bad_fid_settings_are_refused_before_any_image_is_generated(
         sweep.run_sweep(tiny(assets, tmp_path / "sweep", *overrides(assets, tmp_path)))
 
 
+def test_precision_recall_asked_of_statistics_is_said_to_be_left_out(assets, tmp_path, caplog):
+    stats = _npz(tmp_path / "s.npz", mu=np.zeros(16), sigma=np.eye(16))
+    cfg = tiny(assets, tmp_path / "sweep", f"fid.reference={stats}", "fid.prc=true")
+    assert sweep.check_fid(cfg).is_statistics
+    assert "precision and recall need reference images" in caplog.text
+
+
 def test_a_reference_folders_unreadable_images_are_counted_in_the_row(assets, tmp_path):
     from PIL import Image
 

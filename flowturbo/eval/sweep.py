@@ -603,6 +603,12 @@ def check_fid(cfg: DictConfig) -> Reference:
     with _named("fid.reference", f.reference):
         reference = load_reference(str(f.reference))
         check_reference(reference, f.extractor, feature_dim)
+        if f.prc and reference.is_statistics:
+            log.warning(
+                "fid.prc=true, but fid.reference=%s holds statistics (mu, sigma): precision and "
+                "recall need reference images, so the rows get FID and IS only",
+                f.reference,
+            )
         if f.prc and not reference.is_statistics and len(reference) <= PRC_NEIGHBORHOOD:
             raise ValueError(
                 f"precision/recall need more than {PRC_NEIGHBORHOOD} reference images, it has "
