@@ -219,6 +219,12 @@ def choose_entry(cfg: DictConfig) -> tuple[SweepEntry, dict[str, Any] | None]:
     and inpaint pick among the sweep's schedules only."""
     pick = cfg.get("pick") or {}
     if not pick.get("sweep"):
+        targets = [f"pick.{k}={pick[k]}" for k in ("max_fid", "max_ms") if pick.get(k) is not None]
+        if targets:
+            raise ValueError(
+                f"{' and '.join(targets)} without pick.sweep: set pick.sweep=sweeps/<name> to "
+                "pick from that sweep, or drop the target and set sampler.schedule"
+            )
         if cfg.sampler.get("schedule") is None:
             raise ValueError("set sampler.schedule (e.g. H1P5R3) or pick.sweep=sweeps/<name>")
         return parse_entry(str(cfg.sampler.schedule)), None
@@ -259,6 +265,7 @@ class Inputs:
         images: (N, C, H, W) uint8 for in-memory images, else None.
         labels: (N,) the images' own labels where the source has them (the demo digits).
         skipped: unreadable files and why; they are left out of ``names``.
+        sizes: (width, height) of each image as stored, before its crop and resize.
     """
 
     names: list[str]
@@ -266,6 +273,7 @@ class Inputs:
     images: Tensor | None = None
     labels: Tensor | None = None
     skipped: dict[str, str] = dataclasses.field(default_factory=dict)
+    sizes: list[tuple[int, int]] | None = None
 
     def load(self, indices: Sequence[int], channels: int, size: int) -> Tensor:
         if self.images is not None:
@@ -293,7 +301,8 @@ def load_inputs(spec: str, channels: int, size: int, limit: int | None = None) -
         images, labels = load_demo_split(split)
         n = len(images) if limit is None else min(limit, len(images))
         names = [f"{split}{i:05d}" for i in range(n)]
-        return Inputs(names, images=images[:n, None], labels=labels[:n])
+        sizes = [(size, size)] * n
+        return Inputs(names, images=images[:n, None], labels=labels[:n], sizes=sizes)
     root = Path(spec)
     if root.is_file():
         files, base = [root], root.parent
@@ -305,7 +314,7 @@ def load_inputs(spec: str, channels: int, size: int, limit: int | None = None) -
             f"input={spec}: no such file or folder. Give a folder of images "
             f"({', '.join(IMAGE_SUFFIXES)}), one image, or demo:val / demo:train"
         )
-    good, skipped = [], {}
+    good, sizes, skipped = [], [], {}
     for f in files:
         if limit is not None and len(good) >= limit:
             break
@@ -313,6 +322,7 @@ def load_inputs(spec: str, channels: int, size: int, limit: int | None = None) -
             with Image.open(f) as img:
                 img.load()
             good.append(f)
+            sizes.append(img.size)
         except (OSError, ValueError, Image.DecompressionBombError) as exn:
             skipped[str(f)] = f"{type(exn).__name__}: {exn}"
     if not good:
@@ -327,7 +337,7 @@ def load_inputs(spec: str, channels: int, size: int, limit: int | None = None) -
             f"input={spec}: files differing only in their suffix would write one output each "
             f"to the same PNG: {twins[:5]}; rename or move them"
         )
-    return Inputs(names, files=good, skipped=skipped)
+    return Inputs(names, files=good, skipped=skipped, sizes=sizes)
 
 
 def region_mask(region: str, size: int) -> Tensor:
@@ -364,28 +374,126 @@ class Masks:
         return torch.cat([_read_mask(self.files[i], self.size) for i in indices])
 
 
+#: How a mask image is read, restated by the errors about one.
+MASK_CONVENTION = (
+    "white (>= 128) = generate, black = keep; an image with transparency is read by its alpha "
+    "channel, opaque = generate, transparent = keep"
+)
+
+
+def _alpha(img: Image.Image) -> Image.Image | None:
+    """The alpha channel of an image with transparency, or None when it is opaque everywhere."""
+    if img.mode not in ("RGBA", "LA", "PA", "RGBa", "La") and "transparency" not in img.info:
+        return None
+    alpha = img.convert("RGBA").getchannel("A")
+    return None if alpha.getextrema() == (255, 255) else alpha
+
+
 def _read_mask(path: Path, size: int) -> Tensor:
-    """A mask image: white (>= 128 after the images' crop and resize) = generate."""
+    """A mask image as (1, 1, size, size) floats, 1 = generate.
+
+    White (>= 128 after the inputs' crop and resize) = generate, black = keep. An image with
+    transparency that is not opaque everywhere (strokes on an empty layer, as image editors
+    export them) is read by its alpha channel instead: opaque = generate, whatever the colour.
+
+    Raises:
+        ValueError: the file is not a readable image, or its mask marks no pixel.
+    """
+    from flowturbo.data.shards import center_crop_resize
+
     try:
-        image = load_image(path, 1, size)
+        with Image.open(path) as img:
+            img.load()
+            alpha = _alpha(img)
+            grey = center_crop_resize(img.convert("L") if alpha is None else alpha, size)
+            array = np.asarray(grey) >= 128
     except (OSError, ValueError, Image.DecompressionBombError) as exn:
         raise ValueError(
             f"mask={path} is not a readable image ({type(exn).__name__}: {exn}); give a mask "
             f"image (white = generate), a folder of them or a region ({', '.join(MASK_REGIONS)})"
         ) from None
-    return (image[None].float() >= 128).float()
+    if not array.any():
+        read = "its alpha channel is transparent" if alpha is not None else "it is black"
+        raise ValueError(
+            f"mask={path} marks no pixel to generate: {read} everywhere once center-cropped "
+            f"and resized to {size} x {size}, so the output would be the input. A mask is read "
+            f"as: {MASK_CONVENTION}"
+        )
+    return torch.from_numpy(array).float()[None, None]
 
 
-def load_masks(spec: str, names: Sequence[str], size: int) -> Masks:
+def _warn_odd_aspects(
+    files: Sequence[Path], names: Sequence[str], input_sizes: Sequence[tuple[int, int]]
+) -> None:
+    """Logs masks whose aspect ratio is not their input's: both are center-cropped to a square
+    and resized, so such a mask marks another region of its input than it shows.
+
+    Args:
+        files: the mask file of each input (the same file for a shared mask).
+        names: the inputs' names.
+        input_sizes: (width, height) of each input as stored.
+    """
+    odd, mask_sizes = [], {}
+    for f, name, (iw, ih) in zip(files, names, input_sizes, strict=True):
+        if f not in mask_sizes:
+            try:
+                with Image.open(f) as img:  # the header only
+                    mask_sizes[f] = img.size
+            except (OSError, ValueError, Image.DecompressionBombError):
+                mask_sizes[f] = None  # named when it is read
+        if mask_sizes[f] is not None:
+            w, h = mask_sizes[f]
+            if not math.isclose(w * ih, h * iw, rel_tol=0.01):
+                odd.append((f, w, h, name, iw, ih))
+    if not odd:
+        return
+    if len(set(files)) == 1:  # one mask for all
+        f, w, h = odd[0][:3]
+        what = (
+            f"mask={f} is {w} x {h}; {len(odd)} of {len(files)} inputs have another aspect ratio"
+        )
+        examples = [f"{name} is {iw} x {ih}" for *_, name, iw, ih in odd[:3]]
+    else:
+        what = f"{len(odd)} of {len(files)} masks have another aspect ratio than their input"
+        examples = [f"{f} is {w} x {h}, {name} {iw} x {ih}" for f, w, h, name, iw, ih in odd[:3]]
+    log.warning(
+        "%s (e.g. %s): masks and inputs are both center-cropped to a square and resized, so "
+        "such a mask marks another region of its input than it shows; give each input a mask "
+        "of its own shape",
+        what,
+        "; ".join(examples),
+    )
+
+
+def load_masks(
+    spec: str,
+    names: Sequence[str],
+    size: int,
+    input_sizes: Sequence[tuple[int, int]] | None = None,
+) -> Masks:
     """``mask=``: a region name, one mask image for every input, or a folder with
-    ``<name>.png`` for every input name (white = generate, as in diffusers)."""
+    ``<name>.png`` for every input name (white = generate, as in diffusers; an image with
+    transparency: opaque = generate).
+
+    Args:
+        spec: the ``mask`` setting.
+        names: the inputs' names.
+        size: the side of the square the inputs are cropped and resized to.
+        input_sizes: (width, height) of each input as stored (None: square inputs); a mask of
+            another aspect ratio than its input's is logged.
+
+    Raises:
+        FileNotFoundError: no such region, file or folder, or an input without a mask.
+        ValueError: a mask image that is unreadable or marks no pixel (a folder's masks are
+            read when their images are made).
+    """
     spec = str(spec)
     if spec in MASK_REGIONS:
         return Masks(size, shared=region_mask(spec, size))
     path = Path(spec)
     if path.is_file():
-        return Masks(size, shared=_read_mask(path, size))
-    if path.is_dir():
+        masks, files = Masks(size, shared=_read_mask(path, size)), [path] * len(names)
+    elif path.is_dir():
         files = [path / f"{name}.png" for name in names]
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
@@ -393,10 +501,13 @@ def load_masks(spec: str, names: Sequence[str], size: int) -> Masks:
                 f"mask={spec}: {len(missing)} of {len(files)} inputs have no mask, e.g. "
                 f"{missing[:3]}; the folder needs <input name>.png for every input"
             )
-        return Masks(size, files=files)
-    raise FileNotFoundError(
-        f"mask={spec}: not a region ({', '.join(MASK_REGIONS)}), an image or a folder of masks"
-    )
+        masks = Masks(size, files=files)
+    else:
+        raise FileNotFoundError(
+            f"mask={spec}: not a region ({', '.join(MASK_REGIONS)}), an image or a folder of masks"
+        )
+    _warn_odd_aspects(files, names, input_sizes or [(size, size)] * len(names))
+    return masks
 
 
 def resolve_labels(
@@ -461,9 +572,22 @@ class Job:
     def path(self, i: int) -> Path:
         return self.out_dir / "images" / f"{self.names[i]}.png"
 
+    def exists(self, i: int) -> bool:
+        """Whether output image i is written: a non-empty file (PNGs are written atomically, so
+        an empty one is a leftover of a failed copy or a full disk and is written again)."""
+        path = self.path(i)
+        return path.is_file() and path.stat().st_size > 0
+
     def read(self, i: int) -> Tensor:
-        """Output image i as (C, H, W) uint8; a file of another shape is an error naming it."""
-        image = read_png(self.path(i))
+        """Output image i as (C, H, W) uint8; an unreadable file, or one of another shape, is
+        an error naming it."""
+        try:
+            image = read_png(self.path(i))
+        except (OSError, ValueError, Image.DecompressionBombError) as exn:
+            raise ValueError(
+                f"{self.path(i)} is not a readable image ({type(exn).__name__}: {exn}): delete "
+                "it and run the job again"
+            ) from None
         want = (self.pixel_channels, self.pixel_size, self.pixel_size)
         if tuple(image.shape) != want:
             raise ValueError(
@@ -473,14 +597,25 @@ class Job:
         return image
 
     def done(self) -> int:
-        return sum(self.path(i).is_file() for i in range(len(self.names)))
+        return sum(self.exists(i) for i in range(len(self.names)))
 
     def check_folder(self) -> None:
         """Refuses to resume into a folder written with other settings (more or fewer images are
         the same settings: a rerun with a larger ``num_images`` adds the missing ones)."""
         path = self.out_dir / JOB_NAME
         if path.is_file():
-            old = json.loads(path.read_text())
+            try:
+                old = json.loads(path.read_text())
+            except (UnicodeDecodeError, json.JSONDecodeError) as exn:
+                old = exn
+            if not isinstance(old, dict):
+                why = f"not valid JSON ({old})" if isinstance(old, Exception) else "not an object"
+                raise RuntimeError(
+                    f"{path} is damaged, {why}: it no longer tells which settings made the "
+                    f"images in {self.out_dir}; "
+                    "delete that folder (or only its job.json, if you know they were made with "
+                    "this run's settings) or use another out_dir (or name)"
+                )
             if old != self.settings:
                 diff = sorted(
                     k
@@ -528,16 +663,20 @@ def make_job(cfg: DictConfig, entry: SweepEntry, nets: Networks) -> Job:
         for f, why in inputs.skipped.items():
             log.warning("unreadable input skipped: %s (%s)", f, why)
         if task == "inpaint":
-            masks = load_masks(cfg.mask, names, size)
+            masks = load_masks(cfg.mask, names, size, inputs.sizes)
     labels_spec = (
         OmegaConf.to_container(cfg.labels) if OmegaConf.is_list(cfg.labels) else cfg.labels
     )
     labels = resolve_labels(
         labels_spec, len(names), nets.num_classes, task=task, own=inputs.labels if inputs else None
     )
-    strength = float(cfg.edit.strength) if task == "edit" else 1.0
-    if not 0.0 < strength <= 1.0:
-        raise ValueError(f"edit.strength must be in (0, 1], got {strength}")
+    strength = _edit_strength(cfg.edit.strength) if task == "edit" else 1.0
+    if cfg.get("vae") and nets.vae is None:
+        log.warning(
+            "vae=%s ignored: the base works in pixel space (%s states), not on SD VAE latents",
+            cfg.vae,
+            " x ".join(map(str, nets.shape)),
+        )
     m, s = cfg.model, cfg.sampler
     settings = {
         "task": task,
@@ -549,7 +688,7 @@ def make_job(cfg: DictConfig, entry: SweepEntry, nets: Networks) -> Job:
         "base": base_fingerprint(m),
         "refiner": fingerprint(m.get("refiner_ckpt")) if entry.uses_refiner else None,
         "refiner_input": str(s.refiner_input) if entry.uses_refiner else None,
-        "vae": fingerprint(cfg.get("vae")),
+        "vae": fingerprint(cfg.vae) if nets.vae is not None else None,
         "cfg_scale": float(s.cfg_scale),
         "cfg_channels": s.get("cfg_channels"),
         "dtype": str(s.dtype),
@@ -573,6 +712,24 @@ def make_job(cfg: DictConfig, entry: SweepEntry, nets: Networks) -> Job:
         size,
         channels,
     )
+
+
+def _edit_strength(value: Any) -> float:
+    """``edit.strength`` as a float in (0, 1]; anything else is an error naming the key."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+        raise ValueError(
+            f"edit.strength must be a number in (0, 1] (SDEdit starts at t0 = 1 - strength: 1 "
+            f"from noise, small keeps the input's layout), got {value!r}"
+        )
+    return float(value)
+
+
+def _whole_number(cfg: DictConfig, key: str, minimum: int) -> int:
+    """The setting ``key``, an integer >= minimum; anything else is an error naming the key."""
+    value = OmegaConf.select(cfg, key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{key} must be a whole number >= {minimum}, got {value!r}")
+    return value
 
 
 def save_png(image: Tensor, path: Path) -> None:
@@ -613,7 +770,7 @@ class ImageWriter(L.LightningModule):
     def predict_step(self, batch: Tensor, batch_idx: int) -> int:
         """Writes the batch's images that do not exist yet; returns how many it wrote."""
         job, nets = self.job, self.nets
-        todo = [i for i in batch.tolist() if not job.path(i).is_file()]
+        todo = [i for i in batch.tolist() if not job.exists(i)]
         if not todo:
             return 0  # written by an earlier run (files appear only when complete)
         noise = seeded_noise(job.seed, todo, nets.shape).to(self.device)
@@ -653,7 +810,7 @@ class ImageWriter(L.LightningModule):
     def finish(self) -> None:
         """The grid and the .npz, once every image exists."""
         job = self.job
-        missing = [job.names[i] for i in range(len(job.names)) if not job.path(i).is_file()]
+        missing = [job.names[i] for i in range(len(job.names)) if not job.exists(i)]
         if missing:
             log.warning(
                 "%d images are missing (e.g. %s): rerun to write them", len(missing), missing[:3]
@@ -723,6 +880,8 @@ def generate_images(cfg: DictConfig) -> dict[str, Any]:
 
     register_resolvers()
     check_required(cfg, command_line("generate.py"))
+    batch_size = _whole_number(cfg, "sampler.batch_size", 1)
+    grid_images = _whole_number(cfg, "grid.num_images", 0)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     entry, row = choose_entry(cfg)
@@ -739,9 +898,9 @@ def generate_images(cfg: DictConfig) -> dict[str, Any]:
         )
     nets = load_networks(cfg, torch.device("cpu"), need_refiner=entry.uses_refiner)
     job = make_job(cfg, entry, nets)
-    writer = ImageWriter(job, nets, grid_images=cfg.grid.num_images, npz=cfg.npz)
+    writer = ImageWriter(job, nets, grid_images=grid_images, npz=cfg.npz)
     before = job.done()
-    loader = DataLoader(torch.arange(len(job.names)), batch_size=int(cfg.sampler.batch_size))
+    loader = DataLoader(torch.arange(len(job.names)), batch_size=batch_size)
     trainer = instantiate(
         cfg.trainer,
         logger=False,

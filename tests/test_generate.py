@@ -378,3 +378,119 @@ def test_a_broken_sweep_or_mask_file_is_named(tiny_models, generate_cfg, tmp_pat
                 f"mask={tmp_path / 'notes.txt'}",
             )
         )
+
+
+def test_a_refiner_made_for_another_base_is_refused_naming_both_checkpoints(
+    tiny_models, generate_cfg, tmp_path
+):
+    from flowturbo.models import VelocityRefiner, build_from_checkpoint, save_checkpoint
+
+    base = build_from_checkpoint(str(tiny_models / "base.pt"))
+    for overrides, match in (
+        ({"num_classes": 5}, "refiner has 5 classes, the base 3"),
+        ({"in_channels": 3}, "refiner takes 6 channels.*have 1"),
+        ({"input_size": 16}, "refiner works at 16 x 16, the base at 32 x 32"),
+    ):
+        path = tmp_path / f"{next(iter(overrides))}.pt"
+        save_checkpoint(VelocityRefiner.from_base(base, **overrides), path)
+        cfg = generate_cfg(tmp_path / "gen", f"model.refiner_ckpt={path}")
+        with pytest.raises(ValueError, match=rf"model\.refiner_ckpt=.*model\.base_ckpt=.*{match}"):
+            networks.load_networks(cfg, torch.device("cpu"), need_refiner=True)
+    cfg = generate_cfg(tmp_path / "gen", f"model.refiner_ckpt={tiny_models / 'base.pt'}")
+    with pytest.raises(ValueError, match=r"model\.refiner_ckpt=.*holds a SiT.*model\.base_ckpt"):
+        networks.load_networks(cfg, torch.device("cpu"), need_refiner=True)
+
+
+def test_a_mask_that_marks_nothing_is_refused_and_transparency_is_read_by_its_alpha(
+    generate_cfg, tmp_path, caplog
+):
+    grey = np.zeros((32, 32), np.uint8)
+    Image.fromarray(grey).save(tmp_path / "black.png")
+    with pytest.raises(ValueError, match=r"black.png marks no pixel.*white \(>= 128\) = generate"):
+        gen.load_masks(str(tmp_path / "black.png"), ["a"], 32)
+    rgba = np.full((32, 32, 4), 255, np.uint8)
+    rgba[..., 3] = 0  # white, but transparent everywhere
+    Image.fromarray(rgba).save(tmp_path / "clear.png")
+    with pytest.raises(ValueError, match="clear.png marks no pixel.*alpha channel"):
+        gen.load_masks(str(tmp_path / "clear.png"), ["a"], 32)
+
+    # black strokes on an empty layer: the opaque bottom half is generated, as with mask=bottom
+    rgba = np.zeros((32, 32, 4), np.uint8)
+    rgba[16:, :, 3] = 255
+    Image.fromarray(rgba).save(tmp_path / "layer.png")
+    common = ["task=inpaint", "input=demo:val", "num_images=2", "sampler.schedule=H2"]
+    outs = [
+        Path(generate_images(generate_cfg(tmp_path / d, *common, f"mask={m}"))["out_dir"])
+        for d, m in (("layer", tmp_path / "layer.png"), ("bottom", "bottom"))
+    ]
+    for name in ("val00000", "val00001"):
+        a, b = (read(d / "images" / f"{name}.png") for d in outs)
+        assert np.array_equal(a, b)
+
+    # masks are cropped to a square as the inputs are: another aspect ratio is logged
+    tall = np.zeros((50, 7), np.uint8)
+    tall[25:] = 255
+    Image.fromarray(tall).save(tmp_path / "tall.png")
+    with caplog.at_level("WARNING", logger="flowturbo.generate"):
+        gen.load_masks(str(tmp_path / "tall.png"), ["a", "b"], 32, [(32, 32), (7, 50)])
+    assert "tall.png is 7 x 50; 1 of 2 inputs have another aspect ratio (e.g. a is 32" in (
+        caplog.text
+    )
+    caplog.clear()
+    (tmp_path / "masks").mkdir()
+    Image.fromarray(tall).save(tmp_path / "masks" / "a.png")
+    Image.fromarray(tall[:14]).save(tmp_path / "masks" / "b.png")
+    with caplog.at_level("WARNING", logger="flowturbo.generate"):
+        gen.load_masks(str(tmp_path / "masks"), ["a", "b"], 32, [(7, 50), (32, 32)])
+    assert "1 of 2 masks have another aspect ratio than their input" in caplog.text
+    assert "b.png is 7 x 14, b 32 x 32" in caplog.text and "a.png" not in caplog.text
+
+
+def test_a_pick_target_without_a_sweep_is_refused(generate_cfg, tmp_path):
+    for key in ("max_fid", "max_ms"):
+        cfg = generate_cfg(tmp_path / "gen", "sampler.schedule=H2", f"pick.{key}=40")
+        with pytest.raises(ValueError, match=rf"pick\.{key}=40 without pick\.sweep"):
+            gen.choose_entry(cfg)
+
+
+def test_a_vae_for_a_pixel_model_is_dropped_with_a_warning(generate_cfg, tmp_path, caplog):
+    args = ["sampler.schedule=H2", "num_images=2"]
+    with caplog.at_level("WARNING", logger="flowturbo.generate"):
+        summary = generate_images(generate_cfg(tmp_path / "gen", *args, f"vae={tmp_path}"))
+    assert "ignored: the base works in pixel space (1 x 32 x 32 states)" in caplog.text
+    assert json.loads((Path(summary["out_dir"]) / "job.json").read_text())["vae"] is None
+    assert generate_images(generate_cfg(tmp_path / "gen", *args))["written"] == 0  # same job
+
+
+def test_config_mistakes_name_their_setting(generate_cfg, tmp_path):
+    for args, match in (
+        (["sampler.batch_size=0"], r"sampler\.batch_size must be a whole number >= 1, got 0"),
+        (["sampler.batch_size=2.5"], r"sampler\.batch_size must be"),
+        (["grid.num_images=many"], r"grid\.num_images must be"),
+        (["task=edit", "input=demo:val", "edit.strength=high"], r"edit\.strength .*got 'high'"),
+        (["task=edit", "input=demo:val", "edit.strength=1.5"], r"edit\.strength must be"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            generate_images(
+                generate_cfg(tmp_path / "gen", "sampler.schedule=H2", "num_images=2", *args)
+            )
+    assert not (tmp_path / "gen").exists()
+
+
+def test_a_damaged_job_json_or_output_image_is_named(generate_cfg, tmp_path):
+    cfg = generate_cfg(tmp_path / "gen", "sampler.schedule=H2", "num_images=3")
+    out = Path(generate_images(cfg)["out_dir"])
+    job = (out / "job.json").read_text()
+    for text in (job[:20], "[1, 2]"):
+        (out / "job.json").write_text(text)
+        with pytest.raises(RuntimeError, match=r"job.json is damaged.*delete that folder"):
+            generate_images(cfg)
+    (out / "job.json").write_text(job)
+
+    image = out / "images" / "000001.png"
+    before = image.read_bytes()
+    image.write_bytes(b"")  # an empty file is not an image: it is written again
+    assert generate_images(cfg)["written"] == 1 and image.read_bytes() == before
+    image.write_bytes(before[:40])
+    with pytest.raises(ValueError, match=r"000001.png is not a readable image.*delete it"):
+        generate_images(cfg)

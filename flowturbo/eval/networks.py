@@ -107,8 +107,46 @@ def _load_refiner(path: str, arch: dict[str, Any] | None) -> nn.Module:
     else:
         refiner = build_from_checkpoint(path)
         if not isinstance(refiner, VelocityRefiner):
-            raise ValueError(f"{path} holds a {type(refiner).__name__}, not a VelocityRefiner")
+            raise ValueError(
+                f"model.refiner_ckpt={path} holds a {type(refiner).__name__}, not a "
+                "VelocityRefiner: set model.refiner_ckpt to the EMA refiner trained on this base "
+                "(checkpoints/<run>/ema.pt of a refiner run); a base checkpoint belongs in "
+                "model.base_ckpt"
+            )
     return refiner.eval().requires_grad_(False)
+
+
+def _check_refiner(refiner: nn.Module, base: nn.Module, model_cfg: DictConfig) -> None:
+    """Refuses a refiner made for another base, before any sampling.
+
+    The refiner takes the base's state and velocity concatenated (2C channels) at the base's
+    resolution, and the same labels: guidance gives both the base's null class
+    (``num_classes``), which a refiner of more classes would read as a real class.
+    """
+    embed = refiner.x_embedder.proj.weight.shape[1]  # 2C: state and velocity
+    misfits = []
+    if embed != 2 * base.in_channels:
+        misfits.append(
+            f"the refiner takes {embed} channels (state and velocity), the base's states have "
+            f"{base.in_channels} (a refiner for them takes {2 * base.in_channels})"
+        )
+    if refiner.input_size != base.input_size:
+        misfits.append(
+            f"the refiner works at {refiner.input_size} x {refiner.input_size}, the base at "
+            f"{base.input_size} x {base.input_size}"
+        )
+    if refiner.num_classes != base.num_classes:
+        misfits.append(
+            f"the refiner has {refiner.num_classes} classes, the base {base.num_classes} "
+            f"(guidance gives both the base's null class, label {base.num_classes})"
+        )
+    if misfits:
+        arch = " (or fix model.refiner_arch)" if model_cfg.get("refiner_arch") else ""
+        raise ValueError(
+            f"model.refiner_ckpt={model_cfg.refiner_ckpt} does not fit "
+            f"model.base_ckpt={model_cfg.base_ckpt}: {'; '.join(misfits)}. Set "
+            f"model.refiner_ckpt to the refiner trained on this base{arch}"
+        )
 
 
 def load_networks(cfg: DictConfig, device: torch.device, *, need_refiner: bool) -> Networks:
@@ -137,7 +175,9 @@ def load_networks(cfg: DictConfig, device: torch.device, *, need_refiner: bool) 
             raise ValueError("schedules with R steps need the refiner: set model.refiner_ckpt=...")
         r_arch = m.get("refiner_arch")
         r_arch = OmegaConf.to_container(r_arch, resolve=True) if r_arch else None
-        refiner = _load_refiner(m.refiner_ckpt, r_arch).to(device)
+        refiner = _load_refiner(m.refiner_ckpt, r_arch)
+        _check_refiner(refiner, base, m)
+        refiner = refiner.to(device)
     vae = None
     if base.in_channels == 4:  # a latent model: images come from the SD VAE
         if not cfg.get("vae"):
