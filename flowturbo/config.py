@@ -47,3 +47,13 @@ def check_required(cfg: DictConfig, command: str) -> None:
             f"Add them to the command line, e.g. `{command} {example}` (each is a path to a "
             "file or folder on this machine; see the comments in conf/ for what each expects)"
         )
+
+
+def check_int(cfg: DictConfig, key: str, minimum: int, why: str = "") -> int:
+    """The setting ``key``, an integer >= ``minimum``; anything else is an error naming the key
+    (and ``why``, when given)."""
+    value = OmegaConf.select(cfg, key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        why = f" {why}" if why else ""
+        raise ValueError(f"{key} must be an integer >= {minimum}{why}, got {value!r}")
+    return value

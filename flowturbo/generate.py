@@ -49,6 +49,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image
 from torch import Tensor
 
+from flowturbo.config import check_int
 from flowturbo.eval.atomic import atomic_path
 from flowturbo.eval.entries import SweepEntry, parse_entry
 from flowturbo.eval.fidelity import IMAGE_SUFFIXES
@@ -724,14 +725,6 @@ def _edit_strength(value: Any) -> float:
     return float(value)
 
 
-def _whole_number(cfg: DictConfig, key: str, minimum: int) -> int:
-    """The setting ``key``, an integer >= minimum; anything else is an error naming the key."""
-    value = OmegaConf.select(cfg, key)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{key} must be a whole number >= {minimum}, got {value!r}")
-    return value
-
-
 def save_png(image: Tensor, path: Path) -> None:
     """(C, H, W) uint8 -> a PNG, written atomically (grey for one channel)."""
     array = image.permute(1, 2, 0).numpy()
@@ -880,8 +873,8 @@ def generate_images(cfg: DictConfig) -> dict[str, Any]:
 
     register_resolvers()
     check_required(cfg, command_line("generate.py"))
-    batch_size = _whole_number(cfg, "sampler.batch_size", 1)
-    grid_images = _whole_number(cfg, "grid.num_images", 0)
+    batch_size = check_int(cfg, "sampler.batch_size", 1)
+    grid_images = check_int(cfg, "grid.num_images", 0)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     entry, row = choose_entry(cfg)

@@ -464,7 +464,7 @@ def test_a_vae_for_a_pixel_model_is_dropped_with_a_warning(generate_cfg, tmp_pat
 
 def test_config_mistakes_name_their_setting(generate_cfg, tmp_path):
     for args, match in (
-        (["sampler.batch_size=0"], r"sampler\.batch_size must be a whole number >= 1, got 0"),
+        (["sampler.batch_size=0"], r"sampler\.batch_size must be an integer >= 1, got 0"),
         (["sampler.batch_size=2.5"], r"sampler\.batch_size must be"),
         (["grid.num_images=many"], r"grid\.num_images must be"),
         (["task=edit", "input=demo:val", "edit.strength=high"], r"edit\.strength .*got 'high'"),

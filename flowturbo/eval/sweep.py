@@ -48,6 +48,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from flowturbo.config import check_int
 from flowturbo.eval.atomic import atomic_path
 from flowturbo.eval.entries import SweepEntry, sweep_entries
 from flowturbo.eval.fidelity import (
@@ -553,11 +554,11 @@ def check_settings(cfg: DictConfig) -> None:
             setting out of range (``batch``, ``repeats`` < 1, ``warmup`` < 0) when some latency
             is measured.
     """
-    _check_int(cfg, "sampler.batch_size", 1)
-    _check_int(cfg, "fid.batch_size", 1)
-    n = _check_int(cfg, "fid.num_images", 2, "(FID needs a covariance of the images)")
+    check_int(cfg, "sampler.batch_size", 1)
+    check_int(cfg, "fid.batch_size", 1)
+    n = check_int(cfg, "fid.num_images", 2, "(FID needs a covariance of the images)")
     if int(cfg.ref_error.num_images) > 0 and cfg.ref_error.solver == "heun":
-        _check_int(cfg, "ref_error.steps", 1)
+        check_int(cfg, "ref_error.steps", 1)
     if cfg.fid.isc and n < ISC_SPLITS:
         raise ValueError(
             f"fid.num_images={n}: the Inception Score needs at least {ISC_SPLITS} images (one "
@@ -571,9 +572,9 @@ def check_settings(cfg: DictConfig) -> None:
         )
     lat = cfg.latency
     if lat.eager or lat.compiled or (lat.decode and cfg.get("vae")):
-        _check_int(cfg, "latency.batch", 1)
-        _check_int(cfg, "latency.repeats", 1)
-        _check_int(cfg, "latency.warmup", 0)
+        check_int(cfg, "latency.batch", 1)
+        check_int(cfg, "latency.repeats", 1)
+        check_int(cfg, "latency.warmup", 0)
 
 
 def check_fid(cfg: DictConfig) -> Reference:
@@ -626,14 +627,6 @@ def _named(key: str, value: Any) -> Iterator[None]:
     except (FileNotFoundError, ValueError) as err:
         kind = FileNotFoundError if isinstance(err, FileNotFoundError) else ValueError
         raise kind(f"{key}={value}: {err}") from err
-
-
-def _check_int(cfg: DictConfig, key: str, minimum: int, why: str = "") -> int:
-    value = OmegaConf.select(cfg, key)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        why = f" {why}" if why else ""
-        raise ValueError(f"{key} must be an integer >= {minimum}{why}, got {value!r}")
-    return value
 
 
 def plan_work(
