@@ -50,7 +50,7 @@ from PIL import Image
 from torch import Tensor
 
 from flowturbo.config import check_int
-from flowturbo.eval.atomic import atomic_path
+from flowturbo.eval.atomic import atomic_path, is_temporary, remove_leftovers
 from flowturbo.eval.entries import SweepEntry, parse_entry
 from flowturbo.eval.fidelity import IMAGE_SUFFIXES
 from flowturbo.eval.networks import (
@@ -308,7 +308,8 @@ def load_inputs(spec: str, channels: int, size: int, limit: int | None = None) -
     if root.is_file():
         files, base = [root], root.parent
     elif root.is_dir():
-        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        images = (p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(p for p in images if not is_temporary(p))  # a killed writer's
         base = root
     else:
         raise FileNotFoundError(
@@ -759,6 +760,9 @@ class ImageWriter(L.LightningModule):
                 module.to(self.device)
         self.nets = dataclasses.replace(n, device=self.device)
         self.job.check_folder()
+        if self.job.done() < len(self.job.names):  # they would not be this job's
+            for summary in ("grid.png", "samples.npz"):
+                (self.job.out_dir / summary).unlink(missing_ok=True)
 
     def predict_step(self, batch: Tensor, batch_idx: int) -> int:
         """Writes the batch's images that do not exist yet; returns how many it wrote."""
@@ -801,8 +805,10 @@ class ImageWriter(L.LightningModule):
         self.trainer.strategy.barrier()
 
     def finish(self) -> None:
-        """The grid and the .npz, once every image exists."""
+        """The grid and the .npz, once every image exists (every rank is done writing: the
+        temporary files of killed runs are removed first)."""
         job = self.job
+        remove_leftovers(job.out_dir / "images")
         missing = [job.names[i] for i in range(len(job.names)) if not job.exists(i)]
         if missing:
             log.warning(

@@ -104,6 +104,41 @@ def test_a_folder_made_with_other_settings_is_refused_and_more_images_extend_it(
     )
 
 
+def test_a_killed_writers_leftovers_are_not_read_and_stale_summaries_are_dropped(
+    generate_cfg, tmp_path, monkeypatch
+):
+    """kill -9 during a PNG's rename leaves .<name>.<random>.tmp.png; a larger job stopped
+    half-way left the smaller job's samples.npz and grid.png as if they were its own."""
+    from flowturbo.eval.fidelity import load_reference
+
+    small = generate_images(
+        generate_cfg(tmp_path, "sampler.schedule=H2", "num_images=4", "npz=true")
+    )
+    images = Path(small["out_dir"]) / "images"
+    leftover = images / ".000004.k2j9x_0a.tmp.png"
+    leftover.write_bytes((images / "000000.png").read_bytes())
+    assert len(load_reference(str(images))) == 4  # an FID reference does not count it
+    summary = generate_images(
+        generate_cfg(tmp_path / "in", f"input={images}", "task=edit", "sampler.schedule=H2")
+    )
+    assert summary["images"] == 4  # nor does generate.py's input=
+
+    def stop(image, path):
+        if path.name == "000006.png":
+            raise RuntimeError("killed")
+        save(image, path)
+
+    save = gen.save_png
+    monkeypatch.setattr(gen, "save_png", stop)
+    with pytest.raises(RuntimeError, match="killed"):
+        generate_images(generate_cfg(tmp_path, "sampler.schedule=H2", "num_images=8", "npz=true"))
+    out = Path(small["out_dir"])
+    assert not (out / "samples.npz").exists() and not (out / "grid.png").exists()
+    monkeypatch.undo()
+    generate_images(generate_cfg(tmp_path, "sampler.schedule=H2", "num_images=8", "npz=true"))
+    assert len(np.load(out / "samples.npz")["arr_0"]) == 8 and not leftover.exists()
+
+
 def test_inpaint_keeps_the_known_pixels_exactly_and_counts_unreadable_inputs(
     generate_cfg, tmp_path
 ):

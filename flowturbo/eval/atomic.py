@@ -4,9 +4,29 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+#: Names of atomic_path's temporary files: ".<stem>.<8 random chars>.tmp<suffix>" (mkstemp's).
+TEMP_NAME = re.compile(r"\..*\.[a-z0-9_]{8}\.tmp(\.[^.]*)?")
+
+
+def is_temporary(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names one of :func:`atomic_path`'s temporary files (never a result:
+    readers of a folder skip them; one that outlived its process was never completed)."""
+    return TEMP_NAME.fullmatch(Path(path).name) is not None
+
+
+def remove_leftovers(folder: str | os.PathLike) -> int:
+    """Deletes the temporary files of writers killed in ``folder`` (not recursive); returns
+    how many. Call it only when no writer is at work there."""
+    folder = Path(folder)
+    stale = [p for p in folder.iterdir() if is_temporary(p)] if folder.is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return len(stale)
 
 
 @contextlib.contextmanager

@@ -42,6 +42,8 @@ import torch_fidelity
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from flowturbo.eval.atomic import is_temporary
+
 log = logging.getLogger(__name__)
 
 INCEPTION = "inception-v3-compat"
@@ -446,7 +448,9 @@ class ImageFolderImages(Dataset):
         """
         root = Path(root)
         candidates = sorted(
-            p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+            p
+            for p in root.rglob("*")
+            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not is_temporary(p)
         )
         if not candidates:
             raise FileNotFoundError(
