@@ -13,6 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from flowturbo.config import check_required, command_line, register_resolvers
+from flowturbo.lit.common import AtomicCheckpointIO
 from flowturbo.models import save_checkpoint
 
 register_resolvers()
@@ -130,7 +131,12 @@ def train(cfg: DictConfig) -> dict:
     ckpt_path = resume_path(cfg)
     if ckpt_path is not None:
         check_resumable(ckpt_path, module)
-    trainer = instantiate(cfg.trainer, callbacks=make_callbacks(cfg), logger=make_loggers(cfg))
+    trainer = instantiate(
+        cfg.trainer,
+        callbacks=make_callbacks(cfg),
+        logger=make_loggers(cfg),
+        plugins=[AtomicCheckpointIO()],  # last.ckpt whole or not at all, whatever TMPDIR is
+    )
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     if not trainer.callback_metrics:  # resumed a finished run: nothing trained, nothing measured
         trainer.validate(module, datamodule=datamodule, verbose=False)

@@ -151,6 +151,27 @@ def test_a_damaged_last_checkpoint_is_named_with_what_to_do(tmp_path, base_file)
         refiner_module(base_file, label_dropout=2.0)
 
 
+def test_checkpoints_are_written_in_their_own_folder_whatever_tmpdir_is(
+    tmp_path, base_file, monkeypatch
+):
+    """Lightning's default writes through TMPDIR and moves the file; across file systems (a
+    cluster's node-local /tmp) a move is a copy, and a kill during it cuts last.ckpt off."""
+    import tempfile
+
+    from flowturbo.lit.common import AtomicCheckpointIO
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no_tmpdir"))  # nothing may go there
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    module = refiner_module(base_file)
+    fit = trainer(
+        tmp_path, 2, callbacks=[ckpt], limit_val_batches=0, plugins=[AtomicCheckpointIO()]
+    )
+    fit.fit(module, loader())
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert saved["global_step"] == 2
+    assert [p.name for p in (tmp_path / "ckpt").iterdir() if p.name.startswith(".")] == []
+
+
 def test_missing_or_wrong_base_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="model.base.path"):
         load_frozen_base(str(tmp_path / "nope.pt"))

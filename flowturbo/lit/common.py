@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
@@ -57,3 +60,23 @@ def seeded_noise(like: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Ten
     x0 = torch.randn(like.shape, generator=g).to(like)
     t = torch.rand(like.shape[0], generator=g).to(like.device)
     return x0, t
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes a checkpoint to a temporary file in its own folder, then renames it into place.
+
+    Lightning's default writes local checkpoints through a temporary file in ``TMPDIR`` and
+    moves it: on a cluster, where ``TMPDIR`` is another file system, that move is a copy, and a
+    job killed during it leaves ``last.ckpt`` cut off and the previous one lost. A rename in one
+    folder is all or nothing. Remote paths (``s3://...``) are left to Lightning.
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None
+    ) -> None:
+        from flowturbo.eval.atomic import atomic_path  # flowturbo.eval imports torch-fidelity
+
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        with atomic_path(path) as tmp:
+            torch.save(checkpoint, tmp)
