@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -126,6 +127,53 @@ def test_image_shards_round_trip_skips_and_resume(tmp_path, caplog):
         write_image_shards(root, out, shard_size=8, workers=0, progress=False)
     again = write_image_shards(root, out, shard_size=8, workers=0, resume=False, progress=False)
     assert again.total == 31
+
+
+def _interrupt(out: Path, keep: int) -> None:
+    """Make ``out`` look like a run stopped after ``keep`` shards."""
+    manifest = Manifest.load(out)
+    for s in manifest.shards[keep:]:
+        (out / s.name).unlink()
+    manifest.shards, manifest.complete = manifest.shards[:keep], False
+    manifest.save(out / "manifest.json")
+
+
+def test_image_shards_resumed_from_another_folder_with_the_same_layout_are_refused(tmp_path):
+    first, second, out = tmp_path / "a", tmp_path / "b", tmp_path / "shards"
+    _image_folder(first)
+    write_image_shards(first, out, shard_size=8, workers=0, progress=False)
+    _interrupt(out, 2)
+    _image_folder(second)  # same names, classes and pixels: another folder, other files
+    with pytest.raises(ValueError, match="resume=False") as err:
+        write_image_shards(second, out, shard_size=8, workers=0, progress=False)
+    assert f"source {str(first.resolve())!r}, now {str(second.resolve())!r}" in str(err.value)
+    assert not Manifest.load(out).complete  # nothing written from the second folder
+
+    # a manifest of the older writer (no recorded parts) is refused too
+    old = Manifest.load(out)
+    del old.meta["fingerprint_parts"]
+    old.fingerprint = "0" * 64
+    old.save(out / "manifest.json")
+    with pytest.raises(ValueError, match="older writer's.*resume=False"):
+        write_image_shards(first, out, shard_size=8, workers=0, progress=False)
+
+
+def test_image_shards_refuse_to_resume_after_a_file_changed(tmp_path):
+    root, out = tmp_path / "folder", tmp_path / "shards"
+    _image_folder(root)
+    write_image_shards(root, out, shard_size=8, workers=0, progress=False)
+    _interrupt(out, 3)
+    changed = root / "ant" / "ant_0.JPEG"  # in the first, finished shard
+    before = changed.stat()
+    changed.write_bytes(changed.read_bytes()[::-1])  # same size, other bytes
+    assert changed.stat().st_size == before.st_size
+    assert changed.stat().st_mtime_ns != before.st_mtime_ns
+    with pytest.raises(ValueError, match="files '[0-9a-f]+', now '[0-9a-f]+'.*resume=False"):
+        write_image_shards(root, out, shard_size=8, workers=0, progress=False)
+    rewritten = write_image_shards(
+        root, out, shard_size=8, workers=0, resume=False, progress=False
+    )
+    assert rewritten.complete and rewritten.num_skipped == 2  # broken.JPEG and the reversed file
 
 
 # ----------------------------------------------------------------------------- demo set
@@ -556,6 +604,33 @@ def test_latent_shards_shapes_scale_flip_and_datamodule(tmp_path, tiny_vae):
     x, y = next(iter(dm.train_dataloader()))
     assert x.shape == (6, 4, 16, 16) and x.dtype == torch.float32 and y.dtype == torch.int64
     assert sum(len(y) for _, y in dm.val_dataloader()) == 30
+
+
+def test_latent_shards_refuse_to_resume_with_another_vae_dtype_or_weights(tmp_path, tiny_vae):
+    from diffusers import AutoencoderKL
+
+    vae_path = tmp_path / "vae"
+    shutil.copytree(tiny_vae[0], vae_path)
+    _id_shards(tmp_path / "images", 12, 4)
+    out = tmp_path / "latents"
+
+    def encode(**kwargs):
+        settings = dict(resolution=8, batch_size=4, flip=False, device="cpu", progress=False)
+        return write_latent_shards(tmp_path / "images", out, vae_path, **settings, **kwargs)
+
+    encode()
+    _interrupt(out, 1)
+    with pytest.raises(ValueError, match="vae_dtype 'float32', now 'bfloat16'.*resume=False"):
+        encode(vae_dtype="bfloat16")
+
+    # other weights saved to the same folder
+    torch.manual_seed(1)
+    AutoencoderKL(block_out_channels=(32,), latent_channels=4, sample_size=32).save_pretrained(
+        vae_path
+    )
+    with pytest.raises(ValueError, match="vae_weights '[0-9a-f]+', now '[0-9a-f]+'"):
+        encode()
+    assert encode(resume=False).total == 12
 
 
 def test_missing_vae_folder_says_how_to_get_it(tmp_path):

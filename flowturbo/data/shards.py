@@ -18,8 +18,13 @@ All writers share one code path (:func:`_write_shard_set`):
   on a re-run with ``resume=True`` a shard recorded there whose file still has the recorded
   size is skipped; any other shard of the plan (missing, unrecorded, or of the wrong size, e.g.
   left by an interrupted run) is rewritten, and leftover temporary files are removed;
-- the manifest stores a fingerprint of the inputs and settings; resuming into a directory
-  written from different inputs raises instead of mixing two data sets;
+- the manifest stores a fingerprint of what determines the shard bytes, and its parts under
+  ``meta["fingerprint_parts"]``: the resolved source, a hash of every input file's path, class,
+  size and modification time (one ``stat`` per file, contents unread), and for latents the
+  encoder settings, the VAE dtype and a hash of the VAE's weight files; resuming into a
+  directory written from different inputs or settings raises, naming the parts that differ,
+  instead of mixing two data sets (a copy of the inputs that changes modification times counts
+  as different);
 - samples that cannot be read are skipped, counted and listed under ``skipped`` in the
   manifest (per shard and in total), never dropped silently.
 
@@ -68,8 +73,10 @@ VAE_HINT = (
     "`AutoencoderKL.from_pretrained('stabilityai/sd-vae-ft-ema').save_pretrained(FOLDER)`; "
     "nothing is downloaded at run time"
 )
+_VAE_FILE_SUFFIXES = (".json", ".safetensors", ".bin")  # diffusers config and weights
 _TAR_MTIME = 946684800  # fixed member timestamp (2000-01-01) so shard bytes are reproducible
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
+_PARTS = "fingerprint_parts"  # manifest meta key: what the fingerprint hashes, by name
 
 
 # ----------------------------------------------------------------------------- manifest
@@ -107,7 +114,8 @@ class Manifest:
         classes: Class names, index = position (ImageFolder order), or None.
         complete: True once every shard of the plan is written.
         fingerprint: Hash of the inputs and settings, used to refuse resuming into a
-            directory written from something else; None when unknown.
+            directory written from something else (its parts, when the writer records them,
+            are ``meta["fingerprint_parts"]``); None when unknown.
         meta: Free-form settings (resolution, VAE folder, latent scale, ...).
     """
 
@@ -422,8 +430,8 @@ def _write_shard_set(
         )
         if not same:
             raise ValueError(
-                f"{manifest_path} was written from other inputs or settings (kind "
-                f"{previous.kind!r}, shard_size {previous.shard_size}); pass resume=False to "
+                f"{manifest_path} was written from other inputs or settings "
+                f"({_differences(previous, template)}); pass resume=False to "
                 "rewrite the directory, or choose another output directory"
             )
         for s in previous.shards:
@@ -490,6 +498,41 @@ def _name(s: ShardInfo) -> str:
 
 def _fingerprint(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _differences(previous: Manifest, template: Manifest) -> str:
+    """What differs between a directory's manifest and a new run, for the resume error."""
+    old = {"kind": previous.kind, "shard_size": previous.shard_size}
+    new = {"kind": template.kind, "shard_size": template.shard_size}
+    note = ""
+    if _PARTS in previous.meta and _PARTS in template.meta:
+        old.update(previous.meta[_PARTS])
+        new.update(template.meta[_PARTS])
+    elif _PARTS in template.meta:
+        note = "; its manifest, an older writer's, does not record what the fingerprint covers"
+    diffs = [
+        f"{k} {old.get(k)!r}, now {new.get(k)!r}"
+        for k in sorted(old.keys() | new.keys())
+        if old.get(k) != new.get(k)
+    ]
+    return ("; ".join(diffs) or f"kind {previous.kind!r}, shard_size {previous.shard_size}") + note
+
+
+def _stat_digest(entries: Iterable[tuple[str, str]]) -> str:
+    """Hash of ``(path, name)`` entries: each name with its file's size and modification time.
+
+    One ``stat`` per file and no contents read (seconds for ImageNet's 1.28 M files on a local
+    disk), so it changes when a file is added, removed, renamed, rewritten or touched. A file
+    that cannot be stat-ed counts as missing.
+    """
+    h = hashlib.sha256()
+    for path, name in entries:
+        try:
+            st = os.stat(path)
+            h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{name}\0missing\n".encode())
+    return h.hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------- image folders
@@ -618,12 +661,18 @@ def write_image_shards(
     items = [(i, rel, label) for i, (rel, label) in enumerate(files)]
     chunks = _chunks(items, shard_size)
     jobs = [(i, _ImageFolderJob(str(root), list(c))) for i, c in enumerate(chunks)]
+    source = str(Path(root).resolve())
+    parts = {
+        "source": source,
+        "num_files": len(files),
+        "files": _stat_digest((os.path.join(root, rel), f"{rel}\0{y}") for rel, y in files),
+    }
     template = Manifest(
         kind="image",
         shard_size=shard_size,
         classes=classes,
-        fingerprint=_fingerprint("image", shard_size, files),
-        meta={"source": str(Path(root).resolve())},
+        fingerprint=_fingerprint("image", shard_size, parts),
+        meta={"source": source, _PARTS: parts},
     )
     workers = (os.cpu_count() or 1) if workers is None else workers
     return _write_shard_set(
@@ -865,6 +914,16 @@ def load_vae(vae_path: str | os.PathLike, device: Any = "cpu", dtype: Any = None
     return vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
+def _vae_fingerprint(vae_path: str | os.PathLike) -> str:
+    """Hash of the VAE folder's config and weight files, by content (memoised per file)."""
+    from flowturbo.eval.networks import fingerprint
+
+    files = sorted(
+        p for p in Path(vae_path).iterdir() if p.is_file() and p.suffix in _VAE_FILE_SUFFIXES
+    )
+    return _fingerprint({p.name: fingerprint(p) for p in files})[:16]
+
+
 def write_latent_shards(
     source: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -929,16 +988,17 @@ def write_latent_shards(
         sources: list[Callable[[], Iterator[Any]]] = [
             _FolderInputs(str(source), list(c)) for c in chunks
         ]
-        fingerprint_inputs: Any = inputs
+        entries = ((os.path.join(source, rel), f"{rel}\0{y}") for rel, y in inputs)
     else:
         sources = [_ShardInputs(p) for p in inputs]
-        fingerprint_inputs = [(p, os.path.getsize(p)) for p in inputs]
+        entries = ((p, os.path.abspath(p)) for p in inputs)
     jobs = [
         (i, _LatentJob(src, encoder, resolution, batch_size, flip, decode_workers))
         for i, src in enumerate(sources)
     ]
     settings = {
         "vae_path": str(Path(vae_path).resolve()),
+        "vae_dtype": vae_dtype,
         "resolution": resolution,
         "scale": scale,
         "posterior": "mean",
@@ -946,12 +1006,19 @@ def write_latent_shards(
         "dtype": "float16",
         "source": str(source),
     }
+    parts = {
+        "source": str(Path(str(source)).resolve()) if Path(str(source)).exists() else str(source),
+        "num_inputs": len(inputs),
+        "inputs": _stat_digest(entries),
+        "vae_weights": _vae_fingerprint(vae_path),
+        **{k: v for k, v in settings.items() if k not in ("vae_path", "source")},
+    }
     template = Manifest(
         kind="latent",
         shard_size=shard_size,
         classes=classes,
-        fingerprint=_fingerprint("latent", settings, fingerprint_inputs),
-        meta=settings,
+        fingerprint=_fingerprint("latent", shard_size, parts),
+        meta={**settings, _PARTS: parts},
     )
     manifest = _write_shard_set(
         Path(out_dir),
