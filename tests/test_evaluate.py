@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -493,6 +494,79 @@ def test_a_changed_setting_recomputes_only_what_it_affects(assets, tmp_path, mon
     rows = json.loads((out / "results.json").read_text())
     assert [r["ms_per_image_eager"] for r in rows] == [None, None]
     assert all(r["fid"] is not None for r in rows)
+
+
+#: A quick sweep: one image batch per entry, no reference error, no grid.
+QUICK = [
+    "sweep.baselines.euler=[]",
+    "fid.num_images=16",
+    "ref_error.num_images=0",
+    "grid.num_images=0",
+]
+
+
+def test_a_half_written_row_file_is_not_summarised_and_is_removed(assets, tmp_path, monkeypatch):
+    """A job killed while writing a row left rows/.<entry>.<random>.tmp.json (atomic_path's
+    temporary file): every later summary showed the entry twice, once without its latency."""
+    out = tmp_path / "sweep"
+    sweep.run_sweep(tiny(assets, out, "sweep.schedules=[H2]", *QUICK))
+    stored = json.loads((out / "rows" / "H2.json").read_text())
+    del stored["parts"]["latency"]  # killed before the latency was stored
+    stale = out / "rows" / ".H2.k3x_9q2a.tmp.json"
+    stale.write_text(json.dumps(stored))
+    long_ago = time.time() - 3600
+    os.utime(stale, (long_ago, long_ago))
+    writing = out / "rows" / ".H2.abcd1234.tmp.json"  # another job is writing it now
+    writing.write_text(json.dumps(stored))
+
+    monkeypatch.setattr(sweep, "load_networks", _no_models)
+    result = sweep.run_sweep(tiny(assets, out, "sweep.schedules=[H2]", *QUICK))
+    assert [r["schedule"] for r in result["rows"]] == ["H2"]
+    assert result["rows"][0]["ms_per_image_eager"] > 0
+    assert [r["schedule"] for r in json.loads((out / "results.json").read_text())] == ["H2"]
+    assert not stale.exists() and writing.exists()
+    assert sorted(p.name for p in (out / "rows").iterdir()) == [writing.name, "H2.json"]
+    assert [r["schedule"] for r in summary_mod.load_rows(out)] == ["H2"]
+
+
+def test_latencies_timed_in_different_sessions_are_named_in_the_summary(
+    assets, tmp_path, caplog, capsys, monkeypatch
+):
+    """A rerun times only the entries it recomputes: their latencies are not comparable with the
+    others' (another session, another load on the machine), and the summary says so."""
+    out = tmp_path / "sweep"
+    first = sweep.run_sweep(tiny(assets, out, "sweep.schedules=[H2,H1]", *QUICK))
+    sessions = {r["schedule"]: r["latency_session"] for r in first["rows"]}
+    assert sessions["H1"] == sessions["H2"] and sessions["H2"]  # timed together
+    assert "timing sessions" not in caplog.text + capsys.readouterr().out
+
+    second = sweep.run_sweep(tiny(assets, out, "sweep.schedules=[H2,H1,H3]", *QUICK))
+    again = {r["schedule"]: r["latency_session"] for r in second["rows"]}
+    assert again["H1"] == again["H2"] == sessions["H2"] != again["H3"]  # only H3 timed
+    stored = json.loads((out / "rows" / "H3.json").read_text())
+    assert stored["parts"]["latency"]["result"]["session"] == again["H3"]
+    assert "latencies from 2 timing sessions" in caplog.text
+    (line,) = [s for s in capsys.readouterr().out.splitlines() if "2 timing sessions" in s]
+    assert f"{again['H2']}: H1, H2" in line and f"{again['H3']}: H3" in line
+
+    # a row written before sessions were recorded: one unknown session, no crash
+    path = out / "rows" / "H2.json"
+    old = json.loads(path.read_text())
+    del old["parts"]["latency"]["result"]["session"]
+    path.write_text(json.dumps(old))
+    caplog.clear()
+    third = sweep.run_sweep(tiny(assets, out, "sweep.schedules=[H2,H1,H3]", *QUICK))
+    assert [r["latency_session"] for r in third["rows"] if r["schedule"] == "H2"] == [None]
+    assert "latencies from 3 timing sessions" in caplog.text
+    assert "unknown: H2" in capsys.readouterr().out
+
+    # latency.retime_all: every latency again, in one session; nothing else recomputed
+    generated = Counter(monkeypatch, "generate")
+    retimed = sweep.run_sweep(
+        tiny(assets, out, "sweep.schedules=[H2,H1,H3]", *QUICK, "latency.retime_all=true")
+    )
+    assert len({r["latency_session"] for r in retimed["rows"]}) == 1 and not generated.calls
+    assert "timing sessions" not in capsys.readouterr().out
 
 
 def test_single_schedule_jobs_share_the_folder_and_the_summary(assets, tmp_path, monkeypatch):

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+log = logging.getLogger(__name__)
 #: Names of atomic_path's temporary files: ".<stem>.<8 random chars>.tmp<suffix>" (mkstemp's).
 TEMP_NAME = re.compile(r"\..*\.[a-z0-9_]{8}\.tmp(\.[^.]*)?")
 
@@ -19,14 +22,29 @@ def is_temporary(path: str | os.PathLike) -> bool:
     return TEMP_NAME.fullmatch(Path(path).name) is not None
 
 
-def remove_leftovers(folder: str | os.PathLike) -> int:
-    """Deletes the temporary files of writers killed in ``folder`` (not recursive); returns
-    how many. Call it only when no writer is at work there."""
-    folder = Path(folder)
-    stale = [p for p in folder.iterdir() if is_temporary(p)] if folder.is_dir() else []
-    for p in stale:
-        p.unlink(missing_ok=True)
-    return len(stale)
+#: A temporary file this many seconds old was left by a killed writer (a result is written in
+#: well under a second); a younger one may be another job's write in progress.
+STALE_S = 60.0
+
+
+def remove_leftovers(folder: str | os.PathLike, older_than_s: float = STALE_S) -> list[Path]:
+    """Deletes the temporary files that killed writers left in ``folder`` (not recursive),
+    those at least ``older_than_s`` old, and logs them; returns them."""
+    folder, now = Path(folder), time.time()
+    stale = []
+    for p in sorted(folder.iterdir()) if folder.is_dir() else []:
+        with contextlib.suppress(FileNotFoundError):  # renamed or removed meanwhile
+            if is_temporary(p) and now - p.stat().st_mtime >= older_than_s:
+                p.unlink()
+                stale.append(p)
+    if stale:
+        log.warning(
+            "%s: removed %d temporary file(s) of a killed writer: %s",
+            folder,
+            len(stale),
+            ", ".join(p.name for p in stale[:5]),
+        )
+    return stale
 
 
 @contextlib.contextmanager

@@ -1,7 +1,8 @@
 """The summary of a sweep: merged rows, the Pareto plot, acceleration ratios, W&B.
 
 Reads every row file that :mod:`flowturbo.eval.sweep` wrote to ``<out_dir>/rows`` (one per
-entry, whichever job wrote it) and writes, atomically, into ``out_dir``:
+entry, whichever job wrote it; dot-files such as the temporary file of a killed job's
+unfinished write are not row files) and writes, atomically, into ``out_dir``:
 
 - ``results.json`` / ``results.csv``: one flat row per entry (:func:`flat_row`);
 - ``pareto.png``: FID against ms/img, eager and compiled panels, each with its front;
@@ -9,6 +10,9 @@ entry, whichever job wrote it) and writes, atomically, into ``out_dir``:
   solvers in the sweep (Euler, midpoint, multistep), the fastest FlowTurbo (and
   pseudo-corrector) row whose FID (or error to the reference solution) is no worse, eager
   against eager and compiled against compiled (:func:`acceleration_tables`).
+
+Latencies are fair to compare only when they were timed together: the summary names the
+timing sessions when its rows come from more than one (:func:`latency_sessions`).
 """
 
 from __future__ import annotations
@@ -54,6 +58,8 @@ BASELINE_NAMES = {
     "midpoint": "the midpoint solver",
     "multistep": "the multistep solver",
 }
+#: The timing session of latencies stored before sessions were recorded.
+UNKNOWN_SESSION = "unknown"
 
 
 def read_row(path: Path) -> dict[str, Any] | None:
@@ -107,6 +113,7 @@ def flat_row(row: dict[str, Any]) -> dict[str, Any]:
         "compiled": None if compiled is None else compiled["compiled"],
         "compile_s": None if compiled is None else compiled.get("compile_s"),
         "decode_ms_per_image": decode,
+        "latency_session": lat.get("session"),
         "batch": lat.get("batch"),
         "device": lat.get("device") or any_settings.get("device"),
         "machine": lat.get("machine"),
@@ -133,10 +140,16 @@ def _family(row: dict[str, Any]) -> Any:
         return row.get("family")
 
 
+def row_files(folder: Path) -> list[Path]:
+    """The row files in ``folder``: ``*.json`` except dot-files (pathlib's glob matches those),
+    such as the ``.<entry>.<random>.tmp.json`` of a write that never finished."""
+    return sorted(p for p in folder.glob("*.json") if not p.name.startswith("."))
+
+
 def load_rows(out_dir: Path) -> list[dict[str, Any]]:
     """Flat rows of every row file in ``out_dir/rows``, ordered by family, then cost."""
     rows = []
-    for path in sorted((out_dir / "rows").glob("*.json")):
+    for path in row_files(out_dir / "rows"):
         data = read_row(path)
         if data is None:
             log.warning("unreadable row file %s skipped", path)
@@ -169,6 +182,40 @@ def mixed_settings(rows: Sequence[dict[str, Any]]) -> list[str]:
             )
             out.append(f"{key}: {', '.join(parts)}")
     return out
+
+
+def latency_sessions(rows: Sequence[dict[str, Any]]) -> dict[str, list[str]]:
+    """The schedules whose latencies were timed together, per timing session (a pass of the
+    sweep that timed them in the same rounds), the unknown session and then the oldest first.
+
+    Rows without a latency are left out; rows whose latency has no session (stored before
+    sessions were recorded) form one session, :data:`UNKNOWN_SESSION`.
+    """
+    sessions: dict[str, list[str]] = {}
+    for r in rows:
+        timed = ("ms_per_image_eager", "ms_per_image_compiled", "decode_ms_per_image")
+        if all(r.get(k) is None for k in timed):
+            continue
+        session = str(r.get("latency_session") or UNKNOWN_SESSION)
+        sessions.setdefault(session, []).append(str(r["schedule"]))
+    return {
+        s: sorted(sessions[s]) for s in sorted(sessions, key=lambda s: (s != UNKNOWN_SESSION, s))
+    }
+
+
+def format_sessions(sessions: dict[str, list[str]]) -> str:
+    """Two lines naming the timing sessions and how to time every entry together; empty for
+    at most one session."""
+    if len(sessions) <= 1:
+        return ""
+    named = "; ".join(f"{s}: {', '.join(names)}" for s, names in sessions.items())
+    return (
+        f"latencies from {len(sessions)} timing sessions, not timed together ({named}): "
+        "latencies and acceleration ratios across sessions are not like for like.\n"
+        "To time every schedule together, rerun the whole sweep in one job (not one job per "
+        "schedule) with latency.retime_all=true: every latency is then measured again, in "
+        "the same rounds."
+    )
 
 
 def acceleration_tables(
@@ -277,9 +324,10 @@ def _num(v: Any) -> str:
 def summarize(out_dir: str | os.PathLike, cfg: DictConfig | None = None) -> dict[str, Any]:
     """Merges ``out_dir/rows/*.json`` into results.json/csv, pareto.png and acceleration.json.
 
-    Prints the results and the acceleration table; logs them to W&B when ``cfg.wandb``
-    enables it (offline unless configured or ``WANDB_MODE`` says otherwise) and the job
-    covers the whole sweep (not a single ``sampler.schedule`` job).
+    Prints the results, the timing sessions when there are several (also a warning) and the
+    acceleration table; logs them to W&B when ``cfg.wandb`` enables it (offline unless
+    configured or ``WANDB_MODE`` says otherwise) and the job covers the whole sweep (not a
+    single ``sampler.schedule`` job).
 
     Returns:
         ``{"rows": [...], "acceleration": [...], "out_dir": str}``.
@@ -303,6 +351,9 @@ def summarize(out_dir: str | os.PathLike, cfg: DictConfig | None = None) -> dict
             out_dir,
             "; ".join(mixed),
         )
+    sessions = format_sessions(latency_sessions(rows))
+    if sessions:
+        log.warning("%s: %s", out_dir, sessions.replace("\n", " "))
     tables = acceleration_tables(rows)
     with atomic_path(out_dir / "acceleration.json") as tmp:
         tmp.write_text(json.dumps(finite(tables), indent=2, allow_nan=False) + "\n")
@@ -311,6 +362,8 @@ def summarize(out_dir: str | os.PathLike, cfg: DictConfig | None = None) -> dict
     plot_sweep(rows, out_dir / "pareto.png", title=title)
     n = len(rows)
     print(f"\n{n} {'schedule' if n == 1 else 'schedules'} in {out_dir}:\n{format_rows(rows)}")
+    if sessions:
+        print(f"\n{sessions}")
     text = format_acceleration(tables)
     if text:
         print(f"\n{text}")

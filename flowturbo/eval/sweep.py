@@ -13,20 +13,23 @@ separately:
   first ``ref_error.num_images`` images;
 - ``latency``: ms per image of the sampler at ``latency.batch``, eager and with sample-aware
   compilation, and of the VAE decode; measured last, for all entries of the job together in
-  interleaved rounds (:func:`flowturbo.eval.latency.measure_latencies`).
+  interleaved rounds (:func:`flowturbo.eval.latency.measure_latencies`), each result marked
+  with the timing session (one id per pass of the sweep that timed entries together).
 
 The sweep folder (``out_dir``, not Hydra's timestamped run folder, so that multirun jobs and
 reruns share it) holds::
 
     rows/<entry>.json        one per entry, written atomically after every part, with the
-                             settings and their hash per part
+                             settings and their hash per part (a killed job's temporary
+                             ``rows/.<entry>.<random>.tmp.json`` is removed by the next run)
     grids/<entry>.png        the first few samples of the entry
     reference/ref-<hash>.pt  the reference ODE solution, keyed by its settings
     results.json, results.csv, pareto.png, acceleration.json      the summary
 
 Resume: a part whose settings hash equals the stored one is not recomputed; a changed setting
 recomputes only the parts it affects (e.g. ``latency.batch`` only the latency). The summary
-merges every row file in ``rows/`` and runs at the end of every job, or alone.
+merges every row file in ``rows/`` and runs at the end of every job, or alone; it names the
+timing sessions when a rerun timed only some entries.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import logging
 import os
 import platform
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -49,7 +53,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from flowturbo.config import check_int
-from flowturbo.eval.atomic import atomic_path
+from flowturbo.eval.atomic import atomic_path, remove_leftovers
 from flowturbo.eval.entries import SweepEntry, sweep_entries
 from flowturbo.eval.fidelity import (
     INCEPTION,
@@ -522,6 +526,7 @@ def run_sweep(cfg: DictConfig) -> dict[str, Any]:
 
     register_resolvers()
     out_dir = Path(cfg.out_dir)
+    remove_leftovers(out_dir / "rows")  # a killed job's half-written row files
     if cfg.get("summarize_only"):
         return summarize(out_dir, cfg)
     check_required(cfg, command_line("evaluate.py"))
@@ -632,7 +637,8 @@ def _named(key: str, value: Any) -> Iterator[None]:
 def plan_work(
     cfg: DictConfig, entries: Sequence[SweepEntry], device: torch.device, out_dir: Path
 ) -> list[tuple[SweepEntry, dict[str, dict], list[str]]]:
-    """What is left to do: per entry, the parts whose stored settings hash differs.
+    """What is left to do: per entry, the parts whose stored settings hash differs (and every
+    latency with ``latency.retime_all``).
 
     Returns:
         ``(entry, settings of every part, names of the parts to compute)`` for each entry
@@ -645,7 +651,10 @@ def plan_work(
             settings.pop("ref_error")
         parts = (read_row(row_path(out_dir, entry)) or {}).get("parts", {})
         missing = [
-            p for p in settings if parts.get(p, {}).get("hash") != settings_hash(settings[p])
+            p
+            for p in settings
+            if parts.get(p, {}).get("hash") != settings_hash(settings[p])
+            or (p == "latency" and cfg.latency.get("retime_all"))
         ]
         if missing:
             todo.append((entry, settings, missing))
@@ -696,13 +705,18 @@ def evaluate_latency(
     cfg: DictConfig,
     out_dir: Path,
 ) -> None:
-    """Measures the latency parts of these entries together, then writes each row file."""
+    """Measures the latency parts of these entries together, then writes each row file.
+
+    Every result gets the same ``session``: the start time of this timing pass and a random
+    suffix, by which the summary tells latencies timed together from the others.
+    """
     log.info("latency of %s, in interleaved rounds", ", ".join(e.label for e, _ in todo))
+    session = f"{time.strftime('%Y-%m-%dT%H:%M:%S')}-{uuid.uuid4().hex[:8]}"
     results = measure_entries_latency([entry for entry, _ in todo], nets, cfg)
     for entry, settings in todo:
         path = row_path(out_dir, entry)
         row, parts = _open_row(path, entry, settings)
-        _store(parts, "latency", settings, results[entry.key])
+        _store(parts, "latency", settings, results[entry.key] | {"session": session})
         write_row(path, row)
         log.info("%s: latency %s", entry.label, _latency_words(results[entry.key]))
 
