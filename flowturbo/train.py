@@ -7,6 +7,7 @@ import logging
 import os
 import uuid
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
@@ -49,11 +50,25 @@ def make_loggers(cfg: DictConfig) -> list:
 
 def make_callbacks(cfg: DictConfig) -> list[L.Callback]:
     """The configured callbacks (``cfg.callbacks``; null entries dropped) and, always,
-    :class:`~flowturbo.lit.callbacks.SeedEachRank`."""
-    from flowturbo.lit.callbacks import SeedEachRank
+    :class:`~flowturbo.lit.callbacks.SeedEachRank` and
+    :class:`~flowturbo.lit.callbacks.RecordSettings` (of :func:`run_settings`)."""
+    from flowturbo.lit.callbacks import RecordSettings, SeedEachRank
 
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    return [*callbacks, SeedEachRank(cfg.seed)]
+    return [*callbacks, SeedEachRank(cfg.seed), RecordSettings(run_settings(cfg))]
+
+
+def run_settings(cfg: DictConfig) -> dict[str, Any]:
+    """What a checkpoint records of its run, to compare on resume: ``model``, ``data``, seed."""
+    keep = {k: cfg.get(k) for k in ("model", "data", "seed")}
+    return OmegaConf.to_container(OmegaConf.create(keep), resolve=True)
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as ``{"model.optimizer.lr": value, ...}``."""
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree}
+    return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
 
 
 def wandb_run_id(cfg: DictConfig) -> str:
@@ -81,9 +96,12 @@ def resume_path(cfg: DictConfig) -> str | None:
     return None
 
 
-def check_resumable(path: str, module: L.LightningModule) -> None:
+def check_resumable(
+    path: str, module: L.LightningModule, settings: dict[str, Any] | None = None
+) -> None:
     """Refuses ``last.ckpt`` of another run (another experiment or architecture) in words,
-    before Lightning's load fails with every key listed."""
+    before Lightning's load fails with every key listed; warns, naming them, of ``settings``
+    (:func:`run_settings`) that differ from those the checkpoint recorded."""
     import torch
 
     try:
@@ -106,6 +124,19 @@ def check_resumable(path: str, module: L.LightningModule) -> None:
             f"not in this model and {len(reshaped)} differ in shape (e.g. {example!r}). Give "
             "this run its own name=..., or resume=false to start over (it overwrites that "
             "checkpoint)."
+        )
+    before = _flat(ckpt.get("settings") or {})
+    now = _flat(settings or {})
+    changed = sorted(k for k in before.keys() & now.keys() if before[k] != now[k])
+    if changed:
+        log.warning(
+            "resuming %s (step %s) with %d setting(s) other than the run that wrote it: %s. The "
+            "checkpoint's weights, optimizer state (its learning rate included) and step "
+            "carry on; to start over with these settings give another name=... or resume=false",
+            path,
+            ckpt.get("global_step"),
+            len(changed),
+            "; ".join(f"{k}: {before[k]!r} -> {now[k]!r}" for k in changed[:8]),
         )
 
 
@@ -130,7 +161,7 @@ def train(cfg: DictConfig) -> dict:
     check_data_kind(cfg, datamodule)
     ckpt_path = resume_path(cfg)
     if ckpt_path is not None:
-        check_resumable(ckpt_path, module)
+        check_resumable(ckpt_path, module, run_settings(cfg))
     trainer = instantiate(
         cfg.trainer,
         callbacks=make_callbacks(cfg),

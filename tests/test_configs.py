@@ -217,7 +217,7 @@ def tiny_net(kind):
     return [f"model.{kind}.name=SiT-Tiny/2"]
 
 
-def test_demo_base_then_demo_refiner_run_end_to_end(tmp_path, monkeypatch):
+def test_demo_base_then_demo_refiner_run_end_to_end(tmp_path, monkeypatch, caplog):
     """train.py's code path on the real demo data, with a tiny model: base, then refiner."""
     monkeypatch.setenv("FLOWTURBO_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
@@ -275,12 +275,12 @@ def test_demo_base_then_demo_refiner_run_end_to_end(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="export_dtype must be null .* got 'fp16'"):
         train(cfg_for([*refiner_cfg, "export_dtype=fp16"], tmp_path / "run_dtype"))
 
-    # a rerun resumes from last.ckpt and continues the step count
-    cfg = cfg_for(
-        ["experiment=demo_base", *TINY, *tiny_net("net"), "trainer.max_steps=5"], tmp_path / "run3"
-    )
+    # a rerun resumes from last.ckpt and continues the step count; changed settings are named
+    more = ["trainer.max_steps=5", "model.optimizer.lr=0.01"]
+    cfg = cfg_for(["experiment=demo_base", *TINY, *tiny_net("net"), *more], tmp_path / "run3")
     train(cfg)
     assert torch.load(base_file, weights_only=False)["step"] == 5
+    assert "with 1 setting(s) other than the run that wrote it: model.optimizer.lr" in caplog.text
 
 
 @pytest.mark.parametrize("callbacks", [[], ["~callbacks"]])
@@ -291,8 +291,8 @@ def test_training_always_seeds_each_rank(tmp_path, callbacks):
 
     cfg = cfg_for(["experiment=demo_refiner", "seed=7", *callbacks], tmp_path)
     made = make_callbacks(cfg)
-    assert len(made) == len(cfg.get("callbacks") or {}) + 1
-    assert isinstance(made[-1], SeedEachRank) and made[-1].seed == 7
+    (seeds,) = [c for c in made if isinstance(c, SeedEachRank)]
+    assert len(made) == len(cfg.get("callbacks") or {}) + 2 and seeds.seed == 7
 
 
 def test_a_resumed_run_continues_its_wandb_run(tmp_path):

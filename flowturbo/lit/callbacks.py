@@ -58,6 +58,23 @@ class SeedEachRank(L.Callback):
             torch.manual_seed(mix_seed(self.seed, trainer.global_rank, trainer.global_step))
 
 
+class RecordSettings(L.Callback):
+    """Stores the run's settings in every checkpoint (``checkpoint["settings"]``), so that a
+    resumed run can say which of them it changed (``train.py``'s ``check_resumable``).
+
+    Args:
+        settings: plain nested dicts (e.g. the resolved ``model`` and ``data`` configs).
+    """
+
+    def __init__(self, settings: dict[str, Any]):
+        self.settings = settings
+
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        checkpoint["settings"] = self.settings
+
+
 class CheckpointOnSignal(L.Callback):
     """Saves ``last.ckpt`` when SLURM warns that the job is about to be stopped, then requeues.
 
