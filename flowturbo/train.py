@@ -92,7 +92,7 @@ def resume_path(cfg: DictConfig) -> str | None:
     if cfg.resume and last.is_file():
         log.info("resuming from %s", last)
         return str(last)
-    log.info("starting fresh (no %s)" if cfg.resume else "starting fresh (resume=false)", last)
+    log.info("starting fresh (%s)", f"no {last}" if cfg.resume else "resume=false")
     return None
 
 

@@ -282,6 +282,14 @@ def test_demo_base_then_demo_refiner_run_end_to_end(tmp_path, monkeypatch, caplo
     assert torch.load(base_file, weights_only=False)["step"] == 5
     assert "with 1 setting(s) other than the run that wrote it: model.optimizer.lr" in caplog.text
 
+    # resume=false starts over and replaces last.ckpt: a last-v1.ckpt written beside it (the
+    # checkpoint callback's version counter) would be passed over by the next resume
+    fresh = ["experiment=demo_base", *TINY, *tiny_net("net"), "resume=false"]
+    train(cfg_for(fresh, tmp_path / "run4"))
+    ckpts = tmp_path / "checkpoints" / "demo_base"
+    assert [p.name for p in ckpts.glob("last*")] == ["last.ckpt"]
+    assert torch.load(ckpts / "last.ckpt", weights_only=False)["global_step"] == 3
+
 
 @pytest.mark.parametrize("callbacks", [[], ["~callbacks"]])
 def test_training_always_seeds_each_rank(tmp_path, callbacks):

@@ -172,6 +172,15 @@ def test_checkpoints_are_written_in_their_own_folder_whatever_tmpdir_is(
     assert [p.name for p in (tmp_path / "ckpt").iterdir() if p.name.startswith(".")] == []
 
 
+def test_the_modules_pickle_as_ddp_spawn_needs(base_file):
+    """ddp_spawn pickles the module; the EMA's update was a closure, which does not pickle."""
+    import pickle
+
+    for module in (FlowMatchingModule(tiny_sit(), AdamW), refiner_module(base_file)):
+        again = pickle.loads(pickle.dumps(module))
+        assert again.ema.n_averaged.item() == 0
+
+
 def test_missing_or_wrong_base_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="model.base.path"):
         load_frozen_base(str(tmp_path / "nope.pt"))

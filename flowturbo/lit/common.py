@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
 
 import torch
@@ -26,20 +27,20 @@ def ema_copy(net: nn.Module, decay: float) -> AveragedModel:
     """
     if not 0.0 <= decay < 1.0:
         raise ValueError(f"ema_decay must be in [0, 1), got {decay}")
-    ema = AveragedModel(net, multi_avg_fn=_warmup_ema(decay), use_buffers=True)
+    ema = AveragedModel(net, multi_avg_fn=partial(_warmup_ema, decay=decay), use_buffers=True)
     ema.requires_grad_(False)
     return ema
 
 
-def _warmup_ema(decay: float) -> Callable:
-    def update(ema_params: list, params: list, num_averaged: torch.Tensor) -> None:
-        # a tensor on the parameters' device: no host sync per training step
-        n = num_averaged.to(ema_params[0].dtype)
-        keep = torch.clamp((1 + n) / (10 + n), max=decay)
-        torch._foreach_mul_(ema_params, keep)
-        torch._foreach_add_(ema_params, torch._foreach_mul(params, 1 - keep))
-
-    return update
+def _warmup_ema(
+    ema_params: list, params: list, num_averaged: torch.Tensor, *, decay: float
+) -> None:
+    """One EMA update (a module-level function: ``ddp_spawn`` pickles the module)."""
+    # a tensor on the parameters' device: no host sync per training step
+    n = num_averaged.to(ema_params[0].dtype)
+    keep = torch.clamp((1 + n) / (10 + n), max=decay)
+    torch._foreach_mul_(ema_params, keep)
+    torch._foreach_add_(ema_params, torch._foreach_mul(params, 1 - keep))
 
 
 def optimizer_with_warmup(
