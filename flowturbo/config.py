@@ -57,3 +57,13 @@ def check_int(cfg: DictConfig, key: str, minimum: int, why: str = "") -> int:
         why = f" {why}" if why else ""
         raise ValueError(f"{key} must be an integer >= {minimum}{why}, got {value!r}")
     return value
+
+
+def check_enough_work(items: int, world_size: int, what: str) -> None:
+    """Lightning deals ``items`` out to ``world_size`` processes and needs one for each: say
+    so in words (its own assertion names neither)."""
+    if items < world_size:
+        raise ValueError(
+            f"{items} {what} for {world_size} processes: every process needs at least one; "
+            f"run on {items} device(s) (trainer.devices={items}) or give more {what}"
+        )

@@ -13,7 +13,12 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from flowturbo.config import check_required, command_line, register_resolvers
+from flowturbo.config import (
+    check_enough_work,
+    check_required,
+    command_line,
+    register_resolvers,
+)
 from flowturbo.lit.common import AtomicCheckpointIO
 from flowturbo.models import save_checkpoint
 
@@ -173,7 +178,8 @@ def train(cfg: DictConfig) -> dict:
         trainer.validate(module, datamodule=datamodule, verbose=False)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    skipped = getattr(datamodule, "skipped_summary", lambda: {})()
+    # the logged data/skipped* are summed over ranks; without LogSkippedSamples, this rank's
+    local = {} if "data/skipped" in metrics else getattr(datamodule, "skipped_summary", dict)()
     if trainer.is_global_zero:
         out = Path(cfg.ckpt_dir) / f"{export}.pt"
         net = module.ema.module if export == "ema" else module.trained_network
@@ -187,7 +193,7 @@ def train(cfg: DictConfig) -> dict:
         )
         log.info("%s weights (step %d) written to %s", export, trainer.global_step, out)
         summary = ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
-        print(f"done: step {trainer.global_step}; {summary}; data skipped: {skipped or 0}")
+        print(f"done: step {trainer.global_step}; {summary}" + (f"; {local}" if local else ""))
         print(f"{'EMA' if export == 'ema' else 'network'} weights: {out}")
     return metrics
 
@@ -242,6 +248,7 @@ def cache_trajectories(cfg: DictConfig) -> dict:
     module = TrajectoryCache(instantiate(cfg.cache.base), out_dir=cfg.out_dir, **settings)
     loader = DataLoader(ShardPlan(module.shards_per_split()), batch_size=1, shuffle=False)
     trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
+    check_enough_work(len(loader.dataset), trainer.world_size, "shards")
     before = module.shards_on_disk()  # counted here: ranks of a spawned run have own modules
     trainer.predict(module, dataloaders=loader, return_predictions=False)
     summary = {}

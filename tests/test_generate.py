@@ -141,6 +141,13 @@ def test_a_killed_writers_leftovers_are_not_read_and_stale_summaries_are_dropped
     assert len(np.load(out / "samples.npz")["arr_0"]) == 8 and not leftover.exists()
 
 
+def test_fewer_images_than_processes_is_said_in_words(generate_cfg, tmp_path):
+    """Lightning's predict sampler asserts one item per process, naming neither."""
+    ddp = ["trainer.devices=2", "+trainer.strategy=ddp_spawn", "num_images=1"]
+    with pytest.raises(ValueError, match=r"1 images for 2 processes: .* \(trainer.devices=1\)"):
+        generate_images(generate_cfg(tmp_path, "sampler.schedule=H2", *ddp))
+
+
 def test_inpaint_keeps_the_known_pixels_exactly_and_counts_unreadable_inputs(
     generate_cfg, tmp_path
 ):
