@@ -180,6 +180,9 @@ def train(cfg: DictConfig) -> dict:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     # the logged data/skipped* are summed over ranks; without LogSkippedSamples, this rank's
     local = {} if "data/skipped" in metrics else getattr(datamodule, "skipped_summary", dict)()
+    # under ddp_spawn this process did not train and its trainer's step stayed 0; the weights
+    # came back, and the EMA's update count (one per optimizer step) with them
+    step = max(trainer.global_step, int(module.ema.n_averaged))
     if trainer.is_global_zero:
         out = Path(cfg.ckpt_dir) / f"{export}.pt"
         net = module.ema.module if export == "ema" else module.trained_network
@@ -187,13 +190,13 @@ def train(cfg: DictConfig) -> dict:
             net,
             out,
             dtype=cfg.get("export_dtype"),
-            step=trainer.global_step,
+            step=step,
             metrics=metrics,
             run=OmegaConf.to_yaml(cfg),
         )
-        log.info("%s weights (step %d) written to %s", export, trainer.global_step, out)
+        log.info("%s weights (step %d) written to %s", export, step, out)
         summary = ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
-        print(f"done: step {trainer.global_step}; {summary}" + (f"; {local}" if local else ""))
+        print(f"done: step {step}; {summary}" + (f"; {local}" if local else ""))
         print(f"{'EMA' if export == 'ema' else 'network'} weights: {out}")
     return metrics
 

@@ -291,6 +291,17 @@ def test_demo_base_then_demo_refiner_run_end_to_end(tmp_path, monkeypatch, caplo
     assert torch.load(ckpts / "last.ckpt", weights_only=False)["global_step"] == 3
 
 
+def test_train_py_runs_under_ddp_spawn(tmp_path, monkeypatch):
+    """ddp_spawn (CPU multi-process) pickles the module, and the parent process's trainer never
+    sees the step: ema.pt recorded step 0."""
+    monkeypatch.setenv("FLOWTURBO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    ddp = ["trainer.devices=2", "+trainer.strategy=ddp_spawn", "callbacks.sample_grid=null"]
+    train(cfg_for(["experiment=demo_refiner", *TINY, *tiny_net("refiner"), *ddp], tmp_path))
+    ema = torch.load(tmp_path / "checkpoints/demo_refiner/ema.pt", weights_only=False)
+    assert ema["step"] == 3 and "val/error_ratio" in ema["metrics"]
+
+
 @pytest.mark.parametrize("callbacks", [[], ["~callbacks"]])
 def test_training_always_seeds_each_rank(tmp_path, callbacks):
     """Without SeedEachRank every DDP rank would draw the same noise (tests/test_data.py)."""
