@@ -675,16 +675,15 @@ def evaluate_entry(
     """Computes the ``missing`` quality and reference-error parts of one entry, rewriting its
     row file after each part (the latency parts of all entries: :func:`evaluate_latency`).
 
-    ``shared`` caches, across entries, the FID reference (``"reference"``) and the reference
-    ODE solution (``"solution"``).
+    ``shared`` holds, across entries, the FID reference (``"reference"``, read and checked by
+    :func:`check_fid` before any network is loaded) and the reference ODE solution
+    (``"solution"``, computed by the first entry that needs it).
     """
     path = row_path(out_dir, entry)
     row, parts = _open_row(path, entry, settings)
 
     kept = None
     if "quality" in missing:
-        if "reference" not in shared:
-            shared["reference"] = load_reference(str(cfg.fid.reference))
         keep = int(cfg.ref_error.num_images) if "ref_error" in missing else 0
         result, kept = measure_quality(entry, nets, cfg, shared["reference"], out_dir, keep)
         _store(parts, "quality", settings, result)
