@@ -35,8 +35,8 @@ from flowturbo.models import build_from_checkpoint
 @torch.no_grad()
 def errors(module: RefinerModule, loader, refiner) -> dict:
     total = {"refined": 0.0, "unrefined": 0.0, "n": 0}
-    for i, batch in enumerate(loader):
-        examples, kw = module.examples(batch, seed=i)
+    for x, y, ids in loader:  # each example's randomness drawn from its sample's id
+        examples, kw = module.examples(x, y, ids)
         n = examples.x.shape[0]
         total["refined"] += float(refiner_loss(refiner, examples, **kw)) * n
         total["unrefined"] += float(examples.target.float().pow(2).mean()) * n

@@ -246,7 +246,7 @@ def test_demo_batches_shapes_ranges_and_exact_epochs(demo_root, num_workers):
             assert y.min() >= 0 and y.max() <= 9
     assert not torch.equal(epochs[0][0][1], epochs[1][0][1])  # epochs are seeded differently
     val = list(dm.val_dataloader())
-    labels = torch.cat([y for _, y in val])
+    labels = torch.cat([y for _, y, _ in val])
     assert len(labels) == 500 and torch.bincount(labels).tolist() == [50] * 10
     assert dm.skipped == 0
 
@@ -300,7 +300,7 @@ def test_shard_ending_early_without_manifest_is_recorded(tmp_path):
         channels=1,
         num_workers=0,
     )
-    seen = torch.cat([y for _, y in dm.val_dataloader()]).tolist()
+    seen = torch.cat([y for _, y, _ in dm.val_dataloader()]).tolist()
     assert sorted(seen) == [0, 1, 2, *range(10, 20)]  # samples 3-9 are lost
     assert dm.val_skips.count == 1  # webdataset reports the read error twice: counted once
     assert "shard ended early" in dm.val_skips.examples[0]
@@ -336,7 +336,7 @@ def test_corrupt_samples_are_skipped_and_counted(tmp_path, num_workers):
         shuffle_buffer=8,
     )
     dm.setup("fit")
-    seen = torch.cat([y for _, y in dm.val_dataloader()]).tolist()
+    seen = torch.cat([y for _, y, _ in dm.val_dataloader()]).tolist()
     assert sorted(seen) == [i for i in range(40) if i not in bad]  # exact pass, bad ones out
     assert dm.val_skips.count == 3 and len(dm.val_skips.examples) == 3
     assert all("bad" in e for e in dm.val_skips.examples)
@@ -369,6 +369,22 @@ def test_validation_split_is_exact_and_disjoint(tmp_path, num_shards):
     assert sorted(per_rank[0] + per_rank[1]) == list(range(n))
     assert abs(len(per_rank[0]) - len(per_rank[1])) <= 10
 
+    # every sample keeps its id (its place in the set) however the pass is split
+    def ids(world: int, batch: int) -> dict[int, int]:
+        decoder = SampleDecoder(channels=1)
+        streams = [
+            ShardStream(urls, decoder, batch_size=batch, train=False, rank=r, world_size=world)
+            for r in range(world)
+        ]
+        batches = [b for s in streams for b in s]
+        pairs = [p for b in batches for p in zip(b.ids.tolist(), b.y.tolist(), strict=True)]
+        assert len(pairs) == n
+        return dict(pairs)
+
+    one = ids(1, 5)
+    assert len(set(one.values())) == n  # one id per sample
+    assert ids(2, 5) == one and ids(3, 2) == one
+
 
 def test_labels_outside_the_classes_are_skipped_and_counted(tmp_path):
     samples = [
@@ -381,13 +397,13 @@ def test_labels_outside_the_classes_are_skipped_and_counted(tmp_path):
     for spec, num_classes in [(str(tmp_path), None), (paths, 10)]:  # manifest / argument
         dm = ShardDataModule(val_shards=spec, channels=1, num_workers=0, num_classes=num_classes)
         dm.setup("validate")
-        seen = torch.cat([y for _, y in dm.val_dataloader()]).tolist()
+        seen = torch.cat([y for _, y, _ in dm.val_dataloader()]).tolist()
         assert len(seen) == 19 and 42 not in seen and dm.num_classes == 10
         assert dm.val_skips.count == 1
         assert "s07" in dm.val_skips.examples[0] and "label 42" in dm.val_skips.examples[0]
         assert "[0, 10)" in dm.val_skips.examples[0]
     unchecked = ShardDataModule(val_shards=paths, channels=1, num_workers=0)  # nothing known
-    assert 42 in torch.cat([y for _, y in unchecked.val_dataloader()]).tolist()
+    assert 42 in torch.cat([y for _, y, _ in unchecked.val_dataloader()]).tolist()
     with pytest.raises(ValueError, match="num_classes=5 but the shards' manifest lists 10"):
         ShardDataModule(val_shards=str(tmp_path), num_classes=5).setup("validate")
 
@@ -603,7 +619,7 @@ def test_latent_shards_shapes_scale_flip_and_datamodule(tmp_path, tiny_vae):
     dm.setup("fit")
     x, y = next(iter(dm.train_dataloader()))
     assert x.shape == (6, 4, 16, 16) and x.dtype == torch.float32 and y.dtype == torch.int64
-    assert sum(len(y) for _, y in dm.val_dataloader()) == 30
+    assert sum(len(y) for _, y, _ in dm.val_dataloader()) == 30
 
 
 def test_latent_shards_refuse_to_resume_with_another_vae_dtype_or_weights(tmp_path, tiny_vae):

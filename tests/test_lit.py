@@ -1,16 +1,21 @@
 import functools
+import io
 import os
 import signal
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 import torchvision
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
+from flowturbo.data import ShardDataModule
+from flowturbo.data.shards import write_sample_shards
 from flowturbo.lit import FlowMatchingModule, RefinerModule, load_frozen_base
 from flowturbo.lit.callbacks import CheckpointOnSignal, SampleGrid
 from flowturbo.models import CheckpointError, SiT, VelocityRefiner, save_checkpoint
@@ -277,3 +282,51 @@ def test_ema_warms_up_and_forgets_the_initial_weights():
         ema.update_parameters(net)
     # a fixed 0.999 would be at 1 - 0.999**300 = 0.26 here
     assert 0.9 < float(ema.module.weight[0, 0]) < 1.0
+
+
+def _digit_shards(out: Path, n: int, shard_size: int) -> Path:
+    """``n`` random 8x8 grayscale PNGs, labels 0-2, as shards of ``shard_size``."""
+    rng = np.random.default_rng(0)
+    samples = []
+    for i in range(n):
+        png = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(png, format="PNG")
+        samples.append((f"s{i:03d}", {"png": png.getvalue(), "cls": i % 3}))
+    write_sample_shards(samples, out, shard_size=shard_size, progress=False)
+    return out
+
+
+def _validate(module, tmp_path, shards: Path, batch: int, ranks: int = 1) -> dict:
+    data = ShardDataModule(
+        val_shards=str(shards), channels=1, val_batch_size=batch, num_workers=0
+    )
+    spawn = {"devices": ranks, "strategy": "ddp_spawn"} if ranks > 1 else {}
+    (metrics,) = trainer(tmp_path, 1, **spawn).validate(module, datamodule=data, verbose=False)
+    return metrics
+
+
+def test_validation_metrics_do_not_depend_on_the_batch_size(tmp_path, base_file):
+    torch.manual_seed(0)
+    module = refiner_module(base_file)
+    shards = _digit_shards(tmp_path / "val", 11, shard_size=4)
+    by_4, by_7 = (_validate(module, tmp_path, shards, batch) for batch in (4, 7))
+    for key in ("val/loss", "val/loss_unrefined", "val/error_ratio"):
+        assert by_7[key] == pytest.approx(by_4[key], rel=1e-5), key
+    # the error ratio is of sums over the set, not a mean of the batches' ratios
+    assert by_4["val/error_ratio"] == pytest.approx(
+        by_4["val/loss"] / by_4["val/loss_unrefined"], rel=1e-5
+    )
+    base = FlowMatchingModule(tiny_sit(learn_sigma=False), AdamW)
+    by_4, by_7 = (_validate(base, tmp_path, shards, batch) for batch in (4, 7))
+    assert by_7["val/loss"] == pytest.approx(by_4["val/loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("samples", [3, 1], ids=["uneven", "a-rank-without-samples"])
+def test_validation_metrics_are_over_the_whole_set_on_two_ranks(tmp_path, base_file, samples):
+    torch.manual_seed(0)
+    module = refiner_module(base_file)
+    shards = _digit_shards(tmp_path / "val", samples, shard_size=4)  # one shard: split by sample
+    alone = _validate(module, tmp_path, shards, batch=2)
+    two = _validate(module, tmp_path, shards, batch=2, ranks=2)
+    for key in ("val/loss", "val/loss_unrefined", "val/error_ratio"):
+        assert two[key] == pytest.approx(alone[key], rel=1e-5), key

@@ -184,19 +184,26 @@ def test_trajectory_pairs_respect_dt_max():
     traj = torch.zeros(256, 2, steps + 1, 1, 2, 2)
     traj[:, 0] = grid.view(1, -1, 1, 1, 1)
     traj[:, 1] = torch.arange(steps + 1.0).view(1, -1, 1, 1, 1)
-    examples, kw = module._trajectory_examples((traj, torch.zeros(256, dtype=torch.long)), seed=0)
-    b = examples.x[:, 0, 0, 0] * steps
-    a = examples.v[:, 0, 0, 0]
-    gap = b - a
-    assert torch.allclose(examples.t, examples.x[:, 0, 0, 0])
-    assert gap.min() >= 1 and gap.max() <= 3 and set(gap.round().tolist()) == {1.0, 2.0, 3.0}
-    assert a.min() >= 0 and b.max() <= steps
-    assert torch.allclose(examples.target[:, 0, 0, 0], gap)  # v_b - v_a
-    assert (kw["force_drop_ids"] == 0).all()
+    labels, ids = torch.zeros(256, dtype=torch.long), torch.arange(256)
+    for sample_ids in (ids, None):  # validation (drawn from each sample's id), training
+        examples, kw = module.examples(traj, labels, sample_ids)
+        b = examples.x[:, 0, 0, 0] * steps
+        a = examples.v[:, 0, 0, 0]
+        gap = b - a
+        assert torch.allclose(examples.t, examples.x[:, 0, 0, 0])
+        assert gap.min() >= 1 and gap.max() <= 3
+        assert set(gap.round().tolist()) == {1.0, 2.0, 3.0}
+        assert a.min() >= 0 and b.max() <= steps
+        assert torch.allclose(examples.target[:, 0, 0, 0], gap)  # v_b - v_a
+        assert (kw["force_drop_ids"] == 0).all()
+    # each example's pair depends on its sample's id alone
+    first, _ = module.examples(traj[:10], labels[:10], ids[:10])
+    again, _ = module.examples(traj[5:10], labels[5:10], ids[5:10])
+    assert torch.equal(first.v[5:], again.v) and torch.equal(first.x[5:], again.x)
     # a cache coarser than dt_max has no pair close enough: refused, not stretched
     coarse = traj[:, :, ::6]  # 5 steps, 0.2 apart
     with pytest.raises(ValueError, match=r"5 steps, .* cache.steps >= 9, or raise model.dt_max"):
-        module._trajectory_examples((coarse, torch.zeros(256, dtype=torch.long)), seed=0)
+        module.examples(coarse, labels, ids)
 
 
 def test_a_killed_run_leaves_a_cache_that_is_refused_until_rerun(base_file, tmp_path, monkeypatch):

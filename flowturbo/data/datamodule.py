@@ -17,8 +17,11 @@ of ``world_size``, rank r reads shards r, r + world_size, ...; otherwise every r
 shard and keeps the samples whose (shard index + position in shard) % world_size == rank.
 Either way the ranks' samples are disjoint and together are the whole set. Within a rank the
 DataLoader workers split that rank's shards (exact; a worker may get none). Per-rank batch
-counts may differ by one or two: do not log per-step values with ``sync_dist=True`` in
-validation.
+counts may differ by one or two (a rank may get none): do not log per-step values with
+``sync_dist=True`` in validation. Validation batches are ``(x, y, ids)``: ``ids`` (B,) int64
+names each sample by its place in the data set, ``shard index * 2**32 + position in the shard``,
+whatever the ranks, workers and batch size, so that a module can draw each sample's noise from
+its id and get the same validation loss however the pass is split.
 
 **Skipped samples**: corrupt tar members, unreadable images, samples missing a field and labels
 outside ``num_classes`` are skipped (a shard whose tar ends early counts once, recorded as
@@ -188,8 +191,13 @@ class _WorkerBatch(NamedTuple):
 
     x: Tensor | None
     y: Tensor | None
+    ids: Tensor | None  # validation: (B,) sample ids; training: None
     skipped: int
     examples: list[str]
+
+
+SAMPLE_ID = "__sample_id__"
+"""Key of a validation sample's id in its webdataset dict: shard index * 2**32 + position."""
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -286,9 +294,10 @@ def mix_seed(*parts: int) -> int:
 class ShardStream(IterableDataset):
     """Batches of one rank from a shard list (iterated inside each DataLoader worker).
 
-    Yields ``_WorkerBatch(x, y, skipped, examples)`` items: x (B, C, H, W) float32, y (B,)
-    int64, and the samples skipped since the previous item (x and y are None in a count-only
-    item). :class:`ShardLoader` turns them into ``(x, y)``.
+    Yields ``_WorkerBatch(x, y, ids, skipped, examples)`` items: x (B, C, H, W) float32, y (B,)
+    int64, ids (B,) int64 (the exact pass; None in training), and the samples skipped since the
+    previous item (x, y and ids are None in a count-only item). :class:`ShardLoader` turns them
+    into ``(x, y)`` (training) or ``(x, y, ids)`` (the exact pass).
 
     Args:
         urls: Shard paths or URLs.
@@ -364,13 +373,14 @@ class ShardStream(IterableDataset):
             samples = wds.tarfile_samples([{"url": url}], handler=handler)
             for position, sample in enumerate(samples):
                 if by_shard or (index + position) % self.world_size == self.rank:
-                    yield sample
+                    yield {**sample, SAMPLE_ID: index * 2**32 + position}
 
     def _batches(
         self, samples: Iterator[dict], rng: random.Random, handler: _SkipHandler
     ) -> Iterator[_WorkerBatch]:
         arrays: list[np.ndarray] = []
         labels: list[int] = []
+        ids: list[int] = []
         for sample in samples:
             try:
                 array, label = self.decoder(sample, rng)
@@ -381,13 +391,21 @@ class ShardStream(IterableDataset):
             handler.ok()
             arrays.append(array)
             labels.append(label)
+            ids.append(sample.get(SAMPLE_ID, -1))
             if len(arrays) == self.batch_size:
-                yield _WorkerBatch(*collate(arrays, labels, self.decoder.kind), *handler.take())
-                arrays, labels = [], []
+                yield self._batch(arrays, labels, ids, handler)
+                arrays, labels, ids = [], [], []
         if arrays and not self.train:
-            yield _WorkerBatch(*collate(arrays, labels, self.decoder.kind), *handler.take())
+            yield self._batch(arrays, labels, ids, handler)
         elif handler.pending:
-            yield _WorkerBatch(None, None, *handler.take())
+            yield _WorkerBatch(None, None, None, *handler.take())
+
+    def _batch(
+        self, arrays: list[np.ndarray], labels: list[int], ids: list[int], handler: _SkipHandler
+    ) -> _WorkerBatch:
+        x, y = collate(arrays, labels, self.decoder.kind)
+        sample_ids = None if self.train else torch.tensor(ids, dtype=torch.int64)
+        return _WorkerBatch(x, y, sample_ids, *handler.take())
 
 
 class _Receiver:
@@ -401,14 +419,17 @@ class _Receiver:
     def __init__(self, counter: SkipCounter):
         self.counter = counter
 
-    def __call__(self, batch: _WorkerBatch) -> tuple[Tensor, Tensor] | None:
+    def __call__(self, batch: _WorkerBatch) -> tuple[Tensor, ...] | None:
         if batch.skipped:
             self.counter.add(batch.skipped, batch.examples)
-        return None if batch.x is None else (batch.x, batch.y)
+        if batch.x is None:
+            return None
+        return (batch.x, batch.y) if batch.ids is None else (batch.x, batch.y, batch.ids)
 
 
 class ShardLoader:
-    """The iterable handed to Lightning: ``(x, y)`` batches, skip counts collected on the way.
+    """The iterable handed to Lightning: ``(x, y)`` batches (``(x, y, ids)`` in an exact
+    pass), skip counts collected on the way.
 
     Wraps ``wds.WebLoader(stream, batch_size=None, ...)``. With ``epoch_batches`` every
     iteration yields exactly that many batches (``.with_epoch`` on the loader, the stream being
@@ -443,7 +464,7 @@ class ShardLoader:
         loader = web.map(_Receiver(counter))  # runs in this process
         self.loader = loader.with_epoch(epoch_batches) if epoch_batches is not None else loader
 
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+    def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
         batches = self.loader if self.limit is None else islice(self.loader, self.limit)
         for batch in batches:
             self.delivered += 1
@@ -474,11 +495,12 @@ class ShardLoader:
 
 
 class ShardDataModule(L.LightningDataModule):
-    """Training and validation batches ``(x, y)`` from webdataset shards.
+    """Training batches ``(x, y)`` and validation batches ``(x, y, ids)`` from webdataset shards.
 
     ``x`` is float32 (B, C, H, W): images in [-1, 1] (grayscale demo digits: C = 1, 32 x 32),
     or VAE latents as stored (e.g. (B, 4, 32, 32) for 256 px); ``y`` is int64 (B,) class
-    indices. See the module docstring for sharding, seeding, exactness and skip counting.
+    indices; ``ids`` int64 (B,) name the validation samples (their place in the set). See the
+    module docstring for sharding, seeding, exactness and skip counting.
 
     Args:
         train_shards: Training shards: a brace pattern
@@ -684,7 +706,10 @@ class ShardDataModule(L.LightningDataModule):
         return loader
 
     def val_dataloader(self) -> ShardLoader | list:
-        """One exact pass over this rank's share of the validation set ([] without one)."""
+        """One exact pass over this rank's share of the validation set ([] without one).
+
+        Batches are ``(x, y, ids)``, ids the samples' places in the set (module docstring).
+        """
         if self.val_urls is None:
             self.setup("validate")
         if self.val_urls is None:

@@ -33,8 +33,20 @@ def target_velocity(x0: Tensor, x1: Tensor) -> Tensor:
     return x1 - x0
 
 
+def _mse(pred: Tensor, target: Tensor, per_sample: bool) -> Tensor:
+    """Mean squared error in float32: a scalar, or (B,) means over each sample's elements."""
+    error = F.mse_loss(pred.float(), target.float(), reduction="none" if per_sample else "mean")
+    return error.flatten(1).mean(1) if per_sample else error
+
+
 def flow_matching_loss(
-    model: Callable[..., Tensor], x1: Tensor, x0: Tensor, t: Tensor, **model_kwargs: Any
+    model: Callable[..., Tensor],
+    x1: Tensor,
+    x0: Tensor,
+    t: Tensor,
+    *,
+    per_sample: bool = False,
+    **model_kwargs: Any,
 ) -> Tensor:
     """Flow-matching loss: mean squared error between model(x_t, t) and x1 - x0.
 
@@ -43,12 +55,13 @@ def flow_matching_loss(
         x1: (B, C, H, W) data.
         x0: (B, C, H, W) noise.
         t: (B,) times in [0, 1].
+        per_sample: return each sample's loss (B,) instead of the batch mean.
 
     Returns:
-        Scalar loss.
+        Scalar loss, or (B,) with ``per_sample``.
     """
     v = model(interpolate(x0, x1, t), t, **model_kwargs)
-    return F.mse_loss(v.float(), target_velocity(x0, x1).float())
+    return _mse(v, target_velocity(x0, x1), per_sample)
 
 
 def sample_step_sizes(t: Tensor, dt_max: float, u: Tensor) -> Tensor:
@@ -124,11 +137,18 @@ def trajectory_refiner_batch(x_b: Tensor, t_b: Tensor, v_a: Tensor, v_b: Tensor)
 
 
 def refiner_loss(
-    refiner: Callable[..., Tensor], batch: RefinerBatch, **model_kwargs: Any
+    refiner: Callable[..., Tensor],
+    batch: RefinerBatch,
+    *,
+    per_sample: bool = False,
+    **model_kwargs: Any,
 ) -> Tensor:
-    """Velocity-difference regression: MSE between R(x, t, v) and the target. Scalar."""
+    """Velocity-difference regression: MSE between R(x, t, v) and the target.
+
+    Scalar, or each example's (B,) with ``per_sample``.
+    """
     pred = refiner(batch.x, batch.t, batch.v, **model_kwargs)
-    return F.mse_loss(pred.float(), batch.target.float())
+    return _mse(pred, batch.target, per_sample)
 
 
 __all__ = [

@@ -7,7 +7,13 @@ import torch
 from torch import Tensor, nn
 
 from flowturbo.flow import flow_matching_loss
-from flowturbo.lit.common import OptimizerFactory, ema_copy, optimizer_with_warmup, seeded_noise
+from flowturbo.lit.common import (
+    OptimizerFactory,
+    ValidationTotals,
+    ema_copy,
+    optimizer_with_warmup,
+    per_sample_draws,
+)
 
 
 class FlowMatchingModule(L.LightningModule):
@@ -15,6 +21,9 @@ class FlowMatchingModule(L.LightningModule):
 
     Label dropout for guidance is the SiT's own (``class_dropout_prob``, training mode only).
     An EMA copy of ``net`` is kept, saved in checkpoints and used for validation and samples.
+    Validation batches are ``(x1, y, ids)`` (:class:`flowturbo.data.ShardDataModule`): each
+    sample's noise and time come from its id, and ``val/loss`` is the mean over the whole set,
+    the same for any validation batch size and number of ranks.
 
     Args:
         net: the velocity network ``net(x, t, y)``.
@@ -35,6 +44,7 @@ class FlowMatchingModule(L.LightningModule):
         self.net = net
         self.ema = ema_copy(net, ema_decay)
         self.optimizer = optimizer
+        self.val_totals = ValidationTotals(("loss",))
 
     @property
     def sampling_net(self) -> nn.Module:
@@ -63,11 +73,23 @@ class FlowMatchingModule(L.LightningModule):
         # here, not in on_train_batch_end: checkpoint callbacks run before the module's hook
         self.ema.update_parameters(self.net)
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        x1, y = batch
-        x0, t = seeded_noise(x1, seed=batch_idx)  # same noise every validation
-        loss = flow_matching_loss(self.sampling_net, x1, x0, t, y=y)
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+    def on_validation_epoch_start(self) -> None:
+        self.val_totals.reset()
+
+    def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
+        x1, y = batch[:2]
+        x0, t = per_sample_draws(  # the same noise every validation
+            self.val_totals.ids(batch),
+            lambda g: (torch.randn(x1.shape[1:], generator=g), torch.rand((), generator=g)),
+        )
+        x0, t = x0.to(x1), t.to(x1)
+        loss = flow_matching_loss(self.sampling_net, x1, x0, t, y=y, per_sample=True)
+        self.val_totals.add(loss=loss)
+
+    def on_validation_epoch_end(self) -> None:
+        means = self.val_totals.means(self.trainer.strategy)  # summed over ranks already
+        # sync_dist: a mean of equal values, only so that Lightning does not warn
+        self.log("val/loss", means["loss"], prog_bar=True, sync_dist=True)
 
     def configure_optimizers(self) -> dict:
         return optimizer_with_warmup(

@@ -1,4 +1,5 @@
-"""Pieces both Lightning modules use: EMA of the trained network, AdamW with linear warm-up."""
+"""Pieces both Lightning modules use: EMA of the trained network, AdamW with linear warm-up,
+validation totals over ranks, atomic checkpoint writes."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from torch import nn
+from lightning.pytorch.strategies import Strategy
+from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
@@ -55,12 +57,69 @@ def optimizer_with_warmup(
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def seeded_noise(like: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Noise (like ``like``) and times (B,) from a fixed seed: reproducible validation batches."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    x0 = torch.randn(like.shape, generator=g).to(like)
-    t = torch.rand(like.shape[0], generator=g).to(like.device)
-    return x0, t
+def per_sample_draws(
+    ids: Tensor, draw: Callable[[torch.Generator], tuple[Tensor, ...]]
+) -> tuple[Tensor, ...]:
+    """Random values that depend on each sample alone, for reproducible validation.
+
+    ``draw(g)`` is called once per sample with a CPU generator seeded by the sample's id; its
+    outputs are stacked along a new first dimension. A sample's noise is then the same whatever
+    the batch size, the number of ranks and the order of the batches.
+
+    Args:
+        ids: (B,) int64 sample ids.
+        draw: generator -> tensors of one sample.
+
+    Returns:
+        The stacked draws, each (B, ...), on the CPU.
+    """
+    rows = [draw(torch.Generator().manual_seed(i)) for i in ids.tolist()]
+    return tuple(torch.stack(column) for column in zip(*rows, strict=True))
+
+
+class ValidationTotals:
+    """Per-sample sums over one validation pass, summed over ranks at its end.
+
+    A mean of per-batch means (Lightning's ``self.log(..., sync_dist=True)`` in
+    ``validation_step``) weighs a rank's short last batch like a full one and averages the ranks'
+    means however many samples each had; sums of per-sample values and one count give the mean
+    over the set, the same for any batch size and number of ranks, and a rank without samples
+    adds zeros instead of leaving the others waiting for its metric.
+
+    Args:
+        names: the quantities summed, e.g. ``("loss", "unrefined")``.
+    """
+
+    def __init__(self, names: tuple[str, ...]):
+        self.names = names
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = torch.zeros(len(self.names) + 1, dtype=torch.float64)  # + the count
+        self.seen = 0  # samples of batches without ids, numbered in order of arrival
+
+    def ids(self, batch: tuple[Tensor, ...]) -> Tensor:
+        """The batch's sample ids: its third element, or, for ``(x, y)`` batches of another
+        loader, the samples' places in this rank's pass (then not independent of the ranks)."""
+        if len(batch) > 2:
+            return batch[2]
+        n = batch[0].shape[0]
+        self.seen += n
+        return torch.arange(self.seen - n, self.seen)
+
+    def add(self, **values: Tensor) -> None:
+        """Adds per-sample values, each (B,), one keyword per name."""
+        if set(values) != set(self.names):
+            raise ValueError(f"expected values for {self.names}, got {tuple(values)}")
+        first = next(iter(values.values()))
+        count = torch.tensor([first.shape[0]], dtype=torch.float64, device=first.device)
+        sums = torch.stack([values[k].detach().double().sum() for k in self.names])
+        self.sums = self.sums.to(first.device) + torch.cat([sums, count])  # no host sync
+
+    def means(self, strategy: Strategy) -> dict[str, Tensor]:
+        """Means over all ranks' samples (NaN when there were none), one reduction."""
+        total = strategy.reduce(self.sums.to(strategy.root_device), reduce_op="sum")
+        return dict(zip(self.names, (total[:-1] / total[-1]).float(), strict=True))
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -18,7 +18,13 @@ from flowturbo.flow import (
     sample_step_sizes,
     trajectory_refiner_batch,
 )
-from flowturbo.lit.common import OptimizerFactory, ema_copy, optimizer_with_warmup, seeded_noise
+from flowturbo.lit.common import (
+    OptimizerFactory,
+    ValidationTotals,
+    ema_copy,
+    optimizer_with_warmup,
+    per_sample_draws,
+)
 from flowturbo.models import (
     CheckpointError,
     SiT,
@@ -99,6 +105,11 @@ class RefinerModule(L.LightningModule):
     trajectory at most dt_max apart; the refiner sees (x_b, t_b, v_a) and predicts v_b - v_a.
     No base evaluation; ``y`` is the label the base saw (the null class included).
 
+    Validation batches carry sample ids (``(x, y, ids)``, :class:`flowturbo.data.ShardDataModule`):
+    each example's randomness comes from its id, and ``val/loss``, ``val/loss_unrefined`` and
+    ``val/error_ratio`` (their quotient) are over the whole set, the same for any validation batch
+    size and number of ranks.
+
     Args:
         refiner: the refiner network ``refiner(x, t, v, y, force_drop_ids)``.
         base: factory returning the frozen base (``load_frozen_base`` partial in the configs);
@@ -135,6 +146,7 @@ class RefinerModule(L.LightningModule):
         self.base_factory = base
         self.optimizer = optimizer
         self._base: tuple[nn.Module] | None = None  # a tuple keeps it out of the module tree
+        self.val_totals = ValidationTotals(("loss", "unrefined"))
 
     @property
     def base(self) -> nn.Module:
@@ -168,22 +180,30 @@ class RefinerModule(L.LightningModule):
             self.base.to(self.device).eval()
 
     def examples(
-        self, batch: tuple[Tensor, Tensor], seed: int | None
+        self, x: Tensor, y: Tensor, ids: Tensor | None = None
     ) -> tuple[RefinerBatch, dict]:
-        """Training examples of a batch (random, or fixed by ``seed``) and the model kwargs."""
-        if self.uses_base:
-            return self._interpolant_examples(batch, seed)
-        return self._trajectory_examples(batch, seed)
+        """Training examples of a batch and the model kwargs.
 
-    def _interpolant_examples(self, batch: tuple[Tensor, Tensor], seed: int | None):
-        x1, y = batch
-        if seed is None:
+        Args:
+            x: (B, C, H, W) data (interpolant) or (B, 2, K, C, H, W) trajectories.
+            y: (B,) labels.
+            ids: (B,) sample ids: each example's randomness drawn from its id (validation);
+                None: from the global RNG (training).
+        """
+        if self.uses_base:
+            return self._interpolant_examples(x, y, ids)
+        return self._trajectory_examples(x, y, ids)
+
+    def _interpolant_examples(self, x1: Tensor, y: Tensor, ids: Tensor | None):
+        if ids is None:
             x0, t = torch.randn_like(x1), torch.rand(x1.shape[0], device=x1.device)
             u, drop_u = torch.rand_like(t), torch.rand_like(t)
         else:
-            x0, t = seeded_noise(x1, seed)
-            g = torch.Generator().manual_seed(seed + 1)
-            u, drop_u = (torch.rand(t.shape, generator=g).to(t) for _ in range(2))
+            x0, t, u, drop_u = per_sample_draws(
+                ids,
+                lambda g: (torch.randn(x1.shape[1:], generator=g), *torch.rand(3, generator=g)),
+            )
+            x0, t, u, drop_u = x0.to(x1), t.to(x1), u.to(x1), drop_u.to(x1)
         dt = sample_step_sizes(t, self.hparams.dt_max, u)
         kw = {"y": y, "force_drop_ids": (drop_u < self.hparams.label_dropout).long()}
         with torch.no_grad():
@@ -191,11 +211,9 @@ class RefinerModule(L.LightningModule):
         return examples, kw
 
     def _trajectory_examples(
-        self, batch: tuple[Tensor, Tensor], seed: int | None
+        self, traj: Tensor, y: Tensor, ids: Tensor | None
     ) -> tuple[RefinerBatch, dict]:
-        traj, y = batch  # (B, 2, K, C, H, W)
-        b, steps = traj.shape[0], traj.shape[2] - 1
-        g = None if seed is None else torch.Generator().manual_seed(seed)
+        b, steps = traj.shape[0], traj.shape[2] - 1  # traj (B, 2, K, C, H, W)
         # gap b - a in {1, ..., floor(dt_max * steps)}, then a uniform in [0, steps - gap]
         max_gap = min(steps, int(self.hparams.dt_max * steps + 1e-6))
         if max_gap < 1:
@@ -204,8 +222,17 @@ class RefinerModule(L.LightningModule):
                 f"apart, more than model.dt_max={self.hparams.dt_max}: cache with cache.steps >= "
                 f"{math.ceil(1 / self.hparams.dt_max - 1e-6)}, or raise model.dt_max"
             )
-        gap = torch.randint(1, max_gap + 1, (b,), generator=g)
-        a = (torch.rand(b, generator=g) * (steps - gap + 1)).long().clamp(max=steps - gap)
+        if ids is None:
+            gap, u = torch.randint(1, max_gap + 1, (b,)), torch.rand(b)
+        else:
+            gap, u = per_sample_draws(
+                ids,
+                lambda g: (
+                    torch.randint(1, max_gap + 1, (), generator=g),
+                    torch.rand((), generator=g),
+                ),
+            )
+        a = (u * (steps - gap + 1)).long().clamp(max=steps - gap)
         a, gap, rows = a.to(traj.device), gap.to(traj.device), torch.arange(b, device=traj.device)
         later = a + gap
         examples = trajectory_refiner_batch(
@@ -217,7 +244,7 @@ class RefinerModule(L.LightningModule):
         return examples, {"y": y, "force_drop_ids": torch.zeros_like(y)}  # labels as cached
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        examples, kw = self.examples(batch, seed=None)
+        examples, kw = self.examples(*batch)
         loss = refiner_loss(self.refiner, examples, **kw)
         self.log("train/loss", loss, prog_bar=True)
         return loss
@@ -227,13 +254,22 @@ class RefinerModule(L.LightningModule):
         # here, not in on_train_batch_end: checkpoint callbacks run before the module's hook
         self.ema.update_parameters(self.refiner)
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        examples, kw = self.examples(batch, seed=batch_idx)
-        loss = refiner_loss(self.ema.module, examples, **kw)
-        unrefined = examples.target.float().pow(2).mean()  # keeping v unchanged: delta = 0
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
-        self.log("val/loss_unrefined", unrefined, sync_dist=True)
-        self.log("val/error_ratio", loss / unrefined, prog_bar=True, sync_dist=True)
+    def on_validation_epoch_start(self) -> None:
+        self.val_totals.reset()
+
+    def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
+        examples, kw = self.examples(*batch[:2], ids=self.val_totals.ids(batch))
+        loss = refiner_loss(self.ema.module, examples, per_sample=True, **kw)
+        unrefined = examples.target.float().pow(2).flatten(1).mean(1)  # keeping v: delta = 0
+        self.val_totals.add(loss=loss, unrefined=unrefined)
+
+    def on_validation_epoch_end(self) -> None:
+        means = self.val_totals.means(self.trainer.strategy)  # summed over ranks already
+        # sync_dist: a mean of equal values, only so that Lightning does not warn
+        self.log("val/loss", means["loss"], prog_bar=True, sync_dist=True)
+        self.log("val/loss_unrefined", means["unrefined"], sync_dist=True)
+        ratio = means["loss"] / means["unrefined"]  # of sums over the set, not a mean of ratios
+        self.log("val/error_ratio", ratio, prog_bar=True, sync_dist=True)
 
     def configure_optimizers(self) -> dict:
         return optimizer_with_warmup(
