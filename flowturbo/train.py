@@ -20,6 +20,7 @@ from flowturbo.config import (
     register_resolvers,
 )
 from flowturbo.lit.common import AtomicCheckpointIO
+from flowturbo.lock import folder_lock
 from flowturbo.models import save_checkpoint
 
 register_resolvers()
@@ -148,9 +149,18 @@ def check_resumable(
 EXPORT_DTYPES = (None, "float32", "float16", "bfloat16")
 
 
+#: What a run refused for its busy folder can do besides waiting (flowturbo.lock).
+TRAIN_ELSEWHERE = "give this run another name=... or ckpt_dir=..."
+CACHE_ELSEWHERE = "give this run another out_dir=..."
+
+
 def train(cfg: DictConfig) -> dict:
     """Fits ``cfg.model`` on ``cfg.data`` and writes ``ckpt_dir/ema.pt`` (``export=net``: the
-    trained network's own weights, ``net.pt``); returns the final metrics."""
+    trained network's own weights, ``net.pt``); returns the final metrics.
+
+    The run holds ``ckpt_dir``'s lock (:func:`flowturbo.lock.folder_lock`) from before it reads
+    ``last.ckpt`` until the export is written: a second run on the folder is refused.
+    """
     check_required(cfg, command_line("train.py"))
     export = cfg.get("export", "ema")
     if export not in ("ema", "net"):
@@ -164,6 +174,14 @@ def train(cfg: DictConfig) -> dict:
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.model)
     check_data_kind(cfg, datamodule)
+    with folder_lock(cfg.ckpt_dir, what_to_do=TRAIN_ELSEWHERE):
+        return _fit_and_export(cfg, module, datamodule, export)
+
+
+def _fit_and_export(
+    cfg: DictConfig, module: L.LightningModule, datamodule: L.LightningDataModule, export: str
+) -> dict:
+    """:func:`train`'s work in ``ckpt_dir``: resume or start, fit, export."""
     ckpt_path = resume_path(cfg)
     if ckpt_path is not None:
         check_resumable(ckpt_path, module, run_settings(cfg))
@@ -252,8 +270,10 @@ def cache_trajectories(cfg: DictConfig) -> dict:
     loader = DataLoader(ShardPlan(module.shards_per_split()), batch_size=1, shuffle=False)
     trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
     check_enough_work(len(loader.dataset), trainer.world_size, "shards")
-    before = module.shards_on_disk()  # counted here: ranks of a spawned run have own modules
-    trainer.predict(module, dataloaders=loader, return_predictions=False)
+    # one run per folder: a second one would delete this one's half-written shards as stale
+    with folder_lock(cfg.out_dir, what_to_do=CACHE_ELSEWHERE):
+        before = module.shards_on_disk()  # counted here: ranks of a spawned run have own modules
+        trainer.predict(module, dataloaders=loader, return_predictions=False)
     summary = {}
     if trainer.is_global_zero:
         for split in SPLITS:

@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -300,6 +301,22 @@ def test_train_py_runs_under_ddp_spawn(tmp_path, monkeypatch):
     train(cfg_for(["experiment=demo_refiner", *TINY, *tiny_net("refiner"), *ddp], tmp_path))
     ema = torch.load(tmp_path / "checkpoints/demo_refiner/ema.pt", weights_only=False)
     assert ema["step"] == 3 and "val/error_ratio" in ema["metrics"]
+
+
+def test_a_checkpoint_folder_another_run_holds_is_refused(tmp_path, monkeypatch):
+    from flowturbo.lock import RANK_VARIABLES, FolderInUseError, folder_lock
+
+    for name in RANK_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("FLOWTURBO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    cfg = cfg_for(["experiment=demo_refiner", *TINY, *tiny_net("refiner")], tmp_path / "run")
+    folder = Path("checkpoints/demo_refiner")
+    with folder_lock(folder, what_to_do="x"), pytest.raises(FolderInUseError) as refused:
+        train(cfg)
+    assert str(refused.value).startswith(f"{folder} is in use by another run (pid {os.getpid()}")
+    assert str(refused.value).endswith("give this run another name=... or ckpt_dir=...")
+    assert sorted(p.name for p in folder.iterdir()) == ["run.lock"]  # no wandb_id, no ckpt
 
 
 @pytest.mark.parametrize("callbacks", [[], ["~callbacks"]])
