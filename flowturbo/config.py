@@ -2,14 +2,55 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
+
 from omegaconf import DictConfig, OmegaConf
 
 from flowturbo.assets import asset_path
 
 
 def register_resolvers() -> None:
-    """``${asset:demo_base.pt}``: the path of a file shipped in ``flowturbo/assets``."""
+    """``${asset:demo_base.pt}``: the path of a file shipped in ``flowturbo/assets``;
+    ``${job_dir:checkpoints/name}``: a folder of the job's own in a multirun (:func:`job_dir`)."""
     OmegaConf.register_new_resolver("asset", asset_path, replace=True)
+    OmegaConf.register_new_resolver("job_dir", job_dir, replace=True)
+
+
+def job_dir(root: str) -> str:
+    """``root`` in a single run; in a multirun (``-m``), ``root/<the job's overrides>``.
+
+    The job's folder is named after ``hydra.job.override_dirname``: its command-line overrides
+    as typed, sorted, without the keys in ``hydra.job.config.override_dirname.exclude_keys``
+    (:func:`job_folder_name`). The name depends on nothing else, so a requeued job and a
+    relaunch of the same sweep find their folders again, while jobs of one sweep, which differ
+    in at least one override, get folders of their own. A multirun job without overrides (or
+    with only excluded ones) uses ``root``, as a single run does.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return root
+    overrides = HydraConfig.get().job.override_dirname
+    return f"{root}/{job_folder_name(overrides)}" if overrides else root
+
+
+#: Longest folder name :func:`job_folder_name` gives (file systems allow 255 bytes).
+MAX_FOLDER_NAME = 200
+_UNSAFE = re.compile(r"[^A-Za-z0-9._=,+-]+")
+
+
+def job_folder_name(overrides: str) -> str:
+    """A folder name for ``overrides`` (``"a.b=1,c=x"``): itself when it is short and holds only
+    letters, digits and ``._=,+-``; otherwise other characters (``/`` of paths, spaces, quotes,
+    brackets) become ``_``, the name is cut to fit, and 8 hex digits of its hash are appended, so
+    that two different sets of overrides never share a folder."""
+    name = _UNSAFE.sub("_", overrides)
+    if name == overrides and len(name) <= MAX_FOLDER_NAME:
+        return name
+    digest = hashlib.sha256(overrides.encode()).hexdigest()[:8]
+    return f"{name[: MAX_FOLDER_NAME - 9]}-{digest}"
 
 
 def command_line(script: str) -> str:

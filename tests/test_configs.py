@@ -201,6 +201,35 @@ def test_slurm_launcher_config_requeues_into_the_same_checkpoint_folder(tmp_path
     assert cfg.callbacks.checkpoint_on_signal.signum == "SIGUSR2"
 
 
+def test_each_job_of_a_multirun_gets_its_own_checkpoint_folder(tmp_path):
+    """A single run keeps checkpoints/<name>; jobs of a multirun get a folder each, named after
+    their overrides (not resume, not the export settings), or the ckpt_dir given."""
+
+    def ckpt_dir(*overrides, multirun=True):
+        mode = ["hydra.mode=MULTIRUN"] if multirun else []
+        cfg = cfg_for(["experiment=demo_refiner", *overrides, *mode], tmp_path)
+        assert cfg.callbacks.checkpoint.dirpath == cfg.callbacks.checkpoint_on_signal.dirpath
+        assert cfg.callbacks.checkpoint.dirpath == cfg.ckpt_dir
+        return cfg.ckpt_dir
+
+    try:
+        job = ckpt_dir("model.optimizer.lr=1e-4")
+        assert job == "checkpoints/demo_refiner/experiment=demo_refiner,model.optimizer.lr=1e-4"
+        assert ckpt_dir("model.optimizer.lr=5e-5") != job  # the sweep's other job
+        # a requeue or a relaunch of the sweep finds it again, with or without these
+        assert ckpt_dir("resume=false", "model.optimizer.lr=1e-4", "export_dtype=float16") == job
+        assert ckpt_dir("ckpt_dir=/scratch/mine", "model.optimizer.lr=1e-4") == "/scratch/mine"
+        # a path among the overrides: still one folder under checkpoints/<name>, its own
+        base = ckpt_dir("model.base.path=/data/models/base.pt")
+        other = ckpt_dir("model.base.path=/data/models_base.pt")
+        assert base.startswith("checkpoints/demo_refiner/experiment=demo_refiner,model.base.path=")
+        assert base != other and base.count("/") == other.count("/") == 2
+        long = ckpt_dir(*[f"+model.extra_{i}={'x' * 20}" for i in range(20)])
+        assert len(Path(long).name) <= 200 and long.count("/") == 2
+    finally:  # the tests after this one compose single runs
+        assert ckpt_dir("model.optimizer.lr=1e-4", multirun=False) == "checkpoints/demo_refiner"
+
+
 TINY = [
     "trainer.max_steps=3",
     "trainer.val_check_interval=3",
@@ -301,6 +330,41 @@ def test_train_py_runs_under_ddp_spawn(tmp_path, monkeypatch):
     train(cfg_for(["experiment=demo_refiner", *TINY, *tiny_net("refiner"), *ddp], tmp_path))
     ema = torch.load(tmp_path / "checkpoints/demo_refiner/ema.pt", weights_only=False)
     assert ema["step"] == 3 and "val/error_ratio" in ema["metrics"]
+
+
+def test_a_multirun_of_train_py_trains_each_job_in_its_own_folder(tmp_path):
+    """Two jobs of one sweep: the second trains (not resumes the first's finished last.ckpt)
+    and exports its own weights, each in its folder."""
+    import subprocess
+    import sys
+
+    from flowturbo.lock import RANK_VARIABLES
+
+    env = {k: v for k, v in os.environ.items() if k not in RANK_VARIABLES}
+    env.update(FLOWTURBO_CACHE=str(tmp_path / "cache"), WANDB_MODE="disabled")
+    command = [
+        sys.executable,
+        str(Path(CONF).parent / "train.py"),
+        "-m",
+        "experiment=demo_base",
+        *TINY,
+        *tiny_net("net"),
+        "callbacks.sample_grid=null",
+        "model.optimizer.lr=1e-3,2e-3",
+        f"hydra.sweep.dir={tmp_path / 'multirun'}",
+    ]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    folders = sorted(p for p in (tmp_path / "checkpoints" / "demo_base").iterdir() if p.is_dir())
+    assert len(folders) == 2, folders
+    nets = []
+    for folder in folders:
+        assert torch.load(folder / "last.ckpt", weights_only=False)["global_step"] == 3
+        nets.append(torch.load(folder / "net.pt", weights_only=False))
+        assert nets[-1]["step"] == 3
+    first, second = (n["model"] for n in nets)
+    assert any(not torch.equal(first[k], second[k]) for k in first)  # two runs, two results
+    assert not (tmp_path / "checkpoints" / "demo_base" / "last.ckpt").exists()
 
 
 def test_a_checkpoint_folder_another_run_holds_is_refused(tmp_path, monkeypatch):
