@@ -10,7 +10,9 @@
 #
 # Each step fits one 10-minute call. The GPU machine lacks hydra, omegaconf, webdataset,
 # torch-fidelity and diffusers: download their wheels into .whl first, on a machine with the
-# package index (../shared/GPU.md gives the two commands), and name .whl in the call's carry.
+# package index (../shared/GPU.md gives the two commands; add `filelock>=3.30` to the first,
+# train.py's run lock needs it and the GPU machine's copy may be older), and name .whl in the
+# call's carry.
 # Logs and results (experiments/gpu/) are copied to $OUT, which the device tool brings back.
 set -euo pipefail
 

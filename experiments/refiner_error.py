@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--refiners", nargs="+", required=True)
     p.add_argument("--trajectories", default="trajectories/demo/val")
     p.add_argument("--dt-max", type=float, default=0.12)
-    p.add_argument("--batches", type=positive_int, default=8)
+    p.add_argument("--samples", type=positive_int, default=512, help="held-out samples per set")
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--out")
     args = p.parse_args(argv)
@@ -67,14 +67,14 @@ def main(argv: list[str] | None = None) -> None:
     base = functools.partial(load_frozen_base, args.base)
     sets = {
         "interpolant": ShardDataModule(
-            source="demo", val_batch_size=args.batch_size, num_workers=0, val_batches=args.batches
+            source="demo", val_batch_size=args.batch_size, num_workers=0, val_samples=args.samples
         ),
         "trajectory": ShardDataModule(
             val_shards=args.trajectories,
             kind="trajectory",
             val_batch_size=args.batch_size,
             num_workers=0,
-            val_batches=args.batches,
+            val_samples=args.samples,
         ),
     }
     results = {}

@@ -369,21 +369,31 @@ def test_validation_split_is_exact_and_disjoint(tmp_path, num_shards):
     assert sorted(per_rank[0] + per_rank[1]) == list(range(n))
     assert abs(len(per_rank[0]) - len(per_rank[1])) <= 10
 
-    # every sample keeps its id (its place in the set) however the pass is split
-    def ids(world: int, batch: int) -> dict[int, int]:
+    # every sample keeps its id (its place in the set) however the pass is split, and a
+    # subset (val_samples) is the same samples for any number of ranks and batch size
+    def ids(world: int, batch: int, samples: int | None = None) -> dict[int, int]:
         decoder = SampleDecoder(channels=1)
         streams = [
-            ShardStream(urls, decoder, batch_size=batch, train=False, rank=r, world_size=world)
+            ShardStream(
+                urls, decoder, batch_size=batch, train=False, rank=r, world_size=world,
+                samples=samples,
+            )
             for r in range(world)
-        ]
+        ]  # fmt: skip
         batches = [b for s in streams for b in s]
         pairs = [p for b in batches for p in zip(b.ids.tolist(), b.y.tolist(), strict=True)]
-        assert len(pairs) == n
+        assert len(pairs) == (samples or n)
         return dict(pairs)
 
     one = ids(1, 5)
     assert len(set(one.values())) == n  # one id per sample
     assert ids(2, 5) == one and ids(3, 2) == one
+    subset = ids(1, 5, samples=10)
+    assert ids(2, 3, samples=10) == subset and ids(3, 4, samples=10) == subset
+    per_shard = -(-n // num_shards)  # ids are shard * 2**32 + position; labels count up
+    first = [(i >> 32) * per_shard + (i & 0xFFFFFFFF) for i in sorted(subset)]
+    assert first == sorted(subset.values())  # each shard's first samples
+    assert [(i >> 32) for i in sorted(subset)].count(0) == -(-10 // num_shards)
 
 
 def test_labels_outside_the_classes_are_skipped_and_counted(tmp_path):
@@ -406,6 +416,8 @@ def test_labels_outside_the_classes_are_skipped_and_counted(tmp_path):
     assert 42 in torch.cat([y for _, y, _ in unchecked.val_dataloader()]).tolist()
     with pytest.raises(ValueError, match="num_classes=5 but the shards' manifest lists 10"):
         ShardDataModule(val_shards=str(tmp_path), num_classes=5).setup("validate")
+    with pytest.raises(ValueError, match="val_samples must be positive"):
+        ShardDataModule(val_shards=str(tmp_path), val_samples=0)
 
     # a trajectory cache may hold the null class (label num_classes), other kinds may not
     array = io.BytesIO()

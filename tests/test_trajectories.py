@@ -155,7 +155,7 @@ def test_refiner_trains_from_the_cache_without_a_base(base_file, tmp_path):
         num_workers=0,
         shuffle_buffer=4,
         steps_per_epoch=4,
-        val_batches=1,
+        val_samples=4,
     )
     refiner = VelocityRefiner.from_name("SiT-Tiny/2", input_size=8, in_channels=1, num_classes=3)
     module = RefinerModule(  # a 4-step cache: its points are 0.25 apart

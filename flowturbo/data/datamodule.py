@@ -15,7 +15,10 @@ uninterrupted run would have drawn).
 **Validation**: one exact pass, no resampling, no shuffling. When the shard count is a multiple
 of ``world_size``, rank r reads shards r, r + world_size, ...; otherwise every rank reads every
 shard and keeps the samples whose (shard index + position in shard) % world_size == rank.
-Either way the ranks' samples are disjoint and together are the whole set. Within a rank the
+Either way the ranks' samples are disjoint and together are the whole set (or, with
+``val_samples``, the subset: the first ``val_samples // S`` samples of each of the S shards, one
+more in the first ``val_samples % S``, the same subset for any number of ranks, workers and
+batch size). Within a rank the
 DataLoader workers split that rank's shards (exact; a worker may get none). Per-rank batch
 counts may differ by one or two (a rank may get none): do not log per-step values with
 ``sync_dist=True`` in validation. Validation batches are ``(x, y, ids)``: ``ids`` (B,) int64
@@ -310,6 +313,9 @@ class ShardStream(IterableDataset):
         seed: Base seed (training).
         epoch: Epoch of the first pass; later passes count up from it.
         resumed_at: Batches delivered before a resume (0: a fresh run), part of the seed.
+        samples: The exact pass: read only this many samples of the set, the first
+            ``samples // S`` of each of the S shards and one more of the first ``samples % S``
+            (None: all).
         shuffle_buffer: Training shuffle buffer size; <= 1 disables it.
         max_consecutive_skips: Raise after this many unreadable samples in a row.
     """
@@ -326,6 +332,7 @@ class ShardStream(IterableDataset):
         seed: int = 0,
         epoch: int = 0,
         resumed_at: int = 0,
+        samples: int | None = None,
         shuffle_buffer: int = 1000,
         max_consecutive_skips: int = 1000,
     ):
@@ -338,6 +345,7 @@ class ShardStream(IterableDataset):
         self.shuffle_buffer, self.max_consecutive_skips = shuffle_buffer, max_consecutive_skips
         self.epoch = epoch - 1  # advanced at the start of every pass
         self.resumed_at = resumed_at
+        self.samples = samples
 
     def __iter__(self) -> Iterator[_WorkerBatch]:
         self.epoch += 1
@@ -371,6 +379,9 @@ class ShardStream(IterableDataset):
         for index, url in shards[worker::workers]:
             handler.new_shard()
             samples = wds.tarfile_samples([{"url": url}], handler=handler)
+            if self.samples is not None:  # this shard's share of the subset
+                per_shard, more = divmod(self.samples, len(self.urls))
+                samples = islice(samples, per_shard + (index < more))
             for position, sample in enumerate(samples):
                 if by_shard or (index + position) % self.world_size == self.rank:
                     yield {**sample, SAMPLE_ID: index * 2**32 + position}
@@ -433,11 +444,11 @@ class ShardLoader:
 
     Wraps ``wds.WebLoader(stream, batch_size=None, ...)``. With ``epoch_batches`` every
     iteration yields exactly that many batches (``.with_epoch`` on the loader, the stream being
-    endless) and ``len()`` is defined; with ``limit`` a finite pass stops after ``limit``
-    batches. Workers are persistent (their stream's epoch counter survives between epochs);
-    ``mp_context`` is their start method (None: the process default). :meth:`close` stops
-    them. :meth:`state_dict` / :meth:`load_state_dict` are what Lightning saves in a checkpoint
-    and restores on resume: the batches delivered so far, so that a resumed stream differs.
+    endless) and ``len()`` is defined. Workers are persistent (their stream's epoch counter
+    survives between epochs); ``mp_context`` is their start method (None: the process default).
+    :meth:`close` stops them. :meth:`state_dict` / :meth:`load_state_dict` are what Lightning
+    saves in a checkpoint and restores on resume: the batches delivered so far, so that a
+    resumed stream differs.
     """
 
     def __init__(
@@ -448,11 +459,10 @@ class ShardLoader:
         num_workers: int = 0,
         pin_memory: bool = False,
         epoch_batches: int | None = None,
-        limit: int | None = None,
         mp_context: str | None = None,
     ):
         self.stream, self.counter = stream, counter
-        self.epoch_batches, self.limit = epoch_batches, limit
+        self.epoch_batches = epoch_batches
         self.delivered = stream.resumed_at
         kwargs: dict[str, Any] = {}
         if num_workers > 0:
@@ -465,8 +475,7 @@ class ShardLoader:
         self.loader = loader.with_epoch(epoch_batches) if epoch_batches is not None else loader
 
     def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
-        batches = self.loader if self.limit is None else islice(self.loader, self.limit)
-        for batch in batches:
+        for batch in self.loader:
             self.delivered += 1
             yield batch
 
@@ -520,8 +529,9 @@ class ShardDataModule(L.LightningDataModule):
             of every epoch); <= 1 disables shuffling.
         seed: Base seed; streams are seeded with (seed, rank, worker id, epoch).
         steps_per_epoch: Training batches per rank per epoch.
-        val_batches: Stop each validation pass after this many batches per rank (None: the
-            whole set).
+        val_samples: Validate on this many samples of the validation set (None: all of it):
+            the first ``val_samples // S`` of each of its S shards, one more of the first
+            ``val_samples % S``; the same subset whatever the ranks, workers and batch size.
         resolution: Images: center-crop and resize to this side (ADM style); None keeps the
             stored size (all images must then share it). Ignored for latents.
         channels: Images: 1 (grayscale) or 3 (RGB); None = 1 for the demo, else 3.
@@ -556,7 +566,7 @@ class ShardDataModule(L.LightningDataModule):
         shuffle_buffer: int = 1000,
         seed: int = 0,
         steps_per_epoch: int = 1000,
-        val_batches: int | None = None,
+        val_samples: int | None = None,
         resolution: int | None = None,
         channels: int | None = None,
         hflip: bool | None = None,
@@ -585,13 +595,17 @@ class ShardDataModule(L.LightningDataModule):
             raise ValueError("batch_size and steps_per_epoch must be positive")
         if num_classes is not None and num_classes < 1:
             raise ValueError(f"num_classes must be positive or None, got {num_classes}")
+        if val_samples is not None and val_samples < 1:
+            raise ValueError(
+                f"val_samples must be positive or None (the whole set), got {val_samples}"
+            )
         self.save_hyperparameters(logger=False)
         demo = source == "demo"
         self.train_shards, self.val_shards = train_shards, val_shards
         self.source, self.kind, self.batch_size = source, kind, batch_size
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers, self.shuffle_buffer, self.seed = num_workers, shuffle_buffer, seed
-        self.steps_per_epoch, self.val_batches = steps_per_epoch, val_batches
+        self.steps_per_epoch, self.val_samples = steps_per_epoch, val_samples
         self.resolution, self.image_key, self.pin_memory = resolution, image_key, pin_memory
         self.channels = channels if channels is not None else (1 if demo else 3)
         self.hflip = hflip if hflip is not None else not demo
@@ -722,6 +736,7 @@ class ShardDataModule(L.LightningDataModule):
             train=False,
             rank=rank,
             world_size=world,
+            samples=self.val_samples,
             max_consecutive_skips=self.max_consecutive_skips,
         )
         loader = ShardLoader(
@@ -729,7 +744,6 @@ class ShardDataModule(L.LightningDataModule):
             self.val_skips,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
-            limit=self.val_batches,
             mp_context=self.multiprocessing_context,
         )
         self._loaders.append(loader)
