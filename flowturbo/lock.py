@@ -12,6 +12,10 @@ never leaves a stale lock behind. The holder writes its pid, host, start time an
 the file for the message. Only one process of a run takes it, the one of global rank 0
 (:func:`is_global_zero_process`): the other ranks of a DDP run work in the same folder by
 design.
+
+:func:`waiting_lock` is the same lock for a short section that concurrent jobs take in turn
+(e.g. ``evaluate.py``'s jobs writing one sweep's summary): it waits for the holder, up to a
+timeout, instead of refusing.
 """
 
 from __future__ import annotations
@@ -19,15 +23,21 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 #: The lock file's name inside the locked folder (left there, emptied, when the run ends).
 LOCK_NAME = "run.lock"
+#: What flock fails with on a file system without it (Lustre mounted without ``-o flock``: ENOSYS;
+#: NFS without its lock manager: ENOLCK).
+NO_FLOCK = (errno.ENOSYS, errno.ENOLCK)
 #: Environment variables that give a process's rank: torchrun's, SLURM's (one process per task)
 #: and those Lightning's subprocess launcher (``strategy=ddp``) sets for the processes it starts.
 RANK_VARIABLES = ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK")
@@ -35,6 +45,10 @@ RANK_VARIABLES = ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK")
 
 class FolderInUseError(RuntimeError):
     """Another run holds the folder's lock."""
+
+
+class LockTimeoutError(TimeoutError):
+    """A lock that :func:`waiting_lock` waited for stayed held for longer than its timeout."""
 
 
 def is_global_zero_process() -> bool:
@@ -105,40 +119,136 @@ def folder_lock(folder: str | os.PathLike, *, what_to_do: str) -> Iterator[Path 
         FolderInUseError: another process holds the lock; the message names the folder, the
             holder (pid, host, command) and what to do.
     """
-    from filelock import FileLock, Timeout
-
     if not is_global_zero_process():
         yield None
         return
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_NAME
+
+    def refused() -> Exception:
+        return FolderInUseError(
+            f"{folder} is in use by another run ({describe_holder(path)}); two runs writing to "
+            f"one folder overwrite each other's files. Wait for that run to finish (its lock, "
+            f"{path}, is released when its process ends, however it ends), or {what_to_do}"
+        )
+
+    unsupported = (
+        f"cannot lock {folder}: its file system does not support flock locks, which keep a "
+        f"second run out of the folder. Use a folder on another file system, or {what_to_do}"
+    )
+    with _holding(path, timeout_s=None, refused=refused, unsupported=unsupported):
+        yield path
+
+
+@contextlib.contextmanager
+def waiting_lock(
+    path: str | os.PathLike,
+    *,
+    timeout_s: float,
+    what: str,
+    what_to_do: str,
+    without_flock: str | None = None,
+) -> Iterator[Path]:
+    """Holds the lock file ``path`` for the ``with`` block, waiting for it while another process
+    holds it: a short section (read, then write, shared files) that concurrent jobs take in
+    turn. Every process takes it, whatever its rank. The folder must exist.
+
+    Args:
+        path: the lock file (created; left there, emptied, when released).
+        timeout_s: the longest wait. The section takes seconds and a holder that ends in any
+            way releases the lock, so a lock held this long belongs to a stuck process.
+        what: the section, for the messages, e.g. ``"writing the summary of sweeps/demo"``.
+        what_to_do: what to do after a timeout, for its message.
+        without_flock: None: a file system without flock locks is an error. Else the section
+            runs unlocked there, after a warning that ends with this text (what the section
+            risks, what to do).
+
+    Yields:
+        The lock file.
+
+    Raises:
+        LockTimeoutError: the lock stayed held for ``timeout_s``; the message names the lock,
+            its holder (pid, host, command) and what to do.
+        OSError: the file system does not support flock locks (``without_flock`` None).
+    """
+    path = Path(path)
+
+    def refused() -> Exception:
+        return LockTimeoutError(
+            f"waited {timeout_s:g} s for {path} before {what}, and it is still held "
+            f"({describe_holder(path)}). That section takes seconds: the holder looks stuck. "
+            f"Its lock is released when its process ends, however it ends; {what_to_do}"
+        )
+
+    unsupported = (
+        f"cannot lock {path}: its file system does not support flock locks, which keep "
+        f"concurrent jobs from {what} at the same time"
+    )
+    if without_flock is None:
+        unsupported += ". Use a folder on another file system"
+    else:
+        unsupported += f": going on without it; {without_flock}"
+    with _holding(
+        path,
+        timeout_s=timeout_s,
+        refused=refused,
+        unsupported=unsupported,
+        unlocked_ok=without_flock is not None,
+    ):
+        yield path
+
+
+@contextlib.contextmanager
+def _holding(
+    path: Path,
+    *,
+    timeout_s: float | None,
+    refused: Callable[[], Exception],
+    unsupported: str,
+    unlocked_ok: bool = False,
+) -> Iterator[None]:
+    """Holds the flock on ``path`` for the ``with`` block, the holder recorded in the file.
+
+    ``timeout_s`` None: one attempt, else a wait of up to that long (logged when there is one).
+    A lock still held then raises ``refused()``. A file system without flock raises
+    OSError(errno, ``unsupported``), or with ``unlocked_ok`` logs ``unsupported`` as a warning
+    and runs the block unlocked.
+    """
+    from filelock import FileLock, Timeout
+
     record = (json.dumps(holder_info()) + "\n").encode()
 
     def write_holder(fd: int) -> None:  # with the lock held, through filelock's descriptor
         os.ftruncate(fd, 0)
         os.pwrite(fd, record, 0)
 
-    lock = FileLock(path, blocking=False, fallback_to_soft=False, on_acquired=write_holder)
+    lock = FileLock(path, fallback_to_soft=False, on_acquired=write_holder)
+    locked = True
     try:
-        lock.acquire()
+        try:
+            lock.acquire(blocking=False)
+        except Timeout:
+            if timeout_s is None:
+                raise
+            log.info(
+                "%s is held by %s; waiting up to %g s", path, describe_holder(path), timeout_s
+            )
+            lock.acquire(timeout=timeout_s)
     except Timeout:
-        raise FolderInUseError(
-            f"{folder} is in use by another run ({describe_holder(path)}); two runs writing to "
-            f"one folder overwrite each other's files. Wait for that run to finish (its lock, "
-            f"{path}, is released when its process ends, however it ends), or {what_to_do}"
-        ) from None
+        raise refused() from None
     except OSError as exn:
-        if exn.errno != errno.ENOSYS:
+        if exn.errno not in NO_FLOCK:
             raise
-        raise OSError(
-            exn.errno,
-            f"cannot lock {folder}: its file system does not support flock locks, which keep a "
-            f"second run out of the folder. Use a folder on another file system, or "
-            f"{what_to_do}",
-        ) from None
+        if not unlocked_ok:
+            raise OSError(exn.errno, unsupported) from None
+        log.warning("%s", unsupported)
+        locked = False
+    if not locked:
+        yield
+        return
     try:
-        yield path
+        yield
     finally:
         with contextlib.suppress(OSError):  # still held: no holder is recorded once it is free
             path.write_bytes(b"")

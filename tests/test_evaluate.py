@@ -1,9 +1,11 @@
 """evaluate.py's sweep: entries, seeds, resume, summary, multirun; tiny model and extractor."""
 
+import errno
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -12,9 +14,12 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from own_flow import OWN_BASE_ARCH
+from PIL import Image
 
+from flowturbo import lock as lock_mod
 from flowturbo.eval import entries, networks, sweep
 from flowturbo.eval import summary as summary_mod
+from flowturbo.eval.atomic import remove_leftovers
 from flowturbo.eval.digits import DigitClassifier, save_classifier
 from flowturbo.eval.fidelity import fid_against_statistics, fidelity_metrics, load_reference
 from flowturbo.eval.summary import acceleration_tables
@@ -598,6 +603,161 @@ def test_summarize_only_merges_the_rows_without_models(assets, tmp_path, monkeyp
     assert summary_mod.load_rows(out)[0]["sampler"] == "heun"
 
 
+# ----------------------------------------------------------------------------- concurrent jobs
+
+
+def _row_file(out_dir, text, fid, ms):
+    """A finished row file of ``text`` (FID and eager ms/img only), as a job writes it."""
+    entry = entries.parse_entry(text)
+    row = {
+        "entry": entry.label,
+        "key": entry.key,
+        "family": entry.family,
+        "plan": entry.plan,
+        "steps": entry.steps,
+        "base_nfe": entry.base_nfe,
+        "refiner_nfe": entry.refiner_nfe,
+        "parts": {
+            "quality": {"result": {"fid": fid, "num_generated": 16}},
+            "latency": {"result": {"eager": {"ms_per_image": ms}, "batch": 4, "session": "s"}},
+        },
+    }
+    sweep.write_row(sweep.row_path(out_dir, entry), row)
+
+
+class Job(threading.Thread):
+    """A job's summary in a thread; its result or exception is kept for the test."""
+
+    def __init__(self, fn):
+        super().__init__(daemon=True)
+        self.fn, self.result, self.error = fn, None, None
+
+    def run(self):
+        try:
+            self.result = self.fn()
+        except BaseException as exn:  # noqa: BLE001 - re-raised by the test
+            self.error = exn
+
+    def outcome(self):
+        self.join(60)
+        assert not self.is_alive(), "a summary never finished"
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+def test_concurrent_jobs_leave_the_summary_of_every_row(tmp_path, monkeypatch):
+    """SLURM runs a multirun's jobs at once, into one folder. Job A read the rows before job B's
+    existed; B wrote its row and the summary of both; then A's summary of its row alone
+    replaced B's: results.json missed B's schedule for good."""
+    out = tmp_path / "sweep"
+    _row_file(out, "H2", fid=30.0, ms=2.0)  # job A's row
+    a_read, b_done_or_waiting = threading.Event(), threading.Event()
+    real_load_rows, real_lock = summary_mod.load_rows, getattr(lock_mod, "waiting_lock", None)
+
+    def load_rows(folder):
+        rows = real_load_rows(folder)
+        if threading.current_thread() is job_a:  # A has read the rows: B's is not there yet
+            a_read.set()
+            assert b_done_or_waiting.wait(60)
+        return rows
+
+    def waiting_lock(*args, **kwargs):
+        if threading.current_thread() is job_b:  # B is about to wait for A's summary
+            b_done_or_waiting.set()
+        return real_lock(*args, **kwargs)
+
+    def summarize_b():
+        try:
+            return summary_mod.summarize(out)
+        finally:
+            b_done_or_waiting.set()
+
+    monkeypatch.setattr(summary_mod, "load_rows", load_rows)
+    monkeypatch.setattr(lock_mod, "waiting_lock", waiting_lock, raising=False)
+    job_a, job_b = Job(lambda: summary_mod.summarize(out)), Job(summarize_b)
+    job_a.start()
+    assert a_read.wait(60)
+    _row_file(out, "H1P2R2", fid=25.0, ms=1.5)  # job B's row, then its summary
+    job_b.start()
+    assert [r["schedule"] for r in job_a.outcome()["rows"]] == ["H2"]
+    assert [r["schedule"] for r in job_b.outcome()["rows"]] == ["H2", "H1P2R2"]
+
+    assert [r["schedule"] for r in json.loads((out / "results.json").read_text())] == [
+        "H2",
+        "H1P2R2",
+    ]
+    assert len((out / "results.csv").read_text().splitlines()) == 3
+    (vs_heun,) = json.loads((out / "acceleration.json").read_text())[0]["rows"]
+    assert vs_heun["candidate_schedule"] == "H1P2R2"
+
+
+def test_a_summary_lock_held_too_long_is_a_clear_error(tmp_path):
+    """A stuck holder (the kernel frees the lock of a process that ends): the waiting job says
+    whose lock it is and how to summarise later, and writes nothing."""
+    out = tmp_path / "sweep"
+    _row_file(out, "H2", fid=30.0, ms=2.0)
+    held = out / summary_mod.SUMMARY_LOCK
+    with (
+        lock_mod.waiting_lock(held, timeout_s=1, what="holding it", what_to_do="-"),
+        pytest.raises(lock_mod.LockTimeoutError) as waited,
+    ):
+        summary_mod.summarize(out, lock_timeout_s=0.2)
+    message = str(waited.value)
+    assert f"waited 0.2 s for {held} before writing the summary of {out}" in message
+    assert f"(pid {os.getpid()} on host" in message and "the holder looks stuck" in message
+    assert f"this job's rows are saved in {out / 'rows'}" in message
+    assert "summarize_only=true" in message
+    assert not (out / "results.json").exists()
+    assert summary_mod.summarize(out, lock_timeout_s=0.2)["rows"]  # free again
+
+
+def test_without_flock_the_summary_is_written_with_a_warning(tmp_path, monkeypatch, caplog):
+    """A sweep folder on a file system without flock locks (Lustre without -o flock) still gets
+    its summary: the rows were computed, only the turn-taking is lost, and the log says so."""
+    import filelock
+
+    class NoFlock:
+        def __init__(self, path, **kwargs):
+            pass
+
+        def acquire(self, **kwargs):
+            raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(filelock, "FileLock", NoFlock)
+    out = tmp_path / "sweep"
+    _row_file(out, "H2", fid=30.0, ms=2.0)
+    assert [r["schedule"] for r in summary_mod.summarize(out)["rows"]] == ["H2"]
+    assert (out / "results.json").is_file()
+    assert "does not support flock locks" in caplog.text
+    assert "after the last job, write it again with evaluate.py summarize_only=true" in caplog.text
+
+
+def test_the_summary_lock_is_neither_a_row_nor_a_leftover(assets, tmp_path):
+    """The lock file stays in the sweep folder: nothing that reads the folder takes it for a row,
+    a result or a killed writer's file; a killed summary's temporary files are removed."""
+    out = tmp_path / "sweep"
+    _row_file(out, "H2", fid=30.0, ms=2.0)
+    killed = out / ".pareto.k3x_9q2a.tmp.png"  # a summary killed while plotting
+    killed.write_bytes(b"half a png")
+    long_ago = time.time() - 3600
+    os.utime(killed, (long_ago, long_ago))
+    sweep.run_sweep(tiny(assets, out, "summarize_only=true"))
+    lock_file = out / summary_mod.SUMMARY_LOCK
+    assert lock_file.is_file() and lock_file.read_text() == ""  # released: no holder
+    assert not killed.exists()
+    assert sorted(p.name for p in (out / "rows").iterdir()) == ["H2.json"]
+    assert remove_leftovers(out, older_than_s=0) == [] and lock_file.exists()
+    assert [r["schedule"] for r in summary_mod.load_rows(out)] == ["H2"]
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == [
+        "acceleration.json",
+        "pareto.png",
+        "results.csv",
+        "results.json",
+        "summary.lock",
+    ]
+
+
 @pytest.mark.parametrize("mode", ["steps", "sampler"])
 def test_a_failed_compilation_is_recorded_not_reported_as_compiled(
     assets, tmp_path, monkeypatch, mode
@@ -734,7 +894,9 @@ def test_wandb_gets_the_table_and_the_plot_and_honours_wandb_mode(assets, tmp_pa
     assert fake.init_kwargs["mode"] == "offline" and fake.finished
     table = fake.logged["sweep/results"]
     assert table["columns"][:2] == ["sampler", "schedule"] and len(table["data"]) == 2
-    assert fake.logged["sweep/pareto"]["image"].endswith("pareto.png")
+    pareto = fake.logged["sweep/pareto"]["image"]  # read while the summary was locked
+    with Image.open(out / "pareto.png") as on_disk:
+        assert pareto.size == on_disk.size and pareto.tobytes() == on_disk.tobytes()
     assert fake.logged["sweep/acceleration"]["data"]
 
     for env, enabled in [("disabled", "true"), (None, "false")]:

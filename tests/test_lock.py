@@ -1,11 +1,15 @@
 """One run per output folder (flowturbo.lock): a second holder is refused in words, the lock dies
-with its process, and only global rank 0 of a run takes it."""
+with its process, and only global rank 0 of a run takes it; a waiting lock (a sweep's summary)
+waits for its holder, up to a timeout."""
 
+import errno
 import json
 import os
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -16,8 +20,10 @@ from flowturbo.lock import (
     LOCK_NAME,
     RANK_VARIABLES,
     FolderInUseError,
+    LockTimeoutError,
     folder_lock,
     is_global_zero_process,
+    waiting_lock,
 )
 
 ELSEWHERE = "give this run another name=... or ckpt_dir=..."
@@ -78,6 +84,91 @@ def test_the_lock_dies_with_its_holder_process(tmp_path):
     assert holder.returncode == -9  # killed: it never released the lock itself
     with folder_lock(folder, what_to_do=ELSEWHERE) as path:
         assert path is not None and json.loads(path.read_text())["pid"] == os.getpid()
+
+
+WAIT_HOLD = """
+import sys
+from flowturbo.lock import waiting_lock
+with waiting_lock(sys.argv[1], timeout_s=5, what="holding it", what_to_do="x"):
+    print("held", flush=True)
+    sys.stdin.readline()  # until the test lets go
+"""
+
+
+def test_a_waiting_lock_waits_for_another_process_then_times_out_in_words(tmp_path, caplog):
+    """Two jobs of a sweep writing its summary: the second waits for the first, and a holder
+    that never lets go is named after the timeout."""
+    path = tmp_path / "summary.lock"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", WAIT_HOLD, str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with (
+            pytest.raises(LockTimeoutError) as waited,
+            waiting_lock(path, timeout_s=0.2, what="summarising", what_to_do="try later"),
+        ):
+            pytest.fail("got the lock of a live process")
+        message = str(waited.value)
+        assert message.startswith(f"waited 0.2 s for {path} before summarising, and it is still")
+        assert f"(pid {holder.pid} on host {socket.gethostname()}" in message
+        assert message.endswith("try later")
+
+        def let_go():
+            holder.stdin.write("\n")
+            holder.stdin.flush()
+
+        threading.Timer(0.3, let_go).start()
+        start = time.monotonic()
+        caplog.set_level("INFO", logger="flowturbo.lock")
+        with waiting_lock(path, timeout_s=30, what="summarising", what_to_do="-") as held:
+            assert time.monotonic() - start >= 0.2  # it waited for the holder
+            assert json.loads(held.read_text())["pid"] == os.getpid()
+        assert f"pid {holder.pid} on host" in caplog.text and "waiting up to 30 s" in caplog.text
+        assert holder.wait(timeout=30) == 0
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+        holder.stdin.close()
+        holder.stdout.close()
+    assert path.read_text() == ""  # released, left in place
+
+
+class NoFlock:
+    """filelock's FileLock on a file system without flock (Lustre without -o flock)."""
+
+    def __init__(self, path, **kwargs):
+        self.path = path
+
+    def acquire(self, **kwargs):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+
+def test_a_file_system_without_flock_is_named_or_the_section_runs_unlocked(
+    tmp_path, monkeypatch, caplog
+):
+    import filelock
+
+    monkeypatch.setattr(filelock, "FileLock", NoFlock)
+    path = tmp_path / "summary.lock"
+    with (
+        pytest.raises(OSError, match=f"cannot lock {path}: its file system does not support"),
+        waiting_lock(path, timeout_s=1, what="summarising", what_to_do="-"),
+    ):
+        pytest.fail("ran without the lock")
+    with (
+        pytest.raises(OSError, match="Use a folder on another file system, or give"),
+        folder_lock(tmp_path / "run", what_to_do="give another name"),
+    ):
+        pytest.fail("ran without the lock")
+    ran = []
+    with waiting_lock(path, timeout_s=1, what="x", what_to_do="-", without_flock="beware") as p:
+        ran.append(p)
+    assert ran == [path]
+    assert f"cannot lock {path}" in caplog.text and "going on without it; beware" in caplog.text
 
 
 @pytest.mark.parametrize(

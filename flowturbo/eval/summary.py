@@ -13,6 +13,11 @@ unfinished write are not row files) and writes, atomically, into ``out_dir``:
 
 Latencies are fair to compare only when they were timed together: the summary names the
 timing sessions when its rows come from more than one (:func:`latency_sessions`).
+
+The jobs of a multirun summarise into one folder at the same time. Each holds
+``out_dir/summary.lock`` (:data:`SUMMARY_LOCK`) from reading the rows to the last summary file
+written, so a job that read fewer rows never replaces a later job's summary: the summary left
+after the last job covers every row file.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from flowturbo.eval.atomic import atomic_path
+from flowturbo.eval.atomic import atomic_path, remove_leftovers
 from flowturbo.eval.entries import parse_entry
 from flowturbo.eval.pareto import acceleration_ratios, plot_pareto_panels, write_results
 
@@ -60,6 +65,12 @@ BASELINE_NAMES = {
 }
 #: The timing session of latencies stored before sessions were recorded.
 UNKNOWN_SESSION = "unknown"
+#: The lock file in ``out_dir`` that jobs hold while they read the rows and write the summary
+#: (never a row or a result: neither in ``rows/`` nor one of atomic_path's temporary names).
+SUMMARY_LOCK = "summary.lock"
+#: The longest wait for another job's summary (writing one takes seconds, so a lock held this
+#: long belongs to a stuck process).
+SUMMARY_LOCK_TIMEOUT_S = 600.0
 
 
 def read_row(path: Path) -> dict[str, Any] | None:
@@ -321,27 +332,73 @@ def _num(v: Any) -> str:
     return f"{v:.4f}" if abs(v) < 0.1 else f"{v:.3g}" if abs(v) >= 1000 else f"{v:.2f}"
 
 
-def summarize(out_dir: str | os.PathLike, cfg: DictConfig | None = None) -> dict[str, Any]:
+def summarize(
+    out_dir: str | os.PathLike,
+    cfg: DictConfig | None = None,
+    *,
+    lock_timeout_s: float = SUMMARY_LOCK_TIMEOUT_S,
+) -> dict[str, Any]:
     """Merges ``out_dir/rows/*.json`` into results.json/csv, pareto.png and acceleration.json.
+
+    Concurrent jobs of a multirun share ``out_dir``: each reads the rows and writes the summary
+    holding ``out_dir/summary.lock`` (:func:`flowturbo.lock.waiting_lock`), so the job that
+    summarises last has seen every row written before, and no summary from fewer rows
+    replaces its own.
 
     Prints the results, the timing sessions when there are several (also a warning) and the
     acceleration table; logs them to W&B when ``cfg.wandb`` enables it (offline unless
     configured or ``WANDB_MODE`` says otherwise) and the job covers the whole sweep (not a
-    single ``sampler.schedule`` job).
+    single ``sampler.schedule`` job). Printing and logging come after the lock is released.
+
+    Args:
+        out_dir: the sweep folder.
+        cfg: the sweep config (W&B settings, ``sampler.schedule``); None: no W&B.
+        lock_timeout_s: the longest wait for another job's summary.
 
     Returns:
         ``{"rows": [...], "acceleration": [...], "out_dir": str}``.
 
     Raises:
         FileNotFoundError: no row file in ``out_dir/rows``.
+        flowturbo.lock.LockTimeoutError: another job held the summary's lock for longer than
+            ``lock_timeout_s``.
     """
+    from flowturbo.lock import waiting_lock
+
     out_dir = Path(out_dir)
-    rows = load_rows(out_dir)
-    if not rows:
-        raise FileNotFoundError(
-            f"no results in {out_dir / 'rows'}: run the sweep first (without summarize_only)"
-        )
-    write_results(rows, out_dir)
+    missing = FileNotFoundError(
+        f"no results in {out_dir / 'rows'}: run the sweep first (without summarize_only)"
+    )
+    if not (out_dir / "rows").is_dir():
+        raise missing  # before the lock file: no folder made for a mistyped name
+    to_wandb = cfg is not None and cfg.get("sampler", {}).get("schedule") is None
+    to_wandb = to_wandb and wandb_mode(cfg) is not None
+    what_to_do = (
+        f"this job's rows are saved in {out_dir / 'rows'}: once that process has ended (or "
+        "you have ended it), write the summary with evaluate.py summarize_only=true and this "
+        "job's name= (or out_dir=)"
+    )
+    with waiting_lock(
+        out_dir / SUMMARY_LOCK,
+        timeout_s=lock_timeout_s,
+        what=f"writing the summary of {out_dir}",
+        what_to_do=what_to_do,
+        without_flock="jobs running at once may leave a summary that misses rows: after the "
+        "last job, write it again with evaluate.py summarize_only=true",
+    ):
+        remove_leftovers(out_dir)  # a killed summary's temporary results.json, pareto.png
+        rows = load_rows(out_dir)
+        if not rows:
+            raise missing
+        write_results(rows, out_dir)
+        tables = acceleration_tables(rows)
+        with atomic_path(out_dir / "acceleration.json") as tmp:
+            tmp.write_text(json.dumps(finite(tables), indent=2, allow_nan=False) + "\n")
+        images = sorted({r["num_images"] for r in rows if r.get("num_images")})
+        title = f"{out_dir.name}: {'/'.join(map(str, images)) or '?'} images per schedule"
+        plot_sweep(rows, out_dir / "pareto.png", title=title)
+        # the plot of these rows, for W&B: another job may replace pareto.png once unlocked
+        pareto = _read_image(out_dir / "pareto.png") if to_wandb else None
     mixed = mixed_settings(rows)
     if mixed:
         log.warning(
@@ -354,12 +411,6 @@ def summarize(out_dir: str | os.PathLike, cfg: DictConfig | None = None) -> dict
     sessions = format_sessions(latency_sessions(rows))
     if sessions:
         log.warning("%s: %s", out_dir, sessions.replace("\n", " "))
-    tables = acceleration_tables(rows)
-    with atomic_path(out_dir / "acceleration.json") as tmp:
-        tmp.write_text(json.dumps(finite(tables), indent=2, allow_nan=False) + "\n")
-    images = sorted({r["num_images"] for r in rows if r.get("num_images")})
-    title = f"{out_dir.name}: {'/'.join(map(str, images)) or '?'} images per schedule"
-    plot_sweep(rows, out_dir / "pareto.png", title=title)
     n = len(rows)
     print(f"\n{n} {'schedule' if n == 1 else 'schedules'} in {out_dir}:\n{format_rows(rows)}")
     if sessions:
@@ -367,9 +418,17 @@ def summarize(out_dir: str | os.PathLike, cfg: DictConfig | None = None) -> dict
     text = format_acceleration(tables)
     if text:
         print(f"\n{text}")
-    if cfg is not None and cfg.get("sampler", {}).get("schedule") is None:
-        log_to_wandb(rows, tables, out_dir, cfg)
+    if to_wandb:
+        log_to_wandb(rows, tables, out_dir, cfg, pareto=pareto)
     return {"rows": rows, "acceleration": tables, "out_dir": str(out_dir)}
+
+
+def _read_image(path: Path) -> Any:
+    """The image file at ``path``, read into memory (a PIL image)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.copy()
 
 
 def plot_sweep(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
@@ -387,13 +446,8 @@ def plot_sweep(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
     )
 
 
-def log_to_wandb(
-    rows: Sequence[dict[str, Any]],
-    tables: Sequence[dict[str, Any]],
-    out_dir: Path,
-    cfg: DictConfig,
-) -> None:
-    """Logs the results table, the acceleration table and pareto.png to a W&B run.
+def wandb_mode(cfg: DictConfig) -> str | None:
+    """The W&B mode a summary logs in (``"offline"``, ``"online"``), or None: no logging.
 
     Off unless ``cfg.wandb.enabled``; ``WANDB_MODE`` (disabled, offline, online) wins over
     ``cfg.wandb.offline``.
@@ -401,10 +455,29 @@ def log_to_wandb(
     w = cfg.get("wandb")
     mode = os.environ.get("WANDB_MODE")
     if not w or not w.get("enabled") or mode == "disabled":
+        return None
+    return mode or ("offline" if w.get("offline", True) else "online")
+
+
+def log_to_wandb(
+    rows: Sequence[dict[str, Any]],
+    tables: Sequence[dict[str, Any]],
+    out_dir: Path,
+    cfg: DictConfig,
+    pareto: Any = None,
+) -> None:
+    """Logs the results table, the acceleration table and pareto.png to a W&B run, when
+    :func:`wandb_mode` says so.
+
+    ``pareto``: the plot of these rows (a PIL image, read while the summary was locked);
+    None: ``out_dir/pareto.png`` as it is now.
+    """
+    mode = wandb_mode(cfg)
+    if mode is None:
         return
     import wandb
 
-    mode = mode or ("offline" if w.get("offline", True) else "online")
+    w = cfg.get("wandb")
     run = wandb.init(
         project=w.get("project", "flowturbo"),
         name=str(cfg.get("name", out_dir.name)),
@@ -428,7 +501,7 @@ def log_to_wandb(
             "sweep/acceleration": wandb.Table(
                 columns=ratio_columns, data=[[r.get(c) for c in ratio_columns] for r in ratios]
             ),
-            "sweep/pareto": wandb.Image(str(out_dir / "pareto.png")),
+            "sweep/pareto": wandb.Image(str(out_dir / "pareto.png") if pareto is None else pareto),
         }
     )
     run.finish()

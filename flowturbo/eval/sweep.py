@@ -25,6 +25,7 @@ reruns share it) holds::
     grids/<entry>.png        the first few samples of the entry
     reference/ref-<hash>.pt  the reference ODE solution, keyed by its settings
     results.json, results.csv, pareto.png, acceleration.json      the summary
+    summary.lock             held by the job writing the summary (jobs take turns)
 
 Resume: a part whose settings hash equals the stored one is not recomputed; a changed setting
 recomputes only the parts it affects (e.g. ``latency.batch`` only the latency). The summary
