@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -107,4 +108,30 @@ def check_enough_work(items: int, world_size: int, what: str) -> None:
         raise ValueError(
             f"{items} {what} for {world_size} processes: every process needs at least one; "
             f"run on {items} device(s) (trainer.devices={items}) or give more {what}"
+        )
+
+
+def check_ddp_launch(trainer: Any) -> None:
+    """Refuses a Hydra multirun (``-m``) whose Lightning Trainer would start its DDP ranks
+    itself (``strategy=ddp`` on several devices, outside SLURM and torchrun).
+
+    Lightning starts each further rank by running the command line again, ``-m`` and the
+    sweep's values included, so every rank would run the whole sweep and the ranks' jobs would
+    not match. Under SLURM (one task per GPU) the ranks exist before the Trainer and nothing is
+    run again.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return
+    launcher = getattr(trainer.strategy, "launcher", None)
+    if isinstance(launcher, _SubprocessScriptLauncher) and launcher.num_processes > 1:
+        raise ValueError(
+            f"a multirun (-m) cannot start {launcher.num_processes} DDP processes per node "
+            "(trainer.strategy=ddp): Lightning starts each further rank by running the command "
+            "again, sweep included, so every rank would run the whole sweep. Launch the sweep "
+            "on SLURM (hydra/launcher=slurm: one task per GPU), run its jobs one at a time "
+            "without -m, or set trainer.strategy=ddp_spawn"
         )

@@ -49,7 +49,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image
 from torch import Tensor
 
-from flowturbo.config import check_enough_work, check_int
+from flowturbo.config import check_ddp_launch, check_enough_work, check_int
 from flowturbo.eval.atomic import atomic_path, is_temporary, remove_leftovers
 from flowturbo.eval.entries import SweepEntry, parse_entry
 from flowturbo.eval.fidelity import IMAGE_SUFFIXES
@@ -908,6 +908,7 @@ def generate_images(cfg: DictConfig) -> dict[str, Any]:
         enable_progress_bar=bool(cfg.get("progress", True)),
         precision="32-true",  # the networks run under sampler.dtype's autocast instead
     )
+    check_ddp_launch(trainer)
     check_enough_work(len(job.names), trainer.world_size, "images")
     trainer.predict(writer, dataloaders=loader, return_predictions=False)
     done = job.done()

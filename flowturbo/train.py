@@ -14,6 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from flowturbo.config import (
+    check_ddp_launch,
     check_enough_work,
     check_required,
     command_line,
@@ -191,6 +192,7 @@ def _fit_and_export(
         logger=make_loggers(cfg),
         plugins=[AtomicCheckpointIO()],  # last.ckpt whole or not at all, whatever TMPDIR is
     )
+    check_ddp_launch(trainer)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     if not trainer.callback_metrics:  # resumed a finished run: nothing trained, nothing measured
         trainer.validate(module, datamodule=datamodule, verbose=False)
@@ -269,6 +271,7 @@ def cache_trajectories(cfg: DictConfig) -> dict:
     module = TrajectoryCache(instantiate(cfg.cache.base), out_dir=cfg.out_dir, **settings)
     loader = DataLoader(ShardPlan(module.shards_per_split()), batch_size=1, shuffle=False)
     trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
+    check_ddp_launch(trainer)
     check_enough_work(len(loader.dataset), trainer.world_size, "shards")
     # one run per folder: a second one would delete this one's half-written shards as stale
     with folder_lock(cfg.out_dir, what_to_do=CACHE_ELSEWHERE):

@@ -230,6 +230,26 @@ def test_each_job_of_a_multirun_gets_its_own_checkpoint_folder(tmp_path):
         assert ckpt_dir("model.optimizer.lr=1e-4", multirun=False) == "checkpoints/demo_refiner"
 
 
+def test_a_multirun_that_would_start_its_own_ddp_ranks_is_refused(tmp_path, monkeypatch):
+    """Lightning's strategy=ddp starts ranks by running the command again, -m included: every
+    rank would run the whole sweep. ddp_spawn, one device and single runs are fine."""
+    import lightning as L
+
+    from flowturbo.config import check_ddp_launch
+
+    monkeypatch.chdir(tmp_path)
+    ddp = ["trainer.devices=2", "+trainer.strategy=ddp"]
+    try:
+        cfg = cfg_for(["experiment=demo_base", *TINY, *ddp, "hydra.mode=MULTIRUN"], tmp_path)
+        with pytest.raises(ValueError, match=r"multirun \(-m\) cannot start 2 DDP processes"):
+            train(cfg)
+        for strategy, devices in (("ddp_spawn", 2), ("ddp", 1)):
+            check_ddp_launch(L.Trainer(accelerator="cpu", devices=devices, strategy=strategy))
+    finally:  # the tests after this one compose single runs
+        cfg_for(["experiment=demo_base", *TINY], tmp_path)
+    check_ddp_launch(L.Trainer(accelerator="cpu", devices=2, strategy="ddp"))  # single run
+
+
 TINY = [
     "trainer.max_steps=3",
     "trainer.val_check_interval=3",
