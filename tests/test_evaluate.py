@@ -523,6 +523,11 @@ def test_a_half_written_row_file_is_not_summarised_and_is_removed(assets, tmp_pa
     os.utime(stale, (long_ago, long_ago))
     writing = out / "rows" / ".H2.abcd1234.tmp.json"  # another job is writing it now
     writing.write_text(json.dumps(stored))
+    others = [out / "grids" / ".H2.k3x_9q2a.tmp.png", out / "reference" / ".ref-1.k3x_9q2a.tmp.pt"]
+    for path in others:  # a killed job's grid and reference-error solution
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"cut off")
+        os.utime(path, (long_ago, long_ago))
 
     monkeypatch.setattr(sweep, "load_networks", _no_models)
     result = sweep.run_sweep(tiny(assets, out, "sweep.schedules=[H2]", *QUICK))
@@ -530,6 +535,7 @@ def test_a_half_written_row_file_is_not_summarised_and_is_removed(assets, tmp_pa
     assert result["rows"][0]["ms_per_image_eager"] > 0
     assert [r["schedule"] for r in json.loads((out / "results.json").read_text())] == ["H2"]
     assert not stale.exists() and writing.exists()
+    assert not any(p.exists() for p in others)
     assert sorted(p.name for p in (out / "rows").iterdir()) == [writing.name, "H2.json"]
     assert [r["schedule"] for r in summary_mod.load_rows(out)] == ["H2"]
 

@@ -527,7 +527,8 @@ def run_sweep(cfg: DictConfig) -> dict[str, Any]:
 
     register_resolvers()
     out_dir = Path(cfg.out_dir)
-    remove_leftovers(out_dir / "rows")  # a killed job's half-written row files
+    for folder in ("rows", "grids", "reference"):  # a killed job's half-written files
+        remove_leftovers(out_dir / folder)
     if cfg.get("summarize_only"):
         return summarize(out_dir, cfg)
     check_required(cfg, command_line("evaluate.py"))
