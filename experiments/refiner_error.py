@@ -8,7 +8,10 @@ For each refiner file, on two fixed held-out sets of examples (the same for ever
   earlier velocity given (the refiner's first call in an R step);
 
 it reports MSE(R(x', t', v), V(x', t') - v) and the same with R = 0 (the cached velocity used
-unchanged), and their ratio (< 1: the refiner helps).
+unchanged), and their ratio (< 1: the refiner helps). Each example's noise, time and step are
+drawn from its sample's id, as in training's validation; ``--draws K`` repeats the measurement
+with K different draws (ids offset by k * 2**48) and reports the spread of the ratio, to show
+how much of a difference between two figures is the draw.
 
     python experiments/refiner_error.py --refiners checkpoints/demo_refiner/ema.pt \\
         checkpoints/demo_refiner_traj/ema.pt --trajectories trajectories/demo/val
@@ -33,10 +36,10 @@ from flowturbo.models import build_from_checkpoint
 
 
 @torch.no_grad()
-def errors(module: RefinerModule, loader, refiner) -> dict:
+def errors(module: RefinerModule, loader, refiner, draw: int = 0) -> dict:
     total = {"refined": 0.0, "unrefined": 0.0, "n": 0}
     for x, y, ids in loader:  # each example's randomness drawn from its sample's id
-        examples, kw = module.examples(x, y, ids)
+        examples, kw = module.examples(x, y, ids + draw * 2**48)
         n = examples.x.shape[0]
         total["refined"] += float(refiner_loss(refiner, examples, **kw)) * n
         total["unrefined"] += float(examples.target.float().pow(2).mean()) * n
@@ -53,6 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dt-max", type=float, default=0.12)
     p.add_argument("--samples", type=positive_int, default=512, help="held-out samples per set")
     p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--draws", type=positive_int, default=1, help="noise draws per set")
     p.add_argument("--out")
     args = p.parse_args(argv)
     if not 0 < args.dt_max <= 1:
@@ -89,12 +93,19 @@ def main(argv: list[str] | None = None) -> None:
             module.setup("validate")
             if module._base is not None:
                 module.base.eval()
-            row[target] = errors(module, data.val_dataloader(), refiner)
+            draws = [errors(module, data.val_dataloader(), refiner, k) for k in range(args.draws)]
+            row[target] = {**draws[0], "ratio_draws": [d["ratio"] for d in draws]}
         results[path] = row
         for target, r in row.items():
+            spread = r["ratio_draws"]
             print(
                 f"{path} [{target}]: refined {r['mse_refined']:.5f}, unrefined "
                 f"{r['mse_unrefined']:.5f}, ratio {r['ratio']:.3f} ({r['examples']} examples)"
+                + (
+                    f"; {len(spread)} draws: {min(spread):.3f}-{max(spread):.3f}"
+                    if args.draws > 1
+                    else ""
+                )
             )
     if args.out:
         with atomic_path(args.out) as tmp:  # parent folders created

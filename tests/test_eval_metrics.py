@@ -549,7 +549,7 @@ def _script(name):
         ("benchmarks/bench_train.py", ["--model", "SiT-Foo/2"], "--model"),
         ("benchmarks/bench_data.py", ["--batch-size", "0"], "--batch-size"),
         ("benchmarks/bench_gpu.py", ["--batch", "0"], "--batch"),
-        ("experiments/refiner_error.py", ["--refiners", "x.pt", "--batches", "0"], "--batches"),
+        ("experiments/refiner_error.py", ["--refiners", "x.pt", "--samples", "0"], "--samples"),
         ("experiments/refiner_error.py", ["--refiners", "nowhere.pt"], "nowhere.pt"),
     ],
 )

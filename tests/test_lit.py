@@ -18,6 +18,7 @@ from flowturbo.data import ShardDataModule
 from flowturbo.data.shards import write_sample_shards
 from flowturbo.lit import FlowMatchingModule, RefinerModule, load_frozen_base
 from flowturbo.lit.callbacks import CheckpointOnSignal, SampleGrid
+from flowturbo.lit.common import per_sample_draws
 from flowturbo.models import CheckpointError, SiT, VelocityRefiner, save_checkpoint
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
@@ -297,9 +298,7 @@ def _digit_shards(out: Path, n: int, shard_size: int) -> Path:
 
 
 def _validate(module, tmp_path, shards: Path, batch: int, ranks: int = 1) -> dict:
-    data = ShardDataModule(
-        val_shards=str(shards), channels=1, val_batch_size=batch, num_workers=0
-    )
+    data = ShardDataModule(val_shards=str(shards), channels=1, val_batch_size=batch, num_workers=0)
     spawn = {"devices": ranks, "strategy": "ddp_spawn"} if ranks > 1 else {}
     (metrics,) = trainer(tmp_path, 1, **spawn).validate(module, datamodule=data, verbose=False)
     return metrics
@@ -330,3 +329,14 @@ def test_validation_metrics_are_over_the_whole_set_on_two_ranks(tmp_path, base_f
     two = _validate(module, tmp_path, shards, batch=2, ranks=2)
     for key in ("val/loss", "val/loss_unrefined", "val/error_ratio"):
         assert two[key] == pytest.approx(alone[key], rel=1e-5), key
+
+
+def test_per_sample_draws_depend_on_the_whole_id_alone():
+    """torch's CPU generator keeps a seed's low 32 bits: ids shard * 2**32 + position of two
+    shards drew the same noise before the ids were hashed."""
+    draw = lambda g: (torch.randn(3, generator=g),)  # noqa: E731
+    ids = torch.tensor([5, 2**32 + 5, 2 * 2**32 + 5, 7])
+    (x,) = per_sample_draws(ids, draw)
+    assert len({tuple(row.tolist()) for row in x}) == 4
+    (again,) = per_sample_draws(ids.flip(0)[:2], draw)  # another batch, another order
+    assert torch.equal(again, x.flip(0)[:2])

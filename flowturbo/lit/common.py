@@ -14,6 +14,8 @@ from lightning.pytorch.strategies import Strategy
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
+from flowturbo.data.datamodule import mix_seed
+
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
 
@@ -73,7 +75,10 @@ def per_sample_draws(
     Returns:
         The stacked draws, each (B, ...), on the CPU.
     """
-    rows = [draw(torch.Generator().manual_seed(i)) for i in ids.tolist()]
+    # the id hashed to 32 bits: torch's CPU generator keeps only a seed's low 32 bits, which
+    # would give sample p of every shard (id shard * 2**32 + p) the same draws
+    seeds = [mix_seed(i >> 32, i) for i in ids.tolist()]
+    rows = [draw(torch.Generator().manual_seed(seed)) for seed in seeds]
     return tuple(torch.stack(column) for column in zip(*rows, strict=True))
 
 
