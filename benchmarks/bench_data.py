@@ -40,18 +40,16 @@ def _latent_shards(out: Path, n: int, shape: tuple[int, ...], shard_size: int) -
     return out
 
 
-def _time(
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]], warmup: int
-) -> tuple[int, int, float]:
+def _time(batches: Iterable[tuple[torch.Tensor, ...]], warmup: int) -> tuple[int, int, float]:
     """(timed batches, timed samples, seconds) after ``warmup`` batches."""
     it = iter(batches)
     for _ in range(warmup):
         next(it)
     n_batches = n_samples = 0
     start = time.perf_counter()
-    for _, y in it:
+    for batch in it:  # (x, y), or (x, y, ids) in validation
         n_batches += 1
-        n_samples += len(y)
+        n_samples += len(batch[1])
     return n_batches, n_samples, time.perf_counter() - start
 
 
