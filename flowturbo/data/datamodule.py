@@ -402,7 +402,8 @@ class ShardStream(IterableDataset):
             handler.ok()
             arrays.append(array)
             labels.append(label)
-            ids.append(sample.get(SAMPLE_ID, -1))
+            if not self.train:
+                ids.append(sample[SAMPLE_ID])
             if len(arrays) == self.batch_size:
                 yield self._batch(arrays, labels, ids, handler)
                 arrays, labels, ids = [], [], []
