@@ -122,8 +122,11 @@ def check_ddp_launch(trainer: Any) -> None:
     """
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
-    from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 
+    try:  # Lightning's private launcher class: a release that renames it skips this check
+        from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+    except ImportError:
+        return
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return
     launcher = getattr(trainer.strategy, "launcher", None)

@@ -50,7 +50,7 @@ from PIL import Image
 from torch import Tensor
 
 from flowturbo.config import check_ddp_launch, check_enough_work, check_int
-from flowturbo.eval.atomic import atomic_path, is_temporary, remove_leftovers
+from flowturbo.eval.atomic import atomic_path, create_once, is_temporary, remove_leftovers
 from flowturbo.eval.entries import SweepEntry, parse_entry
 from flowturbo.eval.fidelity import IMAGE_SUFFIXES
 from flowturbo.eval.networks import (
@@ -603,9 +603,14 @@ class Job:
 
     def check_folder(self) -> None:
         """Refuses to resume into a folder written with other settings (more or fewer images are
-        the same settings: a rerun with a larger ``num_images`` adds the missing ones)."""
+        the same settings: a rerun with a larger ``num_images`` adds the missing ones).
+
+        A new folder gets ``job.json`` created once (:func:`create_once`): of two jobs started
+        on one new folder at once, the second is checked against the first's settings.
+        """
         path = self.out_dir / JOB_NAME
-        if path.is_file():
+        text = json.dumps(self.settings, indent=1) + "\n"
+        if path.is_file() or not create_once(path, text):
             try:
                 old = json.loads(path.read_text())
             except (UnicodeDecodeError, json.JSONDecodeError) as exn:
@@ -628,9 +633,6 @@ class Job:
                     f"{self.out_dir} holds images made with other settings (differs in {diff}); "
                     "use another out_dir (or name) or delete that folder"
                 )
-            return
-        with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(self.settings, indent=1) + "\n")
 
 
 def make_job(cfg: DictConfig, entry: SweepEntry, nets: Networks) -> Job:

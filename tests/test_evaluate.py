@@ -591,6 +591,38 @@ def test_single_schedule_jobs_share_the_folder_and_the_summary(assets, tmp_path,
     assert sorted(p.name for p in (out / "rows").iterdir()) == ["H1P2R2.json", "H2.json"]
 
 
+def test_a_part_stored_by_another_job_meanwhile_is_kept(assets, tmp_path, monkeypatch):
+    """Two jobs of one multirun evaluate the same entry (heun:2 is H2). Job A read H2's row
+    before computing its FID; job B meanwhile stored H2's latency; A's row, written from what it
+    had read, dropped B's latency."""
+    out = tmp_path / "sweep"
+    real_quality = sweep.measure_quality
+    job_b_ran = []
+
+    def quality_while_b_runs(entry, *args, **kwargs):
+        if not job_b_ran:  # job A is computing: job B runs whole, latency included
+            job_b_ran.append(True)
+            sweep.run_sweep(tiny(assets, out, "sampler.schedule=heun:2", "ref_error.num_images=0"))
+            b_row = json.loads((out / "rows" / "H2.json").read_text())
+            assert set(b_row["parts"]) == {"quality", "latency"}
+        return real_quality(entry, *args, **kwargs)
+
+    def a_dies_before_timing(*args, **kwargs):
+        if job_b_ran == [True, "timed"]:
+            raise KeyboardInterrupt
+        job_b_ran.append("timed")
+        return real_latency(*args, **kwargs)
+
+    real_latency = sweep.measure_entries_latency
+    monkeypatch.setattr(sweep, "measure_quality", quality_while_b_runs)
+    monkeypatch.setattr(sweep, "measure_entries_latency", a_dies_before_timing)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_sweep(tiny(assets, out, "sampler.schedule=H2", "ref_error.num_images=0"))
+    row = json.loads((out / "rows" / "H2.json").read_text())
+    assert set(row["parts"]) == {"quality", "latency"}  # A's FID and B's latency
+    assert (out / sweep.ROWS_LOCK).exists() and not (out / "rows" / sweep.ROWS_LOCK).exists()
+
+
 def test_summarize_only_merges_the_rows_without_models(assets, tmp_path, monkeypatch):
     out = tmp_path / "sweep"
     with pytest.raises(FileNotFoundError, match="run the sweep first"):

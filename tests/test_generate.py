@@ -105,6 +105,40 @@ def test_a_folder_made_with_other_settings_is_refused_and_more_images_extend_it(
     )
 
 
+def test_two_jobs_started_at_once_on_a_new_folder_do_not_mix(generate_cfg, tmp_path, monkeypatch):
+    """Job B (seed 1) found no job.json; job A (seed 0) created it before B wrote its own: B
+    wrote over A's record and both filled the folder with images of different seeds."""
+    out = tmp_path / "gen"
+    real_create, calls = gen.create_once, []
+
+    def a_creates_first(path, text):  # B's check found no job.json, then A created it
+        calls.append(path)
+        if len(calls) == 1:  # B's call: A runs whole (its own call is the second)
+            generate_images(generate_cfg(out, "sampler.schedule=H2", "num_images=2"))
+        return real_create(path, text)
+
+    monkeypatch.setattr(gen, "create_once", a_creates_first)
+    with pytest.raises(RuntimeError, match=r"other settings.*seed"):
+        generate_images(generate_cfg(out, "sampler.schedule=H2", "num_images=2", "seed=1"))
+    assert json.loads((out / "H2" / "job.json").read_text())["seed"] == 0
+
+
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_create_once_creates_a_file_exactly_once(tmp_path, monkeypatch, hard_links):
+    if not hard_links:
+
+        def no_link(src, dst):
+            raise PermissionError(1, "Operation not permitted")
+
+        monkeypatch.setattr(os, "link", no_link)
+    path = tmp_path / "sub" / "job.json"
+    assert gen.create_once(path, "first")
+    assert not gen.create_once(path, "second")
+    assert path.read_text() == "first"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["job.json"]  # no temporary left
+    assert oct(path.stat().st_mode & 0o777) == oct(0o644)
+
+
 def test_a_killed_writers_leftovers_are_not_read_and_stale_summaries_are_dropped(
     generate_cfg, tmp_path, monkeypatch
 ):

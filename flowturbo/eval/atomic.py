@@ -74,3 +74,34 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def create_once(path: str | os.PathLike, text: str) -> bool:
+    """Writes ``path`` whole with ``text`` unless it exists; True when this call created it.
+
+    Of two processes creating one file at once, exactly one succeeds and the other reads the
+    winner's text: the file is written under a temporary name, then hard-linked to ``path``,
+    which fails when ``path`` exists (where the file system has no hard links, it is renamed
+    over ``path`` only if absent at that moment, a window of microseconds).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(
+        dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}"
+    )
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        except OSError:  # no hard links here
+            if path.exists():
+                return False
+            os.replace(tmp, path)
+        return True
+    finally:
+        tmp.unlink(missing_ok=True)

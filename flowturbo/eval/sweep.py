@@ -25,6 +25,7 @@ reruns share it) holds::
     grids/<entry>.png        the first few samples of the entry
     reference/ref-<hash>.pt  the reference ODE solution, keyed by its settings
     results.json, results.csv, pareto.png, acceleration.json      the summary
+    rows.lock                held while a job stores a part in a row file (milliseconds)
     summary.lock             held by the job writing the summary (jobs take turns)
 
 Resume: a part whose settings hash equals the stored one is not recomputed; a changed setting
@@ -89,6 +90,11 @@ log = logging.getLogger(__name__)
 
 #: Parts of a row, each cached under its own settings hash.
 PARTS = ("quality", "ref_error", "latency")
+
+#: The lock file in ``out_dir`` held while a row file is read, updated and written
+#: (:func:`store_part`), and the longest wait for it: the section takes milliseconds.
+ROWS_LOCK = "rows.lock"
+ROWS_LOCK_TIMEOUT_S = 600.0
 
 #: Splits of the Inception Score (it needs at least as many images) and k of the k-nearest-
 #: neighbour balls of precision/recall (they need more images), as torch-fidelity uses them.
@@ -681,22 +687,17 @@ def evaluate_entry(
     :func:`check_fid` before any network is loaded) and the reference ODE solution
     (``"solution"``, computed by the first entry that needs it).
     """
-    path = row_path(out_dir, entry)
-    row, parts = _open_row(path, entry, settings)
-
     kept = None
     if "quality" in missing:
         keep = int(cfg.ref_error.num_images) if "ref_error" in missing else 0
         result, kept = measure_quality(entry, nets, cfg, shared["reference"], out_dir, keep)
-        _store(parts, "quality", settings, result)
-        write_row(path, row)
+        store_part(out_dir, entry, settings, "quality", result)
         log.info("%s: FID %.4g (%d images)", entry.label, result["fid"], result["num_generated"])
     if "ref_error" in missing:
         if "solution" not in shared:
             shared["solution"] = reference_solution(nets, cfg, out_dir)
         result = measure_ref_error(entry, nets, cfg, shared["solution"], kept)
-        _store(parts, "ref_error", settings, result)
-        write_row(path, row)
+        store_part(out_dir, entry, settings, "ref_error", result)
         log.info("%s: error to the reference %.4g", entry.label, result["ref_error"])
 
 
@@ -715,11 +716,36 @@ def evaluate_latency(
     session = f"{time.strftime('%Y-%m-%dT%H:%M:%S')}-{uuid.uuid4().hex[:8]}"
     results = measure_entries_latency([entry for entry, _ in todo], nets, cfg)
     for entry, settings in todo:
-        path = row_path(out_dir, entry)
-        row, parts = _open_row(path, entry, settings)
-        _store(parts, "latency", settings, results[entry.key] | {"session": session})
-        write_row(path, row)
+        store_part(out_dir, entry, settings, "latency", results[entry.key] | {"session": session})
         log.info("%s: latency %s", entry.label, _latency_words(results[entry.key]))
+
+
+def store_part(
+    out_dir: Path, entry: SweepEntry, settings: dict[str, dict], name: str, result: dict
+) -> None:
+    """Stores one computed part in the entry's row file: read, updated and written again
+    holding ``out_dir/rows.lock`` (:data:`ROWS_LOCK`), so that two jobs storing parts of one
+    entry at once (``sampler.schedule=H8,heun:8`` is one entry twice) each keep the other's.
+
+    The lock is held for the few milliseconds of the read and the write, never while a part is
+    computed; on a file system without flock locks the row is written unlocked, with a warning.
+    """
+    from flowturbo.lock import waiting_lock
+
+    path = row_path(out_dir, entry)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with waiting_lock(
+        out_dir / ROWS_LOCK,
+        timeout_s=ROWS_LOCK_TIMEOUT_S,
+        what=f"storing the {name} of {entry.label} in {path}",
+        what_to_do=f"end that process and rerun this job: only {entry.label}'s {name} is "
+        "computed again",
+        without_flock="two jobs storing parts of one schedule at once may lose one part "
+        "(the next run computes it again)",
+    ):
+        row, parts = _open_row(path, entry, settings)
+        _store(parts, name, settings, result)
+        write_row(path, row)
 
 
 def _open_row(path: Path, entry: SweepEntry, settings: dict[str, dict]) -> tuple[dict, dict]:
