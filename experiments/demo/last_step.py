@@ -11,8 +11,8 @@ eager and compiled with compiled.
         > experiments/demo/last_step.txt
 """
 
+import argparse
 import json
-import sys
 
 from flowturbo.eval.pareto import acceleration_ratios
 
@@ -44,10 +44,16 @@ def nfe(row: dict) -> str:
     )
 
 
-with open(sys.argv[1]) as f:
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("results", help="the sweep's results.json")
+args = parser.parse_args()
+with open(args.results) as f:
     rows = {r["schedule"]: r for r in json.load(f)}
+absent = [s for s in SCHEDULES if s not in rows]
+if absent:
+    parser.error(f"{args.results} has no row for {', '.join(absent)}: sweep them first")
 rows = [{**rows[s], "sampler": family(s)} for s in SCHEDULES]
-print(f"{len(rows)} schedules from {sys.argv[1]}; {rows[0]['num_images']} images each, seed 0")
+print(f"{len(rows)} schedules from {args.results}; {rows[0]['num_images']} images each, seed 0")
 print(f"latency: batch {rows[0]['batch']}, {rows[0]['dtype']}, {rows[0]['machine']}\n")
 print(f"{'schedule':13} {'family':12} {'NFE':>5} {'FID':>7} {'ref.err':>8}", end=" ")
 print(f"{'eager':>7} {'compiled':>8}")

@@ -13,7 +13,7 @@ H8, edited with H1P5R3 at strengths 0.5 and 0.7; one digit of each class).
     python experiments/edit/digits.py experiments/edit/digits.png > experiments/edit/digits.txt
 """
 
-import sys
+import argparse
 
 import torch
 from torchvision.utils import save_image
@@ -22,6 +22,10 @@ from flowturbo.assets import asset_path
 from flowturbo.eval.digits import load_classifier, load_demo_split
 from flowturbo.models import build_from_checkpoint
 from flowturbo.sampling import edit, inpaint, parse_schedule, plan_nfe
+
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("figure", nargs="?", help="where to write digits.png (none: no figure)")
+args = parser.parse_args()
 
 torch.manual_seed(0)
 base = build_from_checkpoint(asset_path("demo_base.pt")).float().eval()
@@ -76,9 +80,9 @@ with torch.no_grad():
                   f"{float((p == target).float().mean()):7.3f} "
                   f"{float((p == labels).float().mean()):6.3f} {rms(out, x1):10.3f}")  # fmt: skip
 
-if len(sys.argv) > 1:
+if args.figure:
     first = torch.tensor([int((labels == c).nonzero()[0]) for c in range(10)])
     rows = [x1, top_only, results[("inpaint", "H1P5R3")], results[("inpaint", "H8")],
             results[("edit", "H1P5R3", 0.5)], results[("edit", "H1P5R3", 0.7)]]  # fmt: skip
     grid = torch.cat([r[first] for r in rows])
-    save_image((grid.clamp(-1, 1) + 1) / 2, sys.argv[1], nrow=10, padding=2, pad_value=0.5)
+    save_image((grid.clamp(-1, 1) + 1) / 2, args.figure, nrow=10, padding=2, pad_value=0.5)
