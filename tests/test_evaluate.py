@@ -458,7 +458,7 @@ def _no_models(*args, **kwargs):
     raise AssertionError("nothing to compute: no model should be loaded")
 
 
-def test_a_changed_setting_recomputes_only_what_it_affects(assets, tmp_path, monkeypatch):
+def test_a_changed_setting_recomputes_only_what_it_affects(assets, tmp_path, monkeypatch, caplog):
     out = tmp_path / "sweep"
     settings = ["sweep.baselines.euler=[]"]
     sweep.run_sweep(tiny(assets, out, *settings))
@@ -499,6 +499,15 @@ def test_a_changed_setting_recomputes_only_what_it_affects(assets, tmp_path, mon
     rows = json.loads((out / "results.json").read_text())
     assert [r["ms_per_image_eager"] for r in rows] == [None, None]
     assert all(r["fid"] is not None for r in rows)
+
+    # a VAE given for this pixel model plays no part: a warning, nothing recomputed
+    before = mtimes(out)
+    vae_dir = tmp_path / "some-vae"
+    vae_dir.mkdir()
+    with caplog.at_level("WARNING", logger="flowturbo.eval.sweep"):
+        sweep.run_sweep(tiny(assets, out, *settings, f"vae={vae_dir}"))
+    assert "ignored: the base works in pixel space (1 x 32 x 32 states)" in caplog.text
+    assert generated.calls[3:] == [] and timed.calls[5:] == [] and mtimes(out) == before
 
 
 #: A quick sweep: one image batch per entry, no reference error, no grid.

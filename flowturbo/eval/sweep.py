@@ -185,8 +185,14 @@ def _base_settings(m: DictConfig) -> dict[str, Any]:
     return {"sha256": base_fingerprint(m), "arch": arch}
 
 
-def part_settings(cfg: DictConfig, entry: SweepEntry, device: torch.device) -> dict[str, dict]:
-    """The settings that determine each part of an entry's row (what its hash covers)."""
+def part_settings(
+    cfg: DictConfig, entry: SweepEntry, device: torch.device, *, latent: bool = True
+) -> dict[str, dict]:
+    """The settings that determine each part of an entry's row (what its hash covers).
+
+    ``latent``: False once the base is known to work in pixel space, where ``vae`` plays no
+    part (before the base is loaded, a VAE given counts).
+    """
     m, s = cfg.model, cfg.sampler
     common: dict[str, Any] = {
         "entry": entry.label,
@@ -195,7 +201,7 @@ def part_settings(cfg: DictConfig, entry: SweepEntry, device: torch.device) -> d
         "cfg_channels": s.get("cfg_channels"),
         "dtype": s.dtype,
         "device": device.type,
-        "vae": fingerprint(cfg.get("vae")),
+        "vae": fingerprint(cfg.get("vae")) if latent else None,
     }
     if entry.uses_refiner:
         r_arch = m.get("refiner_arch")
@@ -544,11 +550,19 @@ def run_sweep(cfg: DictConfig) -> dict[str, Any]:
         torch.set_num_threads(int(cfg.threads))
     todo = plan_work(cfg, sweep_entries(cfg), device, out_dir)
     if todo:
-        log.info("to do: %s", ", ".join(f"{e.label} ({'+'.join(m)})" for e, _, m in todo))
         shared: dict[str, Any] = {}  # the FID reference and the reference solution, loaded once
         if any("quality" in missing for _, _, missing in todo):
             shared["reference"] = check_fid(cfg)
         nets = load_networks(cfg, device, need_refiner=any(e.uses_refiner for e, _, _ in todo))
+        if cfg.get("vae") and nets.vae is None:  # a pixel model: the VAE setting plays no part
+            log.warning(
+                "vae=%s ignored: the base works in pixel space (%s states), not on SD VAE latents",
+                cfg.vae,
+                " x ".join(map(str, nets.shape)),
+            )
+            todo = plan_work(cfg, [e for e, _, _ in todo], device, out_dir, latent=False)
+        if todo:
+            log.info("to do: %s", ", ".join(f"{e.label} ({'+'.join(m)})" for e, _, m in todo))
         for entry, settings, missing in todo:
             evaluate_entry(entry, settings, missing, nets, cfg, out_dir, shared)
         timed = [(entry, settings) for entry, settings, missing in todo if "latency" in missing]
@@ -643,10 +657,15 @@ def _named(key: str, value: Any) -> Iterator[None]:
 
 
 def plan_work(
-    cfg: DictConfig, entries: Sequence[SweepEntry], device: torch.device, out_dir: Path
+    cfg: DictConfig,
+    entries: Sequence[SweepEntry],
+    device: torch.device,
+    out_dir: Path,
+    *,
+    latent: bool = True,
 ) -> list[tuple[SweepEntry, dict[str, dict], list[str]]]:
     """What is left to do: per entry, the parts whose stored settings hash differs (and every
-    latency with ``latency.retime_all``).
+    latency with ``latency.retime_all``); ``latent`` as :func:`part_settings` takes it.
 
     Returns:
         ``(entry, settings of every part, names of the parts to compute)`` for each entry
@@ -654,7 +673,7 @@ def plan_work(
     """
     todo = []
     for entry in entries:
-        settings = part_settings(cfg, entry, device)
+        settings = part_settings(cfg, entry, device, latent=latent)
         if int(cfg.ref_error.num_images) <= 0:
             settings.pop("ref_error")
         parts = (read_row(row_path(out_dir, entry)) or {}).get("parts", {})
