@@ -139,9 +139,11 @@ def pick_row(
     if not chosen:
         best = min(usable, key=lambda r: r["fid"])
         fastest = min(usable, key=lambda r: r[column])
+        target = [f"FID <= {max_fid}"] if max_fid is not None else []
+        target += [f"{latency} latency <= {max_ms} ms/img"] if max_ms is not None else []
         raise ValueError(
-            f"no entry of the sweep has FID <= {max_fid} and {latency} latency <= {max_ms} "
-            f"ms/img; its best FID is {best['fid']:.4g} ({best['schedule']}, "
+            f"no entry of the sweep has {' and '.join(target)}; its best FID is "
+            f"{best['fid']:.4g} ({best['schedule']}, "
             f"{best[column]:.4g} ms/img), its fastest entry {fastest['schedule']} "
             f"({fastest[column]:.4g} ms/img, FID {fastest['fid']:.4g}){left_out}"
         )
@@ -205,6 +207,15 @@ def sweep_rows_for(cfg: DictConfig) -> list[dict[str, Any]]:
         return True
 
     same = [r for r in rows if same_models(r)]
+    other = [str(r.get("schedule")) for r in rows if not same_models(r)]
+    if same and other:
+        log.warning(
+            "%d of %s's rows left out of the pick, measured with other models or guidance "
+            "(another refiner, refiner_input or cfg_scale than this job's): %s",
+            len(other),
+            path,
+            ", ".join(other[:8]) + (", ..." if len(other) > 8 else ""),
+        )
     if not same:
         raise ValueError(
             f"no row of {path} was measured with these models and this guidance (base "

@@ -216,7 +216,8 @@ def _fit_and_export(
         )
         log.info("%s weights (step %d) written to %s", export, step, out)
         summary = ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
-        print(f"done: step {step}; {summary}" + (f"; {local}" if local else ""))
+        skipped = ", ".join(f"{k}={v}" for k, v in sorted(local.items()))
+        print(f"done: step {step}; {summary}" + (f"; {skipped}" if skipped else ""))
         print(f"{'EMA' if export == 'ema' else 'network'} weights: {out}")
     return metrics
 

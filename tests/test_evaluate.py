@@ -221,6 +221,11 @@ BAD_FID = {
         FileNotFoundError,
         r"fid\.inception_weights=\S+no\.pth: InceptionV3 weights not found",
     ),
+    "InceptionV3 without the weights key": (
+        lambda a, d: ["fid.extractor=inception-v3-compat"],
+        FileNotFoundError,
+        r"add \+fid\.inception_weights=<path to weights-inception-2015-12-05-6726825d\.pth>",
+    ),
     "corrupt InceptionV3 weights": (
         lambda a, d: [
             "fid.extractor=inception-v3-compat",
@@ -598,6 +603,13 @@ def test_single_schedule_jobs_share_the_folder_and_the_summary(assets, tmp_path,
     assert generated.calls == ["H2"]  # heun:2 is H2
     assert [r["schedule"] for r in second["rows"]] == ["H2", "H1P2R2"]  # heun first
     assert sorted(p.name for p in (out / "rows").iterdir()) == ["H1P2R2.json", "H2.json"]
+
+
+def test_a_cuda_device_without_a_gpu_is_named(assets, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"device=cuda, but no CUDA GPU is visible.*device=cpu"):
+        sweep.run_sweep(tiny(assets, tmp_path / "sweep", "device=cuda"))
+    assert sweep.resolve_device("auto").type == "cpu"
 
 
 def test_a_part_stored_by_another_job_meanwhile_is_kept(assets, tmp_path, monkeypatch):

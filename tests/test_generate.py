@@ -281,22 +281,27 @@ def test_pick_row_meets_the_target_at_the_least_cost():
     assert pick_row(ROWS, max_fid=100, max_ms=30, latency="eager")["schedule"] == "H1P2R2"
     assert pick_row(ROWS, max_fid=100, max_ms=30)["schedule"] == "H1P2R2"
     assert pick_row(ROWS, max_fid=80, latency="eager")["schedule"] == "H1P2R2"
-    with pytest.raises(ValueError, match=r"best FID is 33.4 \(H1P3R3"):
+    with pytest.raises(ValueError, match=r"has FID <= 30; its best FID is 33.4 \(H1P3R3"):
         pick_row(ROWS, max_fid=30)
+    with pytest.raises(ValueError, match=r"has compiled latency <= 5 ms/img; its best FID"):
+        pick_row(ROWS, max_ms=5)
     with pytest.raises(ValueError, match="max_fid"):
         pick_row(ROWS)
     with pytest.raises(ValueError, match="latency"):
         pick_row(ROWS, max_fid=40, latency="fast")
 
 
-def test_pick_from_a_sweep_of_these_models_only(tiny_models, generate_cfg, tmp_path):
+def test_pick_from_a_sweep_of_these_models_only(tiny_models, generate_cfg, tmp_path, caplog):
     results = sweep_of_these_models(tiny_models, tmp_path / "sweep", ROWS) / "results.json"
     rows = json.loads(results.read_text())
     rows[1]["refiner_sha256"] = "another refiner"  # H1P2R2 measured with another refiner
     results.write_text(json.dumps(rows))
     pick = [f"pick.sweep={tmp_path / 'sweep'}", "pick.max_fid=35", "num_images=3"]
-    summary = generate_images(generate_cfg(tmp_path / "gen", *pick))
+    with caplog.at_level("WARNING", logger="flowturbo.generate"):
+        summary = generate_images(generate_cfg(tmp_path / "gen", *pick))
     assert summary["sampler"] == "H1P3R3" and summary["picked"]["fid"] == 33.4
+    assert "1 of" in caplog.text and "left out of the pick" in caplog.text
+    assert "another refiner" in caplog.text and ": H1P2R2" in caplog.text
     for r in rows:
         r["base_sha256"] = "another base"
     (tmp_path / "sweep" / "results.json").write_text(json.dumps(rows))

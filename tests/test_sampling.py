@@ -86,6 +86,7 @@ def test_parse_schedule(text, plan, base, refiner, normalised):
         ("H2-P3", "'-'"),
         ("H\uff18", r"block 'H' has no step count \('\uff18' is not one of the digits 0-9\)"),
         ("H8P\u0664", "'P'"),  # an Arabic-Indic 4
+        ("euler:16", "names a baseline solver, not a schedule"),
     ],
 )
 def test_bad_schedules_name_the_part(text, names):

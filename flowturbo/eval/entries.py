@@ -96,12 +96,12 @@ def parse_entry(text: str) -> SweepEntry:
     name = name.strip().lower()
     if name not in BASELINES:
         raise ValueError(
-            f"sweep entry {text!r}: unknown solver {name!r}; known: {', '.join(BASELINES)} "
+            f"sampler {text!r}: unknown solver {name!r}; known: {', '.join(BASELINES)} "
             "(or give a schedule like H2P4R3)"
         )
     count = count.strip()
     if not (count.isascii() and count.isdigit()) or int(count) < 1:
-        raise ValueError(f"sweep entry {text!r}: the step count must be a positive integer")
+        raise ValueError(f"sampler {text!r}: the step count must be a positive integer")
     steps = int(count)
     if name == "heun":
         return parse_entry(f"H{steps}")

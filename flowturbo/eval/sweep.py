@@ -59,6 +59,7 @@ from flowturbo.eval.atomic import atomic_path, remove_leftovers
 from flowturbo.eval.entries import SweepEntry, sweep_entries
 from flowturbo.eval.fidelity import (
     INCEPTION,
+    INCEPTION_WEIGHTS_FILE,
     Reference,
     check_extractor,
     check_reference,
@@ -519,7 +520,13 @@ def resolve_device(name: str) -> torch.device:
     """``"auto"``: CUDA when available, else the CPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device={name}, but no CUDA GPU is visible here (torch.cuda.is_available() is "
+            "False): set device=cpu or device=auto, or run on a GPU node"
+        )
+    return device
 
 
 def run_sweep(cfg: DictConfig) -> dict[str, Any]:
@@ -624,6 +631,12 @@ def check_fid(cfg: DictConfig) -> Reference:
     f = cfg.fid
     weights = extractor_weights(f)
     weights_key = "fid.inception_weights" if f.extractor == INCEPTION else "fid.weights"
+    if f.extractor == INCEPTION and "inception_weights" not in f:  # only sit_xl_sweep has it
+        raise FileNotFoundError(
+            f"fid.extractor={INCEPTION} reads InceptionV3's weights from a local file: add "
+            f"+fid.inception_weights=<path to {INCEPTION_WEIGHTS_FILE}> (the + adds the key, "
+            "which experiment=sit_xl_sweep has already)"
+        )
     with _named("fid.extractor", f.extractor):
         check_registered(f.extractor)
     with _named(weights_key, weights):
@@ -731,12 +744,15 @@ def evaluate_latency(
     Every result gets the same ``session``: the start time of this timing pass and a random
     suffix, by which the summary tells latencies timed together from the others.
     """
-    log.info("latency of %s, in interleaved rounds", ", ".join(e.label for e, _ in todo))
+    if cfg.latency.eager or cfg.latency.compiled or nets.vae is not None and cfg.latency.decode:
+        log.info("latency of %s, in interleaved rounds", ", ".join(e.label for e, _ in todo))
     session = f"{time.strftime('%Y-%m-%dT%H:%M:%S')}-{uuid.uuid4().hex[:8]}"
     results = measure_entries_latency([entry for entry, _ in todo], nets, cfg)
     for entry, settings in todo:
         store_part(out_dir, entry, settings, "latency", results[entry.key] | {"session": session})
-        log.info("%s: latency %s", entry.label, _latency_words(results[entry.key]))
+        words = _latency_words(results[entry.key])
+        if words:
+            log.info("%s: latency %s", entry.label, words)
 
 
 def store_part(
@@ -802,4 +818,4 @@ def _latency_words(result: dict[str, Any]) -> str:
             words.append(f"{mode} {result[mode]['ms_per_image']:.3g} ms/img")
     if "compiled" in result and not result["compiled"]["compiled"]:
         words.append("(compilation failed: eager fallback)")
-    return ", ".join(words) + f" at batch {result['batch']}"
+    return ", ".join(words) + f" at batch {result['batch']}" if words else ""

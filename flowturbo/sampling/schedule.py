@@ -61,6 +61,12 @@ def parse_schedule(schedule: str | Schedule) -> Schedule:
     text = schedule.replace(" ", "")
     if not text:
         raise ValueError("empty schedule: give blocks like 'H8' or 'H2P4R3'")
+    if ":" in text:
+        raise ValueError(
+            f"schedule {schedule!r} names a baseline solver, not a schedule: call that solver "
+            "(flowturbo.sampling.BASELINES, e.g. euler(model, noise, 16)), or give blocks like "
+            "'H8' or 'H2P4R3'"
+        )
 
     plan: list[str] = []
     pos = 0
