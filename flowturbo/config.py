@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Mapping
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -84,10 +85,32 @@ def check_required(cfg: DictConfig, command: str) -> None:
     missing.sort()
     if missing:
         example = " ".join(f"{k}=..." for k in missing)
+        factories = [k for k in missing if k.endswith("factory")]
+        kinds = (
+            f"{', '.join(factories)}: a function's dotted path (e.g. mypkg.flows.load_model), "
+            "importable here; "
+            if factories
+            else ""
+        )
         raise ValueError(
             f"these settings have no default and must be given: {', '.join(missing)}. "
-            f"Add them to the command line, e.g. `{command} {example}` (each is a path to a "
-            "file or folder on this machine; see the comments in conf/ for what each expects)"
+            f"Add them to the command line, e.g. `{command} {example}` ({kinds}see the "
+            "comment next to each in conf/ for what it expects)"
+        )
+
+
+def check_accelerator(trainer_cfg: Mapping[str, Any]) -> None:
+    """Refuses ``trainer.accelerator=gpu`` (or ``cuda``) where torch sees no CUDA GPU (nor, for
+    ``gpu``, Apple's MPS), in words: Lightning's own error, "No supported gpu backend found!",
+    names no setting."""
+    import torch
+
+    accelerator = str(trainer_cfg.get("accelerator", "")).lower()
+    mps = accelerator == "gpu" and torch.backends.mps.is_available()
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available() and not mps:
+        raise ValueError(
+            f"trainer.accelerator={accelerator} but no CUDA GPU is visible here "
+            "(torch.cuda.is_available() is False): use trainer=cpu, or run on a GPU node"
         )
 
 

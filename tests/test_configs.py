@@ -250,6 +250,40 @@ def test_a_multirun_that_would_start_its_own_ddp_ranks_is_refused(tmp_path, monk
     check_ddp_launch(L.Trainer(accelerator="cpu", devices=2, strategy="ddp"))  # single run
 
 
+def test_missing_settings_are_described_by_kind():
+    from omegaconf import OmegaConf
+
+    from flowturbo.config import check_required
+
+    cfg = OmegaConf.create({"model": {"base": {"path": "???", "factory": "???"}}})
+    with pytest.raises(ValueError) as err:
+        check_required(cfg, "python train.py experiment=own_refiner")
+    message = str(err.value)
+    assert "must be given: model.base.factory, model.base.path. " in message
+    assert "model.base.factory: a function's dotted path (e.g. mypkg.flows.load_model)" in message
+    assert "each is a path" not in message
+    with pytest.raises(ValueError) as err:
+        check_required(OmegaConf.create({"vae": "???"}), "python generate.py")
+    assert "dotted path" not in str(err.value) and "each is a path" not in str(err.value)
+
+
+def test_trainer_gpu_without_cuda_is_refused_in_words(tmp_path, monkeypatch):
+    from flowturbo.config import check_accelerator
+
+    cfg = cfg_for(["experiment=sit_refiner", *REQUIRED["sit_refiner"], "trainer=gpu"], tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(ValueError) as err:
+        check_accelerator(cfg.trainer)
+    assert str(err.value) == (
+        "trainer.accelerator=gpu but no CUDA GPU is visible here (torch.cuda.is_available() is "
+        "False): use trainer=cpu, or run on a GPU node"
+    )
+    check_accelerator(cfg_for(["experiment=demo_base", "trainer=cpu"], tmp_path).trainer)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    check_accelerator(cfg.trainer)
+
+
 TINY = [
     "trainer.max_steps=3",
     "trainer.val_check_interval=3",

@@ -262,6 +262,36 @@ def test_missing_shards_error_names_pattern(tmp_path):
     assert """'data.train_shards="DIR/shard-{000000..000009}.tar"'""" in str(err.value)
 
 
+def test_a_missing_shard_folder_is_named_with_its_setting(tmp_path, monkeypatch):
+    folder = tmp_path / "nowhere" / "train"
+    with pytest.raises(FileNotFoundError) as err:
+        ShardDataModule(train_shards=str(folder)).setup("fit")
+    assert str(err.value).startswith(
+        f"data.train_shards={folder}: shard folder not found: {folder}: give the folder that "
+        "write_image_shards / write_latent_shards / cache_trajectories.py wrote (it holds "
+        "manifest.json and the .tar shards)"
+    )
+    assert "do not exist" not in str(err.value)
+    assert "cache_trajectories.py` first" not in str(err.value)
+    with pytest.raises(FileNotFoundError, match=r"^data\.val_shards=.*: shard file not found"):
+        ShardDataModule(val_shards=str(tmp_path / "shard-000000.tar")).setup("validate")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError) as err:
+        ShardDataModule(train_shards="trajectories/demo/train", kind="trajectory").setup("fit")
+    message = str(err.value)
+    assert message.startswith("data.train_shards=trajectories/demo/train: shard folder not found")
+    assert f"(relative to {tmp_path})" in message
+    assert "run `python cache_trajectories.py` first" in message
+
+
+def test_a_missing_latent_source_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError) as err:
+        write_latent_shards(tmp_path / "imagenet" / "train", tmp_path / "out", tmp_path / "vae")
+    message = str(err.value)
+    assert message.startswith(f"source not found: {tmp_path / 'imagenet' / 'train'}: ")
+    assert "ImageFolder" in message and "re-run" not in message
+
+
 def test_resolve_shards_accepts_a_hydra_list(tmp_path):
     _id_shards(tmp_path, 4, 2)
     paths = [str(tmp_path / f"shard-{i:06d}.tar") for i in range(2)]
@@ -285,6 +315,7 @@ def test_truncated_shard_in_a_manifest_set_is_refused(tmp_path):
     with pytest.raises(RuntimeError, match="shard-000001.tar") as err:
         ShardDataModule(val_shards=str(tmp_path), channels=1).setup("validate")
     message = str(err.value)
+    assert message.startswith(f"data.val_shards={tmp_path}: ")
     assert "shard-000000" not in message and "re-run the command that wrote" in message
 
 

@@ -503,6 +503,12 @@ class ShardLoader:
 
 # ----------------------------------------------------------------------------- the DataModule
 
+#: Where a missing trajectory cache comes from.
+TRAJECTORY_HINT = (
+    "to write the trajectory cache, run `python cache_trajectories.py` first (cache=... "
+    "out_dir=... for another base model) and give its out_dir/train and out_dir/val"
+)
+
 
 class ShardDataModule(L.LightningDataModule):
     """Training batches ``(x, y)`` and validation batches ``(x, y, ids)`` from webdataset shards.
@@ -639,9 +645,9 @@ class ShardDataModule(L.LightningDataModule):
             root = demo_shards(self.cache_dir)
             train, val = str(root / "train"), str(root / "val")
         if train is not None and self.train_urls is None:
-            self.train_urls = resolve_shards(train)
+            self.train_urls = self._resolve("train_shards", train)
         if val is not None and self.val_urls is None:
-            self.val_urls = resolve_shards(val)
+            self.val_urls = self._resolve("val_shards", val)
         for spec in (train, val):
             if isinstance(spec, str | os.PathLike):
                 folder = os.path.expanduser(str(spec))
@@ -661,6 +667,19 @@ class ShardDataModule(L.LightningDataModule):
                 f"classes, whose labels do not fit a {configured}-class model: set num_classes "
                 "to the model's number of classes, or use shards of that many classes"
             )
+
+    def _resolve(self, key: str, spec: str | Sequence[str]) -> list[str]:
+        """:func:`resolve_shards`, its errors led by the setting ``data.<key>=<spec>``."""
+        if self.source == "demo":  # the cache's own folders, not a setting
+            return resolve_shards(spec)
+        try:
+            return resolve_shards(spec)
+        except FileNotFoundError as exn:  # from None: the message holds the inner one whole
+            hint = f"; {TRAJECTORY_HINT}" if self.kind == "trajectory" else ""
+            raise FileNotFoundError(f"data.{key}={spec}: {exn}{hint}") from None
+        except (RuntimeError, ValueError) as exn:
+            kind = RuntimeError if isinstance(exn, RuntimeError) else ValueError
+            raise kind(f"data.{key}={spec}: {exn}") from None
 
     @property
     def num_classes(self) -> int | None:

@@ -203,6 +203,18 @@ class Manifest:
         return [Path(root) / s.name for s in self.shards if s.count > 0]
 
 
+#: What a shard spec names, for messages about one that is missing.
+SHARD_FOLDER_HINT = (
+    "give the folder that write_image_shards / write_latent_shards / cache_trajectories.py "
+    "wrote (it holds manifest.json and the .tar shards)"
+)
+
+
+def _is_pattern(text: str) -> bool:
+    """Whether a shard spec is a brace or glob pattern, or several specs joined by ``::``."""
+    return "::" in text or "{" in text or glob.has_magic(text)
+
+
 def resolve_shards(spec: str | os.PathLike | Sequence[str]) -> list[str]:
     """Expand a shard specification into a list of shard paths (or URLs).
 
@@ -214,7 +226,8 @@ def resolve_shards(spec: str | os.PathLike | Sequence[str]) -> list[str]:
     on unchecked).
 
     Raises:
-        FileNotFoundError: Nothing matches, or named local shards are missing.
+        FileNotFoundError: The named folder or file does not exist, nothing matches the
+            pattern, or named local shards are missing.
         RuntimeError: The folder's manifest is from an unfinished writer run, or a shard's
             file size differs from the size the manifest records (truncated or damaged), or
             a local shard without a manifest does not end with tar's end-of-archive marker.
@@ -231,6 +244,10 @@ def resolve_shards(spec: str | os.PathLike | Sequence[str]) -> list[str]:
                 urls, checked = _manifest_shards(manifest_path), True
             else:
                 urls = sorted(str(p) for p in folder.glob("*.tar"))
+        elif not os.path.exists(text) and not _is_remote(text) and not _is_pattern(text):
+            what = "file" if text.endswith(".tar") else "folder"
+            where = "" if os.path.isabs(text) else f" (relative to {os.getcwd()})"
+            raise FileNotFoundError(f"shard {what} not found: {text}{where}: {SHARD_FOLDER_HINT}")
         else:
             urls = []
             for part in text.split("::"):
@@ -250,7 +267,8 @@ def resolve_shards(spec: str | os.PathLike | Sequence[str]) -> list[str]:
     if missing:
         raise FileNotFoundError(
             f"{len(missing)} of {len(urls)} shard files named by {str(spec)!r} do not exist, "
-            f"e.g. {missing[0]}; check the pattern's range or re-run the shard writer"
+            f"e.g. {missing[0]}; check the pattern's range, or write the missing shards again "
+            "with the command that wrote the others"
         )
     # without a manifest, a local tar must end with tar's end-of-archive marker: a cut between
     # two members would otherwise end the shard early without an error
@@ -785,8 +803,14 @@ def image_field(fields: Mapping[str, bytes]) -> bytes:
 
 def _resolve_image_source(source: str | os.PathLike) -> tuple[str, Any, list[str] | None]:
     """("shards", [paths], classes) for a shard set, ("folder", files, classes) for a tree."""
-    src = str(source)
+    src = os.path.expanduser(str(source))
     path = Path(src)
+    if not path.exists() and not _is_remote(src) and not _is_pattern(src):
+        raise FileNotFoundError(
+            f"source not found: {src}: give an image folder (ImageFolder layout: "
+            "root/<class>/<image>) or an image shard folder (written by write_image_shards, "
+            "with manifest.json)"
+        )
     if path.is_dir() and not (path / MANIFEST_NAME).exists() and not any(path.glob("*.tar")):
         classes, files = scan_image_folder(path)
         return "folder", files, classes
