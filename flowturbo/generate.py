@@ -49,7 +49,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image
 from torch import Tensor
 
-from flowturbo.config import check_ddp_launch, check_enough_work, check_int
+from flowturbo.config import check_accelerator, check_ddp_launch, check_enough_work, check_int
 from flowturbo.eval.atomic import atomic_path, create_once, is_temporary, remove_leftovers
 from flowturbo.eval.entries import SweepEntry, parse_entry
 from flowturbo.eval.fidelity import IMAGE_SUFFIXES
@@ -892,6 +892,7 @@ def generate_images(cfg: DictConfig) -> dict[str, Any]:
 
     register_resolvers()
     check_required(cfg, command_line("generate.py"))
+    check_accelerator(cfg.trainer)
     batch_size = check_int(cfg, "sampler.batch_size", 1)
     grid_images = check_int(cfg, "grid.num_images", 0)
     if cfg.get("threads"):

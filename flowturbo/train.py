@@ -14,6 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from flowturbo.config import (
+    check_accelerator,
     check_ddp_launch,
     check_enough_work,
     check_required,
@@ -163,6 +164,7 @@ def train(cfg: DictConfig) -> dict:
     ``last.ckpt`` until the export is written: a second run on the folder is refused.
     """
     check_required(cfg, command_line("train.py"))
+    check_accelerator(cfg.trainer)
     export = cfg.get("export", "ema")
     if export not in ("ema", "net"):
         raise ValueError(f"export must be 'ema' or 'net', got {export!r}")
@@ -266,6 +268,7 @@ def cache_trajectories(cfg: DictConfig) -> dict:
     cache = cfg.cache.get("name", "demo")
     command = "python cache_trajectories.py" + ("" if cache == "demo" else f" cache={cache}")
     check_required(cfg, command)
+    check_accelerator(cfg.trainer)
     L.seed_everything(cfg.seed, workers=True)
     not_settings = ("name", "base", "train_command")
     settings = {k: v for k, v in cfg.cache.items() if k not in not_settings}

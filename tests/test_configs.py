@@ -280,6 +280,18 @@ def test_trainer_gpu_without_cuda_is_refused_in_words(tmp_path, monkeypatch):
         "False): use trainer=cpu, or run on a GPU node"
     )
     check_accelerator(cfg_for(["experiment=demo_base", "trainer=cpu"], tmp_path).trainer)
+    # each entry point checks before it loads anything (no base checkpoint exists here)
+    from flowturbo.generate import generate_images
+    from flowturbo.train import cache_trajectories, train
+
+    nowhere = str(tmp_path / "no-base.pt")
+    for fn, config, overrides in [
+        (train, "train", ["experiment=demo_refiner", f"model.base.path={nowhere}"]),
+        (cache_trajectories, "cache_trajectories", [f"cache.base.path={nowhere}"]),
+        (generate_images, "generate", ["experiment=demo_generate", f"model.base_ckpt={nowhere}"]),
+    ]:
+        with pytest.raises(ValueError, match="trainer.accelerator=gpu but no CUDA GPU"):
+            fn(cfg_for([*overrides, "trainer=gpu"], tmp_path, config))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     check_accelerator(cfg.trainer)
 
