@@ -686,12 +686,6 @@ def make_job(cfg: DictConfig, entry: SweepEntry, nets: Networks) -> Job:
         labels_spec, len(names), nets.num_classes, task=task, own=inputs.labels if inputs else None
     )
     strength = _edit_strength(cfg.edit.strength) if task == "edit" else 1.0
-    if cfg.get("vae") and nets.vae is None:
-        log.warning(
-            "vae=%s ignored: the base works in pixel space (%s states), not on SD VAE latents",
-            cfg.vae,
-            " x ".join(map(str, nets.shape)),
-        )
     m, s = cfg.model, cfg.sampler
     settings = {
         "task": task,

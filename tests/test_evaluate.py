@@ -509,7 +509,7 @@ def test_a_changed_setting_recomputes_only_what_it_affects(assets, tmp_path, mon
     before = mtimes(out)
     vae_dir = tmp_path / "some-vae"
     vae_dir.mkdir()
-    with caplog.at_level("WARNING", logger="flowturbo.eval.sweep"):
+    with caplog.at_level("WARNING", logger="flowturbo.eval.networks"):
         sweep.run_sweep(tiny(assets, out, *settings, f"vae={vae_dir}"))
     assert "ignored: the base works in pixel space (1 x 32 x 32 states)" in caplog.text
     assert generated.calls[3:] == [] and timed.calls[5:] == [] and mtimes(out) == before

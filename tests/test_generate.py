@@ -538,7 +538,7 @@ def test_a_pick_target_without_a_sweep_is_refused(generate_cfg, tmp_path):
 
 def test_a_vae_for_a_pixel_model_is_dropped_with_a_warning(generate_cfg, tmp_path, caplog):
     args = ["sampler.schedule=H2", "num_images=2"]
-    with caplog.at_level("WARNING", logger="flowturbo.generate"):
+    with caplog.at_level("WARNING", logger="flowturbo.eval.networks"):
         summary = generate_images(generate_cfg(tmp_path / "gen", *args, f"vae={tmp_path}"))
     assert "ignored: the base works in pixel space (1 x 32 x 32 states)" in caplog.text
     assert json.loads((Path(summary["out_dir"]) / "job.json").read_text())["vae"] is None

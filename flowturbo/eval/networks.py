@@ -12,6 +12,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from torch import Tensor, nn
 from flowturbo.eval.entries import SweepEntry
 from flowturbo.eval.fidelity import file_hash
 from flowturbo.sampling import BASELINES, ClassifierFreeGuidance, sample
+
+log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -193,6 +196,15 @@ def load_networks(cfg: DictConfig, device: torch.device, *, need_refiner: bool) 
         from flowturbo.data import load_vae
 
         vae = load_vae(cfg.vae, device)
+    elif cfg.get("vae"):
+        log.warning(
+            "vae=%s ignored: the base works in pixel space (%d x %d x %d states), not on SD VAE "
+            "latents",
+            cfg.vae,
+            base.in_channels,
+            base.input_size,
+            base.input_size,
+        )
     s = cfg.sampler
     null = base.num_classes
     channels = s.get("cfg_channels")

@@ -562,11 +562,6 @@ def run_sweep(cfg: DictConfig) -> dict[str, Any]:
             shared["reference"] = check_fid(cfg)
         nets = load_networks(cfg, device, need_refiner=any(e.uses_refiner for e, _, _ in todo))
         if cfg.get("vae") and nets.vae is None:  # a pixel model: the VAE setting plays no part
-            log.warning(
-                "vae=%s ignored: the base works in pixel space (%s states), not on SD VAE latents",
-                cfg.vae,
-                " x ".join(map(str, nets.shape)),
-            )
             todo = plan_work(cfg, [e for e, _, _ in todo], device, out_dir, latent=False)
         if todo:
             log.info("to do: %s", ", ".join(f"{e.label} ({'+'.join(m)})" for e, _, m in todo))
