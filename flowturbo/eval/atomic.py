@@ -47,6 +47,18 @@ def remove_leftovers(folder: str | os.PathLike, older_than_s: float = STALE_S) -
     return stale
 
 
+def _temporary(path: Path) -> Path:
+    """Creates an empty file named as :data:`TEMP_NAME` says, next to ``path`` (whose parent
+    folders are created); the caller renames it over ``path`` or removes it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # keep the suffix last so that writers which infer the format from it (savefig) still can
+    fd, name = tempfile.mkstemp(
+        dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}"
+    )
+    os.close(fd)
+    return Path(name)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yields a temporary path next to ``path``; on success it replaces ``path`` in one step.
@@ -61,13 +73,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp.write_text(text)
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # keep the suffix last so that writers which infer the format from it (savefig) still can
-    fd, name = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}"
-    )
-    os.close(fd)
-    tmp = Path(name)
+    tmp = _temporary(path)
     try:
         yield tmp
         os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; results are for everyone to read
@@ -85,14 +91,9 @@ def create_once(path: str | os.PathLike, text: str) -> bool:
     over ``path`` only if absent at that moment, a window of microseconds).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}"
-    )
-    tmp = Path(name)
+    tmp = _temporary(path)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        tmp.write_text(text)
         os.chmod(tmp, 0o644)
         try:
             os.link(tmp, path)
