@@ -24,6 +24,7 @@ import argparse
 import json
 import platform
 import sys
+from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -52,7 +53,10 @@ MODELS = {
 }
 
 
-def bench_model(name: str, batch: int, args: argparse.Namespace, device: torch.device) -> list:
+def bench_model(
+    name: str, batch: int, args: argparse.Namespace, device: torch.device
+) -> Iterator[dict]:
+    """Times the forwards, then yields one row per schedule as soon as it is measured."""
     in_ch, classes = MODELS[name]
     torch.manual_seed(0)
     base = SiT.from_name(name, in_channels=in_ch, num_classes=classes).to(device).eval()
@@ -75,7 +79,6 @@ def bench_model(name: str, batch: int, args: argparse.Namespace, device: torch.d
                 fns, batch=batch, device=device, warmup=args.warmup, repeats=args.repeats
             )
 
-    rows = []
     v, t = torch.randn_like(noise), torch.rand(batch, device=device)
     forwards = {"base": lambda: g_base(noise, t, y=y), "refiner": lambda: g_ref(noise, t, v, y=y)}
     if decode is not None:
@@ -102,13 +105,15 @@ def bench_model(name: str, batch: int, args: argparse.Namespace, device: torch.d
             "base_nfe": s.base_nfe,
             "refiner_nfe": s.refiner_nfe,
             "forward_sum_ms_per_img": forward_sum / batch,
+            "base_forward_ms": fwd_base.median_ms,  # one guided call on the whole batch
+            "refiner_forward_ms": fwd_ref.median_ms,
+            "decode_ms": fwd_decode.median_ms if fwd_decode else None,
             "decode": bool(decode),
         }
         calls = {m: sampler_call(m, s, g_base, g_ref, noise, y, decode) for m in args.modes}
         for mode, lat in timed_together(calls).items():
             row[f"{mode}_ms_per_img"] = lat.ms_per_image
             row[f"{mode}_min_ms_per_img"] = lat.min_ms / batch
-        rows.append(row)
         print(
             "  "
             + f"{s.text:>8}: "
@@ -116,7 +121,7 @@ def bench_model(name: str, batch: int, args: argparse.Namespace, device: torch.d
             + f" ms/img (sum of forwards {row['forward_sum_ms_per_img']:.2f})",
             flush=True,
         )
-    return rows
+        yield row
 
 
 def sampler_call(mode, schedule, model, refiner, noise, y, decode):
@@ -155,6 +160,13 @@ def sd_vae_decoder(device: torch.device):
     )
     vae = vae.to(device).eval().requires_grad_(False)
     return lambda z: decode_latents(z, vae)
+
+
+def write_results(out: Path, machine: dict, args: argparse.Namespace, rows: list[dict]) -> None:
+    """Writes the rows so far, with the machine and every setting, as JSON (atomically)."""
+    payload = {"machine": machine, "settings": vars(args) | {"out": str(out)}, "rows": rows}
+    with atomic_path(out) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -208,7 +220,13 @@ def main(argv: list[str] | None = None) -> None:
         "python": sys.version.split()[0],
     }
     print(f"machine: {machine}; dtype {args.dtype}; cfg {args.cfg}; repeats {args.repeats}")
-    rows = [r for m in args.models for b in args.batch for r in bench_model(m, b, args, device)]
+    rows = []
+    for name in args.models:
+        for batch in args.batch:
+            for row in bench_model(name, batch, args, device):
+                rows.append(row)
+                if args.out:  # after every row: a run stopped early keeps what it measured
+                    write_results(args.out, machine, args, rows)
 
     cols = ["model", "batch", "schedule", "base_nfe", "refiner_nfe", "forward_sum_ms_per_img"]
     cols += [f"{m}_ms_per_img" for m in args.modes]
@@ -219,14 +237,6 @@ def main(argv: list[str] | None = None) -> None:
             + " | ".join(f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c]) for c in cols)
             + " |"
         )
-    if args.out:
-        payload = {
-            "machine": machine,
-            "settings": vars(args) | {"out": str(args.out)},
-            "rows": rows,
-        }
-        with atomic_path(args.out) as tmp:
-            tmp.write_text(json.dumps(payload, indent=2))
 
 
 if __name__ == "__main__":
