@@ -2,15 +2,18 @@
 # One device call of the GPU plan, run on the GPU machine from the repository root:
 #
 #   bash benchmarks/gpu_session.sh tests   # pytest -m gpu (CUDA graphs, generate.py on a GPU)
-#   bash benchmarks/gpu_session.sh b8      # bench_gpu.py --batch 8 --profile
+#   bash benchmarks/gpu_session.sh b8      # bench_gpu.py --batch 8
 #   bash benchmarks/gpu_session.sh b1      # the same at batch 1
-#   bash benchmarks/gpu_session.sh b64     # batch 64: 5 timed calls after 2 warm-up, no profile
+#   bash benchmarks/gpu_session.sh b64     # batch 64: eager and compiled only, 5 timed calls
 #
 # bench_gpu.py: SiT-XL/2 at 256 px, random weights, bf16, guidance 1.5, SD VAE decode included;
 # H8, H2P4R2, H1P5R3, H8P9R5, H24, each eager, compiled per step kind and whole sampler
 # (issue 4's GPU table and the paper's pairs). Each step is one 10-minute call; most of it is
-# compilation (SiT-XL/2 takes 30-90 s per compiled program), so the rows are written after each
-# schedule and a call cut short keeps the schedules it finished.
+# compilation (SiT-XL/2 takes 30-90 s per compiled program, and each step kind, the decoder and
+# the whole sampler's networks are compiled per batch size), so the rows are written after each
+# schedule and a call cut short keeps the schedules it finished. Hence also no --profile (it
+# compiles the whole sampler once more) and, at batch 64, where launches cost little, no
+# whole-sampler mode.
 #
 # The GPU machine lacks hydra, omegaconf, webdataset, torch-fidelity, diffusers and what they
 # need: `bash benchmarks/gpu_wheels.sh` here first (it fills .whl), and name .whl in the call's
@@ -40,11 +43,11 @@ case "$step" in
       | tee "$out/test_gpu.txt" || status=$?
     ;;
   b1 | b8)
-    python3 benchmarks/bench_gpu.py --batch "${step#b}" --profile \
+    python3 benchmarks/bench_gpu.py --batch "${step#b}" \
       --out "$out/bench_gpu_$step.json" 2>&1 | tee "$out/bench_gpu_$step.txt" || status=$?
     ;;
   b64)
-    python3 benchmarks/bench_gpu.py --batch 64 --repeats 5 --warmup 2 \
+    python3 benchmarks/bench_gpu.py --batch 64 --modes eager compiled --repeats 5 --warmup 2 \
       --out "$out/bench_gpu_$step.json" 2>&1 | tee "$out/bench_gpu_$step.txt" || status=$?
     ;;
   *)
