@@ -633,3 +633,22 @@ def test_from_uint8_refuses_float_images() -> None:
     with pytest.raises(TypeError, match="uint8"):  # [0, 1] floats became -1 silently
         from_uint8(torch.rand(1, 3, 4, 4))
     assert from_uint8(torch.tensor([0, 255], dtype=torch.uint8)).tolist() == [-1.0, 1.0]
+
+
+@pytest.mark.parametrize("guided", [False, True])
+def test_labels_a_sit_has_no_embedding_for_are_refused_in_words(guided):
+    """An out-of-range label was PyTorch's 'index out of range in self' on the CPU (a
+    device-side assert on a GPU); the null class itself is a valid label."""
+    from flowturbo.models import SiT
+
+    torch.manual_seed(0)
+    net = SiT.from_name("SiT-Tiny/4", input_size=8, in_channels=1, num_classes=10).eval()
+    model = ClassifierFreeGuidance(net, 1.5, 10) if guided else net
+    noise = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        sample(model, noise, "E1", y=torch.tensor([0, 9, 10]))  # 10: the null class
+        for bad in ([0, 11, 3], [-1, 2, 3]):
+            with pytest.raises(ValueError, match=r"must lie in 0\.\.10 \(10 is the null class\)"):
+                sample(model, noise, "H1P1", y=torch.tensor(bad))
+        with pytest.raises(TypeError, match="integer tensor"):
+            sample(model, noise, "E1", y=torch.tensor([0.0, 1.0, 2.0]))

@@ -26,6 +26,30 @@ Callback = Callable[[dict[str, Any]], None]
 RefinerInput = Literal["d0", "cache"]
 
 
+def check_labels(model: VelocityFn, y: Any) -> None:
+    """Refuses class labels that a SiT (or a guidance wrapper around one) has no embedding for.
+
+    Without this, a label out of range is PyTorch's "index out of range in self" on a CPU and
+    a device-side assert on a GPU, which leaves the CUDA context unusable. One check per
+    sampling call (a single device sync), never per evaluation.
+    """
+    net = getattr(model, "fn", model)  # through a guidance wrapper
+    embedder = getattr(net, "y_embedder", None)
+    table = getattr(embedder, "embedding_table", None)
+    if not isinstance(table, torch.nn.Embedding) or not isinstance(y, Tensor) or y.numel() == 0:
+        return
+    if y.is_floating_point() or y.is_complex():
+        raise TypeError(f"y holds class labels: an integer tensor, got {y.dtype}")
+    low, high = (int(v) for v in torch.aminmax(y))
+    rows = table.num_embeddings
+    if low < 0 or high >= rows:
+        null = f" ({rows - 1} is the null class)" if rows > embedder.num_classes else ""
+        raise ValueError(
+            f"class labels y must lie in 0..{rows - 1}{null} for this model "
+            f"(num_classes={embedder.num_classes}); got labels from {low} to {high}"
+        )
+
+
 def integrate(
     plan: str | Schedule,
     model: VelocityFn,
@@ -79,6 +103,7 @@ def integrate(
             f"refiner takes x and v concatenated ({2 * noise.shape[1]}): is it the base model? "
             "Pass the VelocityRefiner"
         )
+    check_labels(model, model_kwargs.get("y"))
     n = len(plan)
     ts = uniform_grid(n) if timesteps is None else check_grid(timesteps, n)
     if isinstance(compile, str) and compile not in ("steps", "sampler"):
@@ -168,7 +193,8 @@ def sample(
         (B, C, H, W) samples at t = 1.
 
     Raises:
-        ValueError: a malformed schedule or grid, or R steps without a refiner.
+        ValueError: a malformed schedule or grid, R steps without a refiner, or class labels
+            ``y`` the SiT has no embedding for.
     """
     sched = parse_schedule(schedule)
     return integrate(
