@@ -43,10 +43,11 @@ def check_labels(model: VelocityFn, y: Any) -> None:
     low, high = (int(v) for v in torch.aminmax(y))
     rows = table.num_embeddings
     if low < 0 or high >= rows:
-        null = f" ({rows - 1} is the null class)" if rows > embedder.num_classes else ""
+        classes = getattr(embedder, "num_classes", rows)  # a SiT's LabelEmbedder has it
+        null = f" ({rows - 1} is the null class)" if rows > classes else ""
         raise ValueError(
             f"class labels y must lie in 0..{rows - 1}{null} for this model "
-            f"(num_classes={embedder.num_classes}); got labels from {low} to {high}"
+            f"(num_classes={classes}); got labels from {low} to {high}"
         )
 
 
