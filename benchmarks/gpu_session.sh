@@ -35,6 +35,19 @@ fi
 export WANDB_MODE=disabled # no wandb there
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >"$out/gpu.txt" || true
 python3 -c "import torch; print('torch', torch.__version__, torch.version.cuda)" >>"$out/gpu.txt"
+# what imports there, and which versions (diffusers needs a recent huggingface_hub, which the
+# GPU machine's timm brings; a failure here shows before any compilation is paid for)
+python3 - >>"$out/gpu.txt" 2>&1 <<'PY' || true
+import importlib
+
+for name in ("lightning", "hydra", "webdataset", "torch_fidelity", "huggingface_hub",
+             "diffusers", "filelock"):
+    try:
+        print(name, importlib.import_module(name).__version__)
+    except Exception as error:  # noqa: BLE001 - reported, not raised
+        print(name, "FAILED:", type(error).__name__, error)
+PY
+cat "$out/gpu.txt"
 
 status=0
 case "$step" in
