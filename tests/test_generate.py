@@ -13,7 +13,8 @@ from PIL import Image
 
 from flowturbo import generate as gen
 from flowturbo.eval import entries, networks, sweep
-from flowturbo.generate import generate_images, pick_row, region_mask, resolve_labels
+from flowturbo.generate import generate_images, pick_row, resolve_labels
+from flowturbo.inputs import load_masks, region_mask
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -490,12 +491,12 @@ def test_a_mask_that_marks_nothing_is_refused_and_transparency_is_read_by_its_al
     grey = np.zeros((32, 32), np.uint8)
     Image.fromarray(grey).save(tmp_path / "black.png")
     with pytest.raises(ValueError, match=r"black.png marks no pixel.*white \(>= 128\) = generate"):
-        gen.load_masks(str(tmp_path / "black.png"), ["a"], 32)
+        load_masks(str(tmp_path / "black.png"), ["a"], 32)
     rgba = np.full((32, 32, 4), 255, np.uint8)
     rgba[..., 3] = 0  # white, but transparent everywhere
     Image.fromarray(rgba).save(tmp_path / "clear.png")
     with pytest.raises(ValueError, match="clear.png marks no pixel.*alpha channel"):
-        gen.load_masks(str(tmp_path / "clear.png"), ["a"], 32)
+        load_masks(str(tmp_path / "clear.png"), ["a"], 32)
 
     # black strokes on an empty layer: the opaque bottom half is generated, as with mask=bottom
     rgba = np.zeros((32, 32, 4), np.uint8)
@@ -514,8 +515,8 @@ def test_a_mask_that_marks_nothing_is_refused_and_transparency_is_read_by_its_al
     tall = np.zeros((50, 7), np.uint8)
     tall[25:] = 255
     Image.fromarray(tall).save(tmp_path / "tall.png")
-    with caplog.at_level("WARNING", logger="flowturbo.generate"):
-        gen.load_masks(str(tmp_path / "tall.png"), ["a", "b"], 32, [(32, 32), (7, 50)])
+    with caplog.at_level("WARNING", logger="flowturbo.inputs"):
+        load_masks(str(tmp_path / "tall.png"), ["a", "b"], 32, [(32, 32), (7, 50)])
     assert "tall.png is 7 x 50; 1 of 2 inputs have another aspect ratio (e.g. a is 32" in (
         caplog.text
     )
@@ -523,8 +524,8 @@ def test_a_mask_that_marks_nothing_is_refused_and_transparency_is_read_by_its_al
     (tmp_path / "masks").mkdir()
     Image.fromarray(tall).save(tmp_path / "masks" / "a.png")
     Image.fromarray(tall[:14]).save(tmp_path / "masks" / "b.png")
-    with caplog.at_level("WARNING", logger="flowturbo.generate"):
-        gen.load_masks(str(tmp_path / "masks"), ["a", "b"], 32, [(7, 50), (32, 32)])
+    with caplog.at_level("WARNING", logger="flowturbo.inputs"):
+        load_masks(str(tmp_path / "masks"), ["a", "b"], 32, [(7, 50), (32, 32)])
     assert "1 of 2 masks have another aspect ratio than their input" in caplog.text
     assert "b.png is 7 x 14, b 32 x 32" in caplog.text and "a.png" not in caplog.text
 
