@@ -468,6 +468,45 @@ def test_extractors_are_checked_with_one_tiny_image(tiny_weights, tmp_path):
     assert not marker.exists()  # torch-fidelity reads the file with weights_only=False
 
 
+def test_adm_reference_batches_give_fid_against_their_statistics(
+    tiny_weights, tmp_path, monkeypatch
+):
+    """An .npz with images and statistics (ADM's VIRTUAL_imagenet256_labeled.npz: 10,000
+    images, mu/sigma of all of ImageNet): FID against the statistics, as ADM's evaluator and
+    the published FIDs have it (was: against the 10,000 images); the images give
+    precision/recall; each set passes through the extractor once."""
+    import numpy as np
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+    from flowturbo.eval.fidelity import fid_against_statistics, load_reference
+
+    ref, gen = blobs(64, 0), blobs(48, 1)
+    fe = DigitFeatureExtractor(EXTRACTOR_NAME, ["features"], str(tiny_weights))
+    (feats,) = fe(UInt8Images(blobs(200, 2)).images.expand(-1, 3, -1, -1))  # "the data set"
+    mu, sigma = feats.numpy().mean(0), np.cov(feats.numpy(), rowvar=False)
+    np.savez(tmp_path / "batch.npz", arr_0=ref[:, 0].numpy(), mu=mu, sigma=sigma)
+    batch = load_reference(str(tmp_path / "batch.npz"))
+    assert batch.is_statistics and torch.equal(batch.images, ref) and len(batch) == 64
+    kw = dict(extractor=EXTRACTOR_NAME, weights_path=tiny_weights, isc=False)
+    on_images = fidelity_metrics(gen, ref, reference_cache_name=None, cache_root=tmp_path, **kw)
+    on_statistics = fid_against_statistics(gen, mu, sigma, **kw)
+    assert abs(on_statistics["fid"] - on_images["fid"]) > 1e-3 * on_images["fid"]
+
+    seen, cls = [], FEATURE_EXTRACTORS_REGISTRY[EXTRACTOR_NAME]
+    forward = cls.forward
+    monkeypatch.setattr(cls, "forward", lambda self, x: seen.append(len(x)) or forward(self, x))
+    cache = tmp_path / "cache"
+    both = dict(prc_reference=batch.images, reference_cache_name="batch", cache_root=cache)
+    got = fid_against_statistics(gen, batch.mu, batch.sigma, **both, **kw)
+    assert got["fid"] == pytest.approx(on_statistics["fid"], rel=1e-6)
+    assert got["precision"] == pytest.approx(on_images["precision"], rel=1e-6)
+    assert got["recall"] == pytest.approx(on_images["recall"], rel=1e-6)
+    assert got["num_reference"] == 64 and sum(seen) == 48 + 64
+    seen.clear()
+    again = fid_against_statistics(gen, batch.mu, batch.sigma, **both, **kw)
+    assert again == got and sum(seen) == 48  # the reference's features came from the cache
+
+
 def test_fid_against_statistics_reads_the_generated_images_once(
     tiny_weights, tmp_path, monkeypatch
 ):

@@ -14,11 +14,14 @@ that holds a hash of the reference images and of the extractor's weights file, s
 reference or extractor never reuses stale statistics.
 
 References (:func:`load_reference`): the demo splits (``demo:train``), a folder of images, an
-``.npz`` of images (ADM's reference batches) or of FID statistics ``mu``/``sigma``, or a
-torch-fidelity statistics file; against statistics (:func:`fid_against_statistics`) only FID
-and IS can be computed. :func:`check_extractor` and :func:`check_reference` check an extractor
-and a reference cheaply before any image is generated; a bad file is an error that names it
-and the format expected, and unreadable images of a reference folder are skipped and counted.
+``.npz`` of images, of FID statistics ``mu``/``sigma`` or of both (ADM's reference batches, e.g.
+``VIRTUAL_imagenet256_labeled.npz``: statistics of the whole data set and 10,000 of its images),
+or a torch-fidelity statistics file. Where there are statistics, FID is measured against them
+(:func:`fid_against_statistics`), as ADM's evaluator does, and the images, if any, serve
+precision/recall only; without images, only FID and IS can be computed.
+:func:`check_extractor` and :func:`check_reference` check an extractor and a reference cheaply
+before any image is generated; a bad file is an error that names it and the format expected,
+and unreadable images of a reference folder are skipped and counted.
 
 Precision/recall follow torch-fidelity's convention: precision is the fraction of generated
 images inside the reference manifold, recall the fraction of reference images inside the
@@ -338,19 +341,7 @@ def fidelity_metrics(
         raise ValueError(f"precision/recall need more than {prc_neighborhood} images per set")
 
     weights_tag = file_hash(weights)[:12]
-    cache_name, ref_hash = None, None
-    if reference_cache_name is not None:
-        if os.sep in reference_cache_name or reference_cache_name.strip() != reference_cache_name:
-            raise ValueError(f"bad cache name {reference_cache_name!r} (no slashes or spaces)")
-        ref_hash = content_hash(reference)[:16]
-        cache_name = f"{reference_cache_name}-{ref_hash}-w{weights_tag}"
-        if not _writable(cache_root):
-            warnings.warn(
-                f"FID cache root {cache_root} is not writable: the reference's features are "
-                "computed without caching",
-                stacklevel=2,
-            )
-            cache_name = None
+    cache_name, ref_hash = _cache_name(reference, reference_cache_name, cache_root, weights_tag)
 
     raw = torch_fidelity.calculate_metrics(
         input1=gen,  # generated: no cache name, ever
@@ -388,6 +379,30 @@ def fidelity_metrics(
         num_reference=m,
     )
     return out
+
+
+def _cache_name(
+    reference: Dataset | Tensor,
+    prefix: str | None,
+    cache_root: str | os.PathLike | None,
+    weights_tag: str,
+) -> tuple[str | None, str | None]:
+    """The torch-fidelity cache name of a reference's features, ``{prefix}-{images hash}-w{
+    weights hash}``, and the images hash; (None, None) without a prefix, (None, hash) when the
+    cache root cannot be written (then with a warning)."""
+    if prefix is None:
+        return None, None
+    if os.sep in prefix or prefix.strip() != prefix:
+        raise ValueError(f"bad cache name {prefix!r} (no slashes or spaces)")
+    ref_hash = content_hash(reference)[:16]
+    if cache_root is None or not _writable(cache_root):
+        warnings.warn(
+            f"FID cache root {cache_root} is not writable: the reference's features are "
+            "computed without caching",
+            stacklevel=3,
+        )
+        return None, ref_hash
+    return f"{prefix}-{ref_hash}-w{weights_tag}", ref_hash
 
 
 # ----------------------------------------------------------------------------- references
@@ -504,13 +519,17 @@ class ImageFolderImages(Dataset):
 
 @dataclass
 class Reference:
-    """What generated images are compared with: images, or precomputed FID statistics.
+    """What generated images are compared with: images, precomputed FID statistics, or both.
+
+    With both (ADM's reference batches), FID is measured against the statistics, which cover
+    the whole data set, and the images serve precision/recall.
 
     Attributes:
         name: cache-name prefix and label (``"demo-train"``, ``"VIRTUAL_imagenet256"``).
-        images: (M, C, H, W) uint8 tensor or a Dataset of (3, H, W) uint8; None for statistics.
+        images: (M, C, H, W) uint8 tensor or a Dataset of (3, H, W) uint8; None when there are
+            only statistics.
         mu, sigma: FID statistics of the reference features ((D,) float32 and (D, D) float64);
-            None for images.
+            None when there are only images.
         source: where it came from, for the record.
         skipped: image files of a reference folder left out because they could not be read.
     """
@@ -524,7 +543,8 @@ class Reference:
 
     @property
     def is_statistics(self) -> bool:
-        return self.images is None
+        """Whether FID is measured against precomputed statistics (``mu``, ``sigma``)."""
+        return self.mu is not None
 
     def __len__(self) -> int:
         return 0 if self.images is None else len(self.images)
@@ -539,8 +559,10 @@ def load_reference(spec: str, cache_dir: str | os.PathLike | None = None) -> Ref
             - a folder: every readable image file under it
               (:meth:`ImageFolderImages.from_folder`; unreadable ones are skipped and counted
               in ``Reference.skipped``);
-            - an ``.npz`` with ``arr_0`` (M, H, W, 3) or (M, H, W) uint8 images (e.g. ADM's
-              ``VIRTUAL_imagenet256_labeled.npz``), or only ``mu`` and ``sigma`` (statistics);
+            - an ``.npz`` with ``arr_0`` (M, H, W, 3) or (M, H, W) uint8 images, ``mu`` and
+              ``sigma`` (statistics), or both (ADM's ``VIRTUAL_imagenet256_labeled.npz``: FID
+              against the statistics, precision/recall against the images, as ADM's
+              evaluator does);
             - a ``.pt`` torch-fidelity statistics file (a dict with ``mu`` and ``sigma``), read
               with ``weights_only=True`` (arrays and numbers only, no code).
         cache_dir: cache root of the demo shards (default: the project cache).
@@ -570,6 +592,9 @@ def load_reference(spec: str, cache_dir: str | os.PathLike | None = None) -> Ref
         return Reference(name, str(path), images=images, skipped=len(images.skipped))
     if path.suffix == ".npz":
         data = _read_npz(path)
+        images, mu, sigma = None, None, None
+        if "mu" in data:
+            mu, sigma = _checked_statistics(data["mu"], data["sigma"], f"the statistics in {path}")
         if "arr_0" in data:
             arr = data["arr_0"]
             if arr.dtype != np.uint8 or arr.ndim not in (3, 4):
@@ -582,9 +607,8 @@ def load_reference(spec: str, cache_dir: str | os.PathLike | None = None) -> Ref
                     f"last (as ADM's reference batches), got shape {arr.shape}"
                 )
             images = torch.from_numpy(arr if arr.ndim == 4 else arr[..., None])
-            return Reference(name, str(path), images=images.permute(0, 3, 1, 2).contiguous())
-        mu, sigma = _checked_statistics(data["mu"], data["sigma"], f"the statistics in {path}")
-        return Reference(name, str(path), mu=mu, sigma=sigma)
+            images = images.permute(0, 3, 1, 2).contiguous()
+        return Reference(name, str(path), images=images, mu=mu, sigma=sigma)
     if path.suffix == ".pt":
         try:
             with torch.serialization.safe_globals(_numpy_globals()):
@@ -604,7 +628,8 @@ def load_reference(spec: str, cache_dir: str | os.PathLike | None = None) -> Ref
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
-    """The arrays of an .npz reference that are used (``arr_0``, or ``mu`` and ``sigma``).
+    """The arrays of an .npz reference that are used: ``arr_0``, ``mu`` and ``sigma`` (both or
+    neither), whichever are there.
 
     Raises:
         ValueError: the file is not a readable .npz archive, or holds neither; the message
@@ -622,12 +647,9 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
     try:
         with np.load(path) as data:  # allow_pickle=False: arrays only, no code
             names = list(data.files)
-            if "arr_0" in names:
-                keys: tuple[str, ...] = ("arr_0",)
-            elif "mu" in names and "sigma" in names:
-                keys = ("mu", "sigma")
-            else:
-                keys = ()
+            keys = ["arr_0"] if "arr_0" in names else []
+            if "mu" in names and "sigma" in names:
+                keys += ["mu", "sigma"]
             arrays = {key: data[key] for key in keys}
     except Exception as err:  # noqa: BLE001 - numpy and zipfile raise many kinds
         raise ValueError(
@@ -691,16 +713,16 @@ def check_reference(reference: Reference, extractor: str, feature_dim: int) -> N
         ValueError: statistics of another feature width than ``feature_dim``, fewer than 2
             images, or images of a size the extractor does not take.
     """
-    if reference.is_statistics:
-        if reference.mu.shape[0] != feature_dim:
-            raise ValueError(
-                f"the reference statistics have {reference.mu.shape[0]} features, but feature "
-                f"extractor {extractor!r} gives {feature_dim} at its FID layer: they were "
-                "computed with another extractor; give statistics made with this one, or the "
-                "reference images"
-            )
+    if reference.is_statistics and reference.mu.shape[0] != feature_dim:
+        raise ValueError(
+            f"the reference statistics have {reference.mu.shape[0]} features, but feature "
+            f"extractor {extractor!r} gives {feature_dim} at its FID layer: they were "
+            "computed with another extractor; give statistics made with this one, or the "
+            "reference images"
+        )
+    if reference.images is None:
         return
-    if len(reference) < 2:
+    if not reference.is_statistics and len(reference) < 2:
         raise ValueError(
             f"the reference has {len(reference)} image(s); FID needs at least 2 (a covariance)"
         )
@@ -715,31 +737,49 @@ def fid_against_statistics(
     extractor: str,
     weights_path: str | os.PathLike | None,
     isc: bool = True,
+    prc_reference: Dataset | Tensor | None = None,
+    reference_cache_name: str | None = None,
+    cache_root: str | os.PathLike | None = None,
     batch_size: int = 250,
     isc_splits: int = 10,
+    prc_neighborhood: int = 3,
+    save_cpu_ram: bool = True,
     verbose: bool = False,
 ) -> dict[str, Any]:
-    """FID of ``generated`` against precomputed reference statistics (and optionally the IS).
+    """FID of ``generated`` against precomputed reference statistics (and optionally the IS,
+    and precision/recall against reference images).
 
-    The generated images pass through the extractor once; the FID and the IS are both read
-    from those features, with torch-fidelity's own formulas. Nothing is cached. Precision/recall
-    need reference features and are not available this way.
+    The generated images pass through the extractor once; FID, IS and precision/recall are all
+    read from those features, with torch-fidelity's own formulas. Generated images are never
+    cached; the features of ``prc_reference`` are, as in :func:`fidelity_metrics`. This is how
+    ADM's evaluator uses its reference batches: FID against the statistics of the whole data
+    set, precision/recall against the batch's images.
 
     Args:
         generated: (N, C, H, W) uint8, C = 1 or 3.
         mu: (D,) mean of the reference features at the extractor's FID layer.
         sigma: (D, D) their covariance.
-        extractor, weights_path, isc, batch_size, isc_splits, verbose: as in
+        prc_reference: reference images for precision/recall, (M, C, H, W) uint8 or a Dataset
+            of (3, H, W) uint8; None: no precision/recall.
+        reference_cache_name, cache_root: the cache of ``prc_reference``'s features, as in
             :func:`fidelity_metrics`.
+        extractor, weights_path, isc, batch_size, isc_splits, prc_neighborhood, save_cpu_ram,
+            verbose: as in :func:`fidelity_metrics`.
 
     Returns:
-        ``fid`` (and ``isc_mean``, ``isc_std``), ``extractor``, ``extractor_weights``,
-        ``reference_hash`` (of the statistics), ``num_generated``, ``num_reference`` (None).
+        ``fid`` (and ``isc_mean``, ``isc_std``; ``precision``, ``recall``), ``extractor``,
+        ``extractor_weights``, ``reference_hash`` (of the statistics), ``num_generated``,
+        ``num_reference`` (the images of ``prc_reference``, else None).
     """
     from torch_fidelity.metric_fid import fid_featuresdict_to_statistics, fid_statistics_to_metric
     from torch_fidelity.metric_isc import isc_featuresdict_to_metric
+    from torch_fidelity.metric_prc import prc_featuresdict_to_metric
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
-    from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
+    from torch_fidelity.utils import (
+        create_feature_extractor,
+        extract_featuresdict_from_input_id_cached,
+        get_featuresdict_from_dataset,
+    )
 
     weights = _extractor_weights(extractor, weights_path)
     gen = UInt8Images(generated)
@@ -749,18 +789,30 @@ def fid_against_statistics(
     _check_images("generated", tuple(gen.images.shape[1:]), extractor)
     if isc and len(gen) < isc_splits:
         raise ValueError(f"the Inception Score needs at least isc_splits={isc_splits} images")
+    ref = prc_reference
+    if ref is not None:
+        ref = UInt8Images(ref) if torch.is_tensor(ref) else ref
+        _check_images("reference", tuple(ref[0].shape), extractor)
+        if min(len(gen), len(ref)) <= prc_neighborhood:
+            raise ValueError(f"precision/recall need more than {prc_neighborhood} images per set")
 
     # one pass of the extractor over the generated images, at every layer a metric reads
     cls = FEATURE_EXTRACTORS_REGISTRY[extractor]
-    layer_fid = cls.get_default_feature_layer_for_metric("fid")
-    layer_isc = cls.get_default_feature_layer_for_metric("isc") if isc else None
-    layers = sorted({layer_fid} | ({layer_isc} if isc else set()))
+    layer = {"fid": cls.get_default_feature_layer_for_metric("fid")}
+    if isc:
+        layer["isc"] = cls.get_default_feature_layer_for_metric("isc")
+    if ref is not None:
+        layer["prc"] = cls.get_default_feature_layer_for_metric("prc")
     cuda = torch.cuda.is_available()
     net = create_feature_extractor(
-        extractor, layers, cuda=cuda, feature_extractor_weights_path=str(weights), verbose=verbose
+        extractor,
+        sorted(set(layer.values())),
+        cuda=cuda,
+        feature_extractor_weights_path=str(weights),
+        verbose=verbose,
     )
-    features = get_featuresdict_from_dataset(gen, net, batch_size, cuda, True, verbose)
-    stats = fid_featuresdict_to_statistics(features, layer_fid)
+    features = get_featuresdict_from_dataset(gen, net, batch_size, cuda, save_cpu_ram, verbose)
+    stats = fid_featuresdict_to_statistics(features, layer["fid"])
     if stats["mu"].shape != mu.shape:
         raise ValueError(
             f"the reference statistics have {mu.shape[0]} features, the extractor {extractor!r} "
@@ -771,15 +823,42 @@ def fid_against_statistics(
     out: dict[str, Any] = {"fid": raw[torch_fidelity.KEY_METRIC_FID]}
     if isc:
         raw = isc_featuresdict_to_metric(
-            features, layer_isc, isc_splits=isc_splits, verbose=verbose
+            features, layer["isc"], isc_splits=isc_splits, verbose=verbose
         )
         out["isc_mean"] = raw[torch_fidelity.KEY_METRIC_ISC_MEAN]
         out["isc_std"] = raw[torch_fidelity.KEY_METRIC_ISC_STD]
+    if ref is not None:
+        weights_tag = file_hash(weights)[:12]
+        cache_name, _ = _cache_name(ref, reference_cache_name, cache_root, weights_tag)
+        ref_features = extract_featuresdict_from_input_id_cached(
+            2,
+            net,
+            input2=ref,
+            input2_cache_name=cache_name,
+            cache=cache_name is not None,
+            cache_root=None if cache_root is None else str(cache_root),
+            batch_size=batch_size,
+            cuda=cuda,
+            save_cpu_ram=save_cpu_ram,
+            verbose=verbose,
+        )
+        raw = prc_featuresdict_to_metric(
+            features,  # input1 = generated, input2 = reference, as torch-fidelity has them
+            ref_features,
+            layer["prc"],
+            prc_neighborhood=prc_neighborhood,
+            save_cpu_ram=save_cpu_ram,
+            verbose=verbose,
+        )
+        out["precision"] = raw[torch_fidelity.KEY_METRIC_PRECISION]
+        out["recall"] = raw[torch_fidelity.KEY_METRIC_RECALL]
+        if cache_name is not None:
+            _share_entries(cache_root, cache_name)
     out.update(
         extractor=extractor,
         extractor_weights=file_hash(weights)[:12],
         reference_hash=hashlib.sha256(mu.tobytes() + sigma.tobytes()).hexdigest()[:16],
         num_generated=len(gen),
-        num_reference=None,
+        num_reference=None if ref is None else len(ref),
     )
     return out

@@ -102,6 +102,10 @@ ROWS_LOCK_TIMEOUT_S = 600.0
 ISC_SPLITS = 10
 PRC_NEIGHBORHOOD = 3
 
+#: How an ``.npz`` reference is read, in the quality settings of rows measured against one: rows
+#: from before FID used an npz's statistics where it also has images are measured again.
+NPZ_REFERENCE = "FID against mu/sigma where present, else arr_0; precision/recall on arr_0"
+
 #: ``ref_error.dtype``: the precision of the reference ODE solution.
 REFERENCE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
@@ -222,6 +226,7 @@ def part_settings(
             "extractor_weights": fingerprint(extractor_weights(f)),
             "reference": ref,
             "reference_sha256": None if ref.startswith("demo:") else fingerprint(ref),
+            **({"npz": NPZ_REFERENCE} if ref.endswith(".npz") else {}),
             "isc": bool(f.isc),
             "prc": bool(f.prc),
         },
@@ -304,14 +309,18 @@ def measure_quality(
 
     start = time.perf_counter()
     common = dict(extractor=f.extractor, weights_path=extractor_weights(f))
-    if reference.is_statistics:
+    if reference.is_statistics:  # with images too (ADM's batches): those for precision/recall
         metrics = fid_against_statistics(
             images,
             reference.mu,
             reference.sigma,
             isc=bool(f.isc),
+            prc_reference=reference.images if f.prc else None,
+            reference_cache_name=reference.name,
+            cache_root=Path(f.cache_root),
             batch_size=f.batch_size,
             isc_splits=ISC_SPLITS,
+            prc_neighborhood=PRC_NEIGHBORHOOD,
             **common,
         )
     else:
@@ -639,13 +648,13 @@ def check_fid(cfg: DictConfig) -> Reference:
     with _named("fid.reference", f.reference):
         reference = load_reference(str(f.reference))
         check_reference(reference, f.extractor, feature_dim)
-        if f.prc and reference.is_statistics:
+        if f.prc and reference.images is None:
             log.warning(
                 "fid.prc=true, but fid.reference=%s holds statistics (mu, sigma): precision and "
                 "recall need reference images, so the rows get FID and IS only",
                 f.reference,
             )
-        if f.prc and not reference.is_statistics and len(reference) <= PRC_NEIGHBORHOOD:
+        if f.prc and reference.images is not None and len(reference) <= PRC_NEIGHBORHOOD:
             raise ValueError(
                 f"precision/recall need more than {PRC_NEIGHBORHOOD} reference images, it has "
                 f"{len(reference)}: give more or set fid.prc=false"
