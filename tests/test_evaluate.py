@@ -1009,6 +1009,32 @@ def test_fid_against_statistics_equals_fid_against_the_images(assets, tmp_path):
         load_reference(str(tmp_path / "missing.npz"))
 
 
+def test_a_folder_is_fingerprinted_by_its_files(tmp_path):
+    """A reference folder's (or a VAE's) hash follows its files, so a rerun measures the rows
+    again once they change (it was the folder's path: stale FIDs were reused)."""
+    from flowturbo.eval import networks
+
+    def fresh(folder):  # as a later process sees it
+        networks._cached_folder_hash.cache_clear()
+        return networks.fingerprint(folder)
+
+    folder = tmp_path / "ref"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.png").write_bytes(b"1" * 10)
+    (folder / "sub" / "b.png").write_bytes(b"2" * 10)
+    first = fresh(folder)
+    assert first.startswith("folder:") and str(folder) not in first
+    (folder / ".a.png.1234.tmp").write_bytes(b"x")  # a killed writer's: hidden
+    (folder / "sub" / "__pycache__").mkdir()
+    (folder / "sub" / "__pycache__" / "m.pyc").write_bytes(b"x")
+    assert fresh(folder) == first
+    (folder / "sub" / "b.png").write_bytes(b"3" * 11)  # rewritten
+    second = fresh(folder)
+    assert second != first
+    (folder / "sub" / "b.png").rename(folder / "sub" / "c.png")
+    assert fresh(folder) != second
+
+
 # ----------------------------------------------------------------------------- evaluate.py
 
 

@@ -292,7 +292,15 @@ def base_fingerprint(model_cfg: DictConfig) -> str | None:
 
 
 def fingerprint(path: str | os.PathLike | None) -> str | None:
-    """Content hash of a file (16 hex digits; memoised per size and mtime), or a folder's tag."""
+    """Content hash of a file (16 hex digits; memoised per size and mtime), or of a folder.
+
+    A folder (a reference image folder, a VAE, a model package) is hashed by the relative
+    path, size and modification time of every file under it, hidden ones and ``__pycache__``
+    left out (:func:`flowturbo.data.shards.stat_digest`: one ``stat`` per file, contents
+    unread): a file added, removed, renamed or rewritten changes it. Within one process it is
+    memoised while the folder's own modification time stays (a change in a subfolder, or a
+    file rewritten in place, is seen by the next process).
+    """
     if path is None:
         return None
     p = Path(str(path))
@@ -300,5 +308,21 @@ def fingerprint(path: str | os.PathLike | None) -> str | None:
         st = p.stat()
         return _cached_file_hash(str(p.resolve()), st.st_size, st.st_mtime_ns)
     if p.is_dir():
-        return f"folder:{p.resolve()}"
+        return _cached_folder_hash(str(p.resolve()), p.stat().st_mtime_ns)
     return f"missing:{p}"
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_folder_hash(folder: str, mtime_ns: int) -> str:
+    from flowturbo.data.shards import stat_digest
+
+    root = Path(folder)
+    files = sorted(
+        (f.relative_to(root).as_posix(), f)
+        for f in root.rglob("*")
+        if f.is_file()
+        and not any(
+            part.startswith(".") or part == "__pycache__" for part in f.relative_to(root).parts
+        )
+    )
+    return "folder:" + stat_digest((str(f), name) for name, f in files)
