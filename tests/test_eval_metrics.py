@@ -148,6 +148,16 @@ def test_sweep_tables_pair_only_rows_measured_alike():
     (r,) = next(t for t in acceleration_tables(rows) if t["mode"] == "eager")["rows"]
     assert r["candidate_schedule"] == "H1P3R2" and r["ratio"] == pytest.approx(0.75)
 
+    # FIDs against other reference images (a folder whose files changed) are not paired either
+    rows[0]["reference_hash"], rows[1]["reference_hash"] = "aaaa", "bbbb"
+    (r,) = next(t for t in acceleration_tables(rows) if t["mode"] == "eager")["rows"]
+    assert r["candidate_schedule"] is None and "differ in reference_hash" in r["note"]
+    rows[1]["reference_hash"] = "aaaa"
+    # a stale row of an earlier refiner is compared like the others, and named
+    rows.append(flat("flowturbo", "H1P2R2", 5.5, 1.0, 1.0) | {"refiner_sha256": "old"})
+    rows[1]["refiner_sha256"] = "new"
+    assert mixed_settings(rows) == ["refiner_sha256: new (H1P3R2), old (H1P2R2)"]
+
 
 def test_write_results_and_plot(tmp_path):
     rows = [dict(r, settings={"batch": 8}) for r in TABLE]

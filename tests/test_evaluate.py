@@ -644,6 +644,25 @@ def test_a_part_stored_by_another_job_meanwhile_is_kept(assets, tmp_path, monkey
     assert (out / sweep.ROWS_LOCK).exists() and not (out / "rows" / sweep.ROWS_LOCK).exists()
 
 
+def test_a_row_never_pairs_parts_measured_with_different_settings(assets, tmp_path, monkeypatch):
+    """A rerun with other guidance stores the entry's new FID, then is killed before timing: the
+    row kept the old guidance's latency beside the new FID, and a summary paired them."""
+    out = tmp_path / "sweep"
+    sweep.run_sweep(tiny(assets, out, "sampler.schedule=H2", *QUICK))
+    old = json.loads((out / "rows" / "H2.json").read_text())
+    assert set(old["parts"]) == {"quality", "latency"}
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep, "measure_entries_latency", killed)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_sweep(tiny(assets, out, "sampler.schedule=H2", "sampler.cfg_scale=2.0", *QUICK))
+    row = json.loads((out / "rows" / "H2.json").read_text())
+    assert set(row["parts"]) == {"quality"}
+    assert row["parts"]["quality"]["settings"]["cfg_scale"] == 2.0
+
+
 def test_summarize_only_merges_the_rows_without_models(assets, tmp_path, monkeypatch):
     out = tmp_path / "sweep"
     with pytest.raises(FileNotFoundError, match="run the sweep first"):

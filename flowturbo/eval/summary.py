@@ -49,9 +49,13 @@ LATENCY_MODES = (("eager", "ms_per_image_eager"), ("compiled", "ms_per_image_com
 #: other settings for some entries only.
 QUALITY_SETTINGS = (
     "base_sha256", "cfg_scale", "cfg_channels", "dtype", "seed", "num_images", "extractor",
-    "reference", "ref_error_images",
+    "extractor_weights", "reference", "reference_hash", "ref_error_images",
 )  # fmt: skip
-LIKE_FOR_LIKE = (*QUALITY_SETTINGS, "batch", "device", "machine")
+LIKE_FOR_LIKE = (*QUALITY_SETTINGS, "batch", "device", "machine", "compile_mode")
+#: What the summary warns about when its rows disagree: the like-for-like keys, and the
+#: refiner, which only FlowTurbo rows have (rows of two refiners are each compared with the
+#: baselines, so a stale row of an earlier refiner would stand beside the new ones).
+WARNED_SETTINGS = (*LIKE_FOR_LIKE, "refiner_sha256", "refiner_input")
 #: Families FlowTurbo is compared with: Heun (the paper's ratio), then the
 #: baseline solvers a sweep may hold, which can be stronger than Heun on some models.
 BASELINE_FAMILIES = ("heun", "heun_euler", "euler", "midpoint", "multistep")
@@ -136,7 +140,10 @@ def flat_row(row: dict[str, Any]) -> dict[str, Any]:
         "cfg_channels": any_settings.get("cfg_channels"),
         "refiner_input": any_settings.get("refiner_input"),
         "extractor": q.get("extractor"),
+        "extractor_weights": q.get("extractor_weights"),
         "reference": q.get("reference"),
+        "reference_hash": q.get("reference_hash"),
+        "compile_mode": lat_settings.get("compile_mode"),
         "base_sha256": any_settings.get("base", {}).get("sha256"),
         "refiner_sha256": (any_settings.get("refiner") or {}).get("sha256"),
         "settings_hash": row.get("settings_hash"),
@@ -178,10 +185,11 @@ def load_rows(out_dir: Path) -> list[dict[str, Any]]:
 
 
 def mixed_settings(rows: Sequence[dict[str, Any]]) -> list[str]:
-    """For each quality setting on which the rows disagree, which rows have which value
-    (e.g. ``"cfg_scale: 1.0 (H2, euler:4), 3.0 (H1P2R2)"``); empty when all agree."""
+    """For each setting of :data:`WARNED_SETTINGS` on which the rows disagree, which rows have
+    which value (e.g. ``"cfg_scale: 1.0 (H2, euler:4), 3.0 (H1P2R2)"``); empty when all agree.
+    Latency sessions are named by :func:`latency_sessions` instead."""
     out = []
-    for key in QUALITY_SETTINGS:
+    for key in WARNED_SETTINGS:
         groups: dict[str, list[str]] = {}
         for r in rows:
             if r.get(key) is not None:
@@ -403,8 +411,9 @@ def summarize(
     if mixed:
         log.warning(
             "the rows of %s were not all measured alike: %s. The table and the plot show them "
-            "together; acceleration.json pairs only rows measured alike. Rerun the sweep "
-            "with one set of settings (or another name=) for a clean front.",
+            "together; acceleration.json pairs only rows measured alike (rows of different "
+            "refiners are each compared with the baselines). Rerun the sweep with one set of "
+            "settings (or another name=) for a clean front.",
             out_dir,
             "; ".join(mixed),
         )

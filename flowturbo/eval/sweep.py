@@ -788,8 +788,11 @@ def store_part(
 
 
 def _open_row(path: Path, entry: SweepEntry, settings: dict[str, dict]) -> tuple[dict, dict]:
-    """An entry's row file as stored (or new), its identity refreshed, parts no longer
-    configured dropped (e.g. ref_error after ref_error.num_images=0); and its parts."""
+    """An entry's row file as stored (or new), its identity refreshed, and its parts, less
+    those no longer configured (e.g. ref_error after ref_error.num_images=0) or measured with
+    other settings than this job's: a job killed between storing a new quality and timing the
+    entry must not leave a row that pairs the new FID with a latency of other settings (the
+    next run computes the dropped part anyway)."""
     row = read_row(path) or {}
     row.update(
         entry=entry.label,
@@ -801,8 +804,9 @@ def _open_row(path: Path, entry: SweepEntry, settings: dict[str, dict]) -> tuple
         refiner_nfe=entry.refiner_nfe,
     )
     parts = row.setdefault("parts", {})
-    for name in [p for p in parts if p not in settings]:
-        del parts[name]
+    for name in list(parts):
+        if name not in settings or parts[name].get("hash") != settings_hash(settings[name]):
+            del parts[name]
     return row, parts
 
 
