@@ -652,3 +652,28 @@ def test_labels_a_sit_has_no_embedding_for_are_refused_in_words(guided):
                 sample(model, noise, "H1P1", y=torch.tensor(bad))
         with pytest.raises(TypeError, match="integer tensor"):
             sample(model, noise, "E1", y=torch.tensor([0.0, 1.0, 2.0]))
+
+
+def test_a_bfloat16_state_gets_its_times_in_float32():
+    """Times rounded to the state's bfloat16 gave heun_trajectory's 300-step grid steps of
+    length 0 (22 of them) and times 2e-3 off k / N, where the refiner's trajectory targets
+    take them as exact; the sampler already kept its times in float32."""
+    from flowturbo.sampling import heun_trajectory
+
+    seen = []
+
+    def v(x, t):
+        seen.append(t)
+        return -x
+
+    noise = torch.randn(2, 1, 4, 4).to(torch.bfloat16)
+    states, velocities, times = heun_trajectory(v, noise, 300)
+    assert times.dtype == torch.float32 and states.dtype == torch.bfloat16
+    assert torch.equal(times, uniform_grid(300).float())
+    assert all(t.dtype == torch.float32 for t in seen) and torch.diff(times).min() > 0
+    seen.clear()
+    dopri5(v, noise, rtol=1e-2, atol=1e-2)
+    assert seen and all(t.dtype == torch.float32 for t in seen)
+    seen.clear()
+    sample(v, noise, "H2P2")
+    assert all(t.dtype == torch.float32 for t in seen)

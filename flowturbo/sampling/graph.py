@@ -25,7 +25,7 @@ from torch import Tensor
 
 from flowturbo.sampling.compile import SAMPLERS, CompiledFunction, compiled_function, warn_once
 from flowturbo.sampling.guidance import ClassifierFreeGuidance
-from flowturbo.sampling.schedule import Schedule, check_grid, uniform_grid
+from flowturbo.sampling.schedule import Schedule, check_grid, time_dtype, uniform_grid
 from flowturbo.sampling.steps import STEPS, as_plan, run_steps, step_kinds
 
 #: Compiled samplers kept by :func:`compiled_sampler` (each CUDA graph holds its own memory).
@@ -79,8 +79,7 @@ class CompiledSampler:
             raise ValueError("the schedule has R steps but no refiner was given: pass refiner=...")
         n = len(plan)
         ts = uniform_grid(n) if timesteps is None else check_grid(timesteps, n)
-        time_dtype = torch.float64 if noise.dtype == torch.float64 else torch.float32
-        self.ts = ts.to(noise.device, time_dtype)
+        self.ts = ts.to(noise.device, time_dtype(noise.dtype))
         options = {"dynamic": False, **(compile_options or {})}
 
         def maybe_compiled(fn):

@@ -17,6 +17,7 @@ from flowturbo.sampling.schedule import (
     check_full_grid,
     check_grid,
     parse_schedule,
+    time_dtype,
     uniform_grid,
 )
 from flowturbo.sampling.steps import STEPS, Constraint, as_plan, run_steps, step_kinds
@@ -150,7 +151,7 @@ def integrate(
             info = {"step": k, "kind": plan[k], "t": times[k + 1], "x": x, "velocity": c}
             callback({**info, "base_nfe": nfe[0], "refiner_nfe": nfe[1]})
 
-    ts_dev = ts.to(noise.device, torch.float64 if noise.dtype == torch.float64 else torch.float32)
+    ts_dev = ts.to(noise.device, time_dtype(noise.dtype))
     x = run_steps(steps, kinds, model, refiner, noise, ts_dev, model_kwargs, after_step, constrain)
     bar.close()
     # A compiled (CUDA-graph) step may return a buffer that its next replay overwrites.

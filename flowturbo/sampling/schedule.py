@@ -133,6 +133,13 @@ def uniform_grid(num_steps: int, device: torch.device | str | None = None) -> Te
     return torch.arange(num_steps + 1, dtype=torch.float64, device=device) / num_steps
 
 
+def time_dtype(state_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the times passed to the networks for a state of ``state_dtype``: float64
+    for float64 states, else float32, so that a bfloat16 or float16 state does not round the
+    grid (bfloat16 holds 1/300 to 3 digits: a 300-step grid would get steps of length 0)."""
+    return torch.float64 if state_dtype == torch.float64 else torch.float32
+
+
 def check_full_grid(
     timesteps: Tensor | Sequence[float] | None, num_steps: int, caller: str
 ) -> Tensor | None:

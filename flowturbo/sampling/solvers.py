@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from flowturbo.sampling.sampler import Callback, VelocityFn, integrate
-from flowturbo.sampling.schedule import check_full_grid, plan_nfe, uniform_grid
+from flowturbo.sampling.schedule import check_full_grid, plan_nfe, time_dtype, uniform_grid
 
 
 def _num_steps(name: str, steps: int) -> int:
@@ -108,7 +108,7 @@ def heun_trajectory(
         states (B, K, C, H, W), velocities (B, K, C, H, W) and times (K,), K = steps + 1.
     """
     steps = _num_steps("heun_trajectory", steps)
-    times = uniform_grid(steps, device=noise.device).to(noise.dtype)
+    times = uniform_grid(steps, device=noise.device).to(time_dtype(noise.dtype))
     b = noise.shape[0]
     x, states, velocities = noise, [], []
     d0 = model(x, times[0].expand(b), **model_kwargs)
@@ -175,7 +175,9 @@ def dopri5(
 
     def f(x: Tensor, t: float) -> Tensor:
         return model(
-            x, torch.full((b,), t, dtype=noise.dtype, device=noise.device), **model_kwargs
+            x,
+            torch.full((b,), t, dtype=time_dtype(noise.dtype), device=noise.device),
+            **model_kwargs,
         )
 
     x, t, h = noise, t_start, min(first_step, t_end - t_start)
