@@ -77,6 +77,7 @@ def run(args: argparse.Namespace, target: str) -> dict:
         (lambda: base) if target == "interpolant" else None,
         functools.partial(torch.optim.AdamW, lr=1e-4),
         target=target,
+        base_autocast=args.base_autocast,
     )
     timer = StepTimer(args.warmup)
     trainer = L.Trainer(
@@ -119,6 +120,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=positive_int, default=20)
     p.add_argument("--accelerator", default="cpu")
     p.add_argument("--precision", default="32-true")
+    p.add_argument(
+        "--base-autocast",
+        action="store_true",
+        help="the base makes interpolant targets under --precision (default: in float32)",
+    )
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args(argv)
     if args.model not in SIT_CONFIGS:

@@ -3,6 +3,7 @@ validation totals over ranks, atomic checkpoint writes."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterable
 from functools import partial
@@ -57,6 +58,18 @@ def optimizer_with_warmup(
         opt, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
     )
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def base_precision(autocast: bool, device: torch.device) -> contextlib.AbstractContextManager:
+    """The precision in which the frozen base makes the refiner's targets.
+
+    A target is a small difference of two base velocities (V(x', t') - v, or v_b - v_a of a
+    trajectory): in bfloat16 (the trainer's ``bf16-mixed`` autocast) its rounding is of the
+    order of the difference itself (39 % RMS error of the interpolant target on the demo base,
+    ``experiments/README.md``). ``autocast=False`` runs the base in float32, autocast off;
+    True: under the trainer's precision (faster, less exact).
+    """
+    return contextlib.nullcontext() if autocast else torch.autocast(device.type, enabled=False)
 
 
 def per_sample_draws(

@@ -21,6 +21,7 @@ from flowturbo.flow import (
 from flowturbo.lit.common import (
     OptimizerFactory,
     ValidationTotals,
+    base_precision,
     ema_copy,
     optimizer_with_warmup,
     per_sample_draws,
@@ -120,6 +121,9 @@ class RefinerModule(L.LightningModule):
         label_dropout: probability of the null class for guidance training (interpolant).
         warmup_steps: linear learning-rate warm-up.
         ema_decay: EMA decay of the refiner per step.
+        base_autocast: evaluate the base for interpolant targets under the trainer's precision
+            (e.g. bf16-mixed); False (default): in float32, autocast off, as the targets are
+            small differences of velocities (:func:`flowturbo.lit.common.base_precision`).
     """
 
     def __init__(
@@ -132,6 +136,7 @@ class RefinerModule(L.LightningModule):
         label_dropout: float = 0.1,
         warmup_steps: int = 0,
         ema_decay: float = 0.999,
+        base_autocast: bool = False,
     ):
         super().__init__()
         if target not in ("interpolant", "trajectory"):
@@ -206,7 +211,7 @@ class RefinerModule(L.LightningModule):
             x0, t, u, drop_u = x0.to(x1), t.to(x1), u.to(x1), drop_u.to(x1)
         dt = sample_step_sizes(t, self.hparams.dt_max, u)
         kw = {"y": y, "force_drop_ids": (drop_u < self.hparams.label_dropout).long()}
-        with torch.no_grad():
+        with torch.no_grad(), base_precision(self.hparams.base_autocast, x1.device):
             examples = interpolant_refiner_batch(self.base, x1, x0, t, dt, **kw)
         return examples, kw
 

@@ -44,6 +44,7 @@ from flowturbo.data.shards import (
     has_tar_end,
     write_tar,
 )
+from flowturbo.lit.common import base_precision
 from flowturbo.sampling import heun_trajectory
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,9 @@ class TrajectoryCache(L.LightningModule):
         batch_size: trajectories integrated at once.
         label_dropout: probability that a trajectory is drawn with the null class.
         seed: with the trajectory's global index, fixes its noise and label.
+        base_autocast: integrate under the trainer's precision (e.g. bf16-mixed); False
+            (default): in float32, autocast off, as the refiner's targets are differences of
+            the stored velocities (:func:`flowturbo.lit.common.base_precision`).
     """
 
     def __init__(
@@ -96,6 +100,7 @@ class TrajectoryCache(L.LightningModule):
         batch_size: int = 64,
         label_dropout: float = 0.1,
         seed: int = 0,
+        base_autocast: bool = False,
     ):
         super().__init__()
         counts = (
@@ -116,6 +121,7 @@ class TrajectoryCache(L.LightningModule):
         self.counts = {"train": int(num_train), "val": int(num_val)}
         self.steps, self.per_shard, self.batch_size = int(steps), int(per_shard), int(batch_size)
         self.label_dropout, self.seed = float(label_dropout), int(seed)
+        self.base_autocast = bool(base_autocast)
         self._base: tuple[nn.Module] | None = None  # a tuple keeps it out of the module tree
 
     # -- the plan
@@ -167,6 +173,7 @@ class TrajectoryCache(L.LightningModule):
             "label_dropout": self.label_dropout,
             "seed": self.seed,
             "base": self.base_fingerprint,
+            "base_precision": "trainer" if self.base_autocast else "float32",
         }
 
     def check_plan(self, write: bool = True) -> None:
@@ -283,7 +290,8 @@ class TrajectoryCache(L.LightningModule):
             labels, noise = zip(*(self._labels_and_noise(i) for i in idx), strict=True)
             x0 = torch.stack(noise).to(self.device)
             y = torch.tensor(labels, device=self.device)
-            states, velocities, _ = heun_trajectory(self.base, x0, self.steps, y=y)
+            with base_precision(self.base_autocast, self.device):
+                states, velocities, _ = heun_trajectory(self.base, x0, self.steps, y=y)
             traj = torch.stack([states, velocities], 1).to(torch.float16).cpu().numpy()
             for i, label, array in zip(idx, labels, traj, strict=True):
                 fields = {TRAJECTORY_FIELD: encode_field(TRAJECTORY_FIELD, array)}
