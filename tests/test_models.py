@@ -477,3 +477,25 @@ def test_error_hints_named_size_and_prefix() -> None:
     # each listing ends its own line: "... and N more" is not run into the next section
     lines = str(err.value).splitlines()
     assert all(line.strip().endswith("more") for line in lines if "more" in line)
+
+
+def test_a_checkpoint_with_ema_and_model_weights_says_which_it_loads(tmp_path, caplog):
+    """The public FlowTurbo code reads a checkpoint's "model" weights first, SiT's "ema":
+    where a file has both, the loader names its choice and how to take the other."""
+    torch.manual_seed(0)
+    ema = VelocityRefiner.from_name("SiT-Tiny/2", input_size=8, in_channels=1, num_classes=3)
+    raw = VelocityRefiner.from_name("SiT-Tiny/2", input_size=8, in_channels=1, num_classes=3)
+    torch.save({"model": raw.state_dict(), "ema": ema.state_dict()}, tmp_path / "both.pt")
+    net = VelocityRefiner.from_name("SiT-Tiny/2", input_size=8, in_channels=1, num_classes=3)
+    with caplog.at_level("WARNING", logger="flowturbo.models.checkpoint"):
+        load_checkpoint(net, tmp_path / "both.pt")
+    assert "loading 'ema'" in caplog.text and "refiner_arch.key=model" in caplog.text
+    assert torch.equal(net.final_layer.linear.weight, ema.final_layer.linear.weight)
+    load_checkpoint(net, tmp_path / "both.pt", key="model")
+    assert torch.equal(net.final_layer.linear.weight, raw.final_layer.linear.weight)
+    # evaluate.py and generate.py: model.refiner_arch.key
+    from flowturbo.eval.networks import _load_refiner
+
+    arch = {"name": "SiT-Tiny/2", "input_size": 8, "in_channels": 1, "num_classes": 3}
+    loaded = _load_refiner(str(tmp_path / "both.pt"), {**arch, "key": "model"})
+    assert torch.equal(loaded.final_layer.linear.weight, raw.final_layer.linear.weight)

@@ -110,8 +110,9 @@ def _load_refiner(path: str, arch: dict[str, Any] | None) -> nn.Module:
         )
     if arch:
         arch = dict(arch)
+        key = arch.pop("key", None)  # the checkpoint's entry holding the weights
         refiner = VelocityRefiner.from_name(arch.pop("name"), **arch)
-        load_checkpoint(refiner, path)
+        load_checkpoint(refiner, path, key=key)
     else:
         refiner = build_from_checkpoint(path)
         if not isinstance(refiner, VelocityRefiner):

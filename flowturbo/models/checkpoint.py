@@ -12,6 +12,7 @@ strict; a mismatch raises ``CheckpointError`` saying what differs and, where it 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import tempfile
@@ -23,6 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from flowturbo.models.sit import SIT_CONFIGS, SiT, VelocityRefiner
+
+log = logging.getLogger(__name__)
 
 __all__ = ["CheckpointError", "build_from_checkpoint", "load_checkpoint", "save_checkpoint"]
 
@@ -76,6 +79,13 @@ def _select_weights(ckpt: Mapping[str, Any], key: str | None) -> dict[str, Tenso
                 f"{list(_WEIGHT_KEYS)}; its keys: {sorted(ckpt)[:_MAX_LISTED]}"
             )
         weights = ckpt[found[0]]
+        if found[:2] == ["ema", "model"]:
+            log.warning(
+                "the checkpoint holds both 'ema' and 'model' weights: loading 'ema' (SiT's "
+                "convention). The public FlowTurbo code reads 'model' first; for its refiner "
+                "checkpoint give the key (model.refiner_arch.key=model in evaluate.py and "
+                "generate.py, key='model' in load_checkpoint)"
+            )
     if not _is_state_dict(weights):
         raise CheckpointError(f"the checkpoint's {key!r} entry is not a state dict")
     return dict(weights)
