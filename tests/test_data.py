@@ -76,7 +76,7 @@ def test_image_shards_round_trip_skips_and_resume(tmp_path, caplog):
     assert "left out 2 file(s)" in caplog.text and "cat/notes.txt, stray.png" in caplog.text
 
     # 31 image files -> 4 shards; the corrupt one is skipped, counted and named
-    assert [s.count for s in manifest.shards] == [8, 8, 7, 7]  # broken.JPEG sorts into shard 2
+    assert [s.count for s in manifest.shards] == [8, 7, 8, 7]  # broken.JPEG shuffled into 1
     assert manifest.total == 30 and manifest.complete and manifest.classes == ["ant", "cat", "dog"]
     assert manifest.num_skipped == 1 and "broken" in manifest.skipped[0]["source"]
     on_disk = json.loads((out / "manifest.json").read_text())
@@ -127,6 +127,24 @@ def test_image_shards_round_trip_skips_and_resume(tmp_path, caplog):
         write_image_shards(root, out, shard_size=8, workers=0, progress=False)
     again = write_image_shards(root, out, shard_size=8, workers=0, resume=False, progress=False)
     assert again.total == 31
+
+
+def test_image_shards_mix_the_classes(tmp_path):
+    """Sorted, ImageNet's shards held one or two classes each; a training stream mixes a few
+    shards at a time, so its batches held few classes, and a validation subset (the first
+    samples of each shard) few classes too."""
+    root = tmp_path / "folder"
+    _image_folder(root)
+
+    def classes_per_shard(out, **kw):
+        manifest = write_image_shards(root, out, shard_size=8, workers=0, progress=False, **kw)
+        return [len({int(f["cls"]) for _, f in read_shard(p)}) for p in manifest.shard_paths(out)]
+
+    assert classes_per_shard(tmp_path / "sorted", shuffle_seed=None) == [1, 2, 2, 1]
+    mixed = classes_per_shard(tmp_path / "mixed")  # the default: shuffled, seed 0
+    assert min(mixed) >= 2 and sum(mixed) >= 10
+    with pytest.raises(ValueError, match="order"):  # another order is another shard set
+        write_image_shards(root, tmp_path / "mixed", shard_size=8, workers=0, shuffle_seed=1)
 
 
 def _interrupt(out: Path, keep: int) -> None:

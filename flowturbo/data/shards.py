@@ -41,6 +41,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import random
 import re
 import tarfile
 from collections import deque
@@ -642,6 +643,24 @@ def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
+def _folder_plan(
+    files: Sequence[tuple[str, int]], shuffle_seed: int | None
+) -> tuple[list[tuple[int, str, int]], str]:
+    """The order in which an ImageFolder's files go into shards, and its name for the record.
+
+    Items are ``(index in the sorted list, relative path, class)``, so a sample's key names
+    its file whatever the order. Shuffled with ``random.Random(shuffle_seed)`` (None: sorted,
+    class after class): a training stream mixes a few shards at a time (its shuffle buffer),
+    and ImageNet's sorted shards hold one or two classes each, so sorted shards gave batches
+    of few classes and a validation subset of few classes.
+    """
+    items = [(i, rel, label) for i, (rel, label) in enumerate(files)]
+    if shuffle_seed is None:
+        return items, "sorted"
+    random.Random(shuffle_seed).shuffle(items)
+    return items, f"shuffled, seed {shuffle_seed}"
+
+
 def write_image_shards(
     root: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -651,15 +670,17 @@ def write_image_shards(
     resume: bool = True,
     progress: bool = True,
     mp_context: str = "spawn",
+    shuffle_seed: int | None = 0,
 ) -> Manifest:
     """Write an ImageFolder tree (ImageNet train layout) as webdataset tar shards.
 
     Each sample is ``{key}.jpg`` (the original JPEG bytes, not re-encoded) or ``{key}.png``
     (PNG files as they are; other formats re-encoded losslessly to PNG) plus ``{key}.cls``
     (class index as text, index = sorted class-folder order). Keys are
-    ``{global index:08d}_{file stem}``. Shard ``i`` holds files ``i * shard_size ...`` of the
-    sorted file list, so a re-run plans the same shards. Files that cannot be decoded are
-    skipped and listed in the manifest's ``skipped``.
+    ``{index in the sorted file list:08d}_{file stem}``. Shard ``i`` holds files
+    ``i * shard_size ...`` of that list shuffled with ``shuffle_seed`` (so that every shard
+    mixes the classes; None: sorted, class after class), so a re-run plans the same shards.
+    Files that cannot be decoded are skipped and listed in the manifest's ``skipped``.
 
     Args:
         root: ``root/<class_dir>/<image>`` tree.
@@ -669,6 +690,7 @@ def write_image_shards(
         resume: Skip shards the manifest records as complete (see the module docstring).
         progress: Show a tqdm bar over shards.
         mp_context: multiprocessing start method for the pool.
+        shuffle_seed: seed of the files' order across shards; None: sorted.
 
     Returns:
         The final manifest (also written to ``out_dir/manifest.json``).
@@ -676,7 +698,7 @@ def write_image_shards(
     classes, files = scan_image_folder(root)
     if not files:
         raise FileNotFoundError(f"no image files ({', '.join(IMG_EXTENSIONS)}) under {root}")
-    items = [(i, rel, label) for i, (rel, label) in enumerate(files)]
+    items, order = _folder_plan(files, shuffle_seed)
     chunks = _chunks(items, shard_size)
     jobs = [(i, _ImageFolderJob(str(root), list(c))) for i, c in enumerate(chunks)]
     source = str(Path(root).resolve())
@@ -684,6 +706,7 @@ def write_image_shards(
         "source": source,
         "num_files": len(files),
         "files": stat_digest((os.path.join(root, rel), f"{rel}\0{y}") for rel, y in files),
+        "order": order,
     }
     template = Manifest(
         kind="image",
@@ -963,6 +986,7 @@ def write_latent_shards(
     decode_workers: int = 8,
     resume: bool = True,
     progress: bool = True,
+    shuffle_seed: int | None = 0,
 ) -> Manifest:
     """Encode images once with the SD VAE and write latent shards.
 
@@ -976,7 +1000,8 @@ def write_latent_shards(
     Args:
         source: An image shard set (folder with ``manifest.json`` or ``*.tar``, or a brace
             pattern): one latent shard per input shard, same keys. Or an
-            ImageFolder root: planned like :func:`write_image_shards` with ``shard_size``.
+            ImageFolder root: planned like :func:`write_image_shards` with ``shard_size``
+            and ``shuffle_seed``.
             Output shard ``i`` holds the latents of input shard ``i`` (sorted order).
         out_dir: Output folder.
         vae_path: Local folder of a diffusers ``AutoencoderKL`` (e.g. sd-vae-ft-ema).
@@ -990,6 +1015,8 @@ def write_latent_shards(
         decode_workers: Threads decoding and cropping images.
         resume: Skip shards recorded as complete.
         progress: tqdm bar over shards.
+        shuffle_seed: for an ImageFolder source, the seed of the files' order across shards
+            (None: sorted, class after class); a shard set keeps its own order.
 
     Returns:
         The final manifest (kind "latent"; meta records the settings and latent shape).
@@ -1006,8 +1033,9 @@ def write_latent_shards(
     kind, inputs, classes = _resolve_image_source(source)
     vae = load_vae(vae_path, device=device, dtype=dtype)
     encoder = _LatentEncoder(vae, torch.device(device), dtype, scale)
+    order = "as in the input shards"
     if kind == "folder":
-        items = [(i, rel, label) for i, (rel, label) in enumerate(inputs)]
+        items, order = _folder_plan(inputs, shuffle_seed)
         chunks = _chunks(items, shard_size)
         sources: list[Callable[[], Iterator[Any]]] = [
             _FolderInputs(str(source), list(c)) for c in chunks
@@ -1035,6 +1063,7 @@ def write_latent_shards(
         "num_inputs": len(inputs),
         "inputs": stat_digest(entries),
         "vae_weights": _vae_fingerprint(vae_path),
+        "order": order,
         **{k: v for k, v in settings.items() if k not in ("vae_path", "source")},
     }
     template = Manifest(
