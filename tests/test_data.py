@@ -147,6 +147,21 @@ def test_image_shards_mix_the_classes(tmp_path):
         write_image_shards(root, tmp_path / "mixed", shard_size=8, workers=0, shuffle_seed=1)
 
 
+def test_shards_of_unknown_inputs_are_not_resumed_into(tmp_path):
+    """Samples written by write_sample_shards (no fingerprint), then write_image_shards into the
+    same folder: it resumed, keeping the old shards beside its own, one 'complete' set."""
+    root, out = tmp_path / "folder", tmp_path / "shards"
+    _image_folder(root)
+    old = [(f"old{i}", {"cls": 0, "png": b"x"}) for i in range(8)]
+    write_sample_shards(old, out, shard_size=8, kind="image", progress=False)
+    with pytest.raises(ValueError, match="no fingerprint of its inputs.*resume=False"):
+        write_image_shards(root, out, shard_size=8, workers=0, progress=False)
+    fresh = write_image_shards(root, out, shard_size=8, workers=0, resume=False, progress=False)
+    assert fresh.total == 30 and not any(
+        k.startswith("old") for k, _ in read_shard(out / "shard-000000.tar")
+    )
+
+
 def _interrupt(out: Path, keep: int) -> None:
     """Make ``out`` look like a run stopped after ``keep`` shards."""
     manifest = Manifest.load(out)

@@ -441,11 +441,9 @@ def _write_shard_set(
         same = (
             previous.kind == template.kind
             and previous.shard_size == template.shard_size
-            and (
-                previous.fingerprint is None
-                or template.fingerprint is None
-                or previous.fingerprint == template.fingerprint
-            )
+            # a writer that knows its inputs refuses a set whose inputs are unknown: they may
+            # be other data (write_sample_shards' resume trusts its caller instead)
+            and (template.fingerprint is None or previous.fingerprint == template.fingerprint)
         )
         if not same:
             raise ValueError(
@@ -524,7 +522,12 @@ def _differences(previous: Manifest, template: Manifest) -> str:
     old = {"kind": previous.kind, "shard_size": previous.shard_size}
     new = {"kind": template.kind, "shard_size": template.shard_size}
     note = ""
-    if _PARTS in previous.meta and _PARTS in template.meta:
+    if previous.fingerprint is None:
+        note = (
+            "; its manifest records no fingerprint of its inputs (written by "
+            "write_sample_shards or an older writer), so they may be other data"
+        )
+    elif _PARTS in previous.meta and _PARTS in template.meta:
         old.update(previous.meta[_PARTS])
         new.update(template.meta[_PARTS])
     elif _PARTS in template.meta:
