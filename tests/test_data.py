@@ -417,6 +417,30 @@ def test_corrupt_samples_are_skipped_and_counted(tmp_path, num_workers):
     }
 
 
+def test_a_cut_shard_counts_once_whatever_the_number_of_ranks(tmp_path):
+    """Where every rank reads every shard (shards not a multiple of the ranks), each rank
+    counted a cut shard's end: the skips summed over ranks grew with the ranks."""
+    _id_shards(tmp_path, 25, 5)  # 5 shards
+    cut = tmp_path / "shard-000001.tar"
+    cut.write_bytes(cut.read_bytes()[:700])
+    urls = [str(tmp_path / f"shard-{i:06d}.tar") for i in range(5)]
+
+    def summed(world: int) -> tuple[int, int]:
+        samples = skips = 0
+        for rank in range(world):
+            stream = ShardStream(
+                urls, SampleDecoder(channels=1), batch_size=4, train=False, rank=rank,
+                world_size=world,
+            )  # fmt: skip
+            for batch in stream:
+                skips += batch.skipped
+                samples += 0 if batch.y is None else len(batch.y)
+        return samples, skips
+
+    one = summed(1)
+    assert one[1] >= 1 and summed(2) == one and summed(3) == one and summed(5) == one
+
+
 @pytest.mark.parametrize("num_shards", [4, 3])  # split by shard / by sample position
 def test_validation_split_is_exact_and_disjoint(tmp_path, num_shards):
     n = 37

@@ -118,12 +118,15 @@ class _SkipHandler:
         self.examples: list[str] = []
         self.ended_early: set[str] = set()  # messages logged
         self.shard_ended = False  # the shard being read has ended early
+        self.shard_counted = True  # this rank counts the shard's own errors (see new_shard)
 
     def __call__(self, exn: BaseException) -> bool:
         if isinstance(exn, tarfile.ReadError):
             if self.shard_ended:  # the same end, raised again by the next stage
                 return True
             self.shard_ended = True
+            if not self.shard_counted:  # another rank reading this shard counts its end
+                return True
             message = _ended_early(exn)
             if message not in self.ended_early:  # once per shard, not per training draw
                 self.ended_early.add(message)
@@ -153,9 +156,11 @@ class _SkipHandler:
             self.shards_in_a_row = 0
             yield sample
 
-    def new_shard(self) -> None:
-        """The next shard is being opened."""
+    def new_shard(self, counted: bool = True) -> None:
+        """The next shard is being opened; ``counted``: False where every rank reads it and
+        another rank counts its tar errors (a sum over ranks would count them once each)."""
         self.shard_ended = False
+        self.shard_counted = counted
 
     def opened_shard(self) -> None:
         """A training shard was drawn; raise after ``shard_limit`` without a sample."""
@@ -377,7 +382,7 @@ class ShardStream(IterableDataset):
         if by_shard:
             shards = shards[self.rank :: self.world_size]
         for index, url in shards[worker::workers]:
-            handler.new_shard()
+            handler.new_shard(counted=by_shard or index % self.world_size == self.rank)
             samples = wds.tarfile_samples([{"url": url}], handler=handler)
             if self.samples is not None:  # this shard's share of the subset
                 per_shard, more = divmod(self.samples, len(self.urls))
