@@ -2,6 +2,8 @@ import functools
 import io
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -246,16 +248,19 @@ def test_cache_trajectories_base_errors_name_its_settings(tmp_path, cache):
 
 
 class SendSignal(L.Callback):
+    """Signals this process at the start of the step at ``at_step``: mid-step, as SLURM may."""
+
     def __init__(self, at_step, signum):
         self.at_step, self.signum = at_step, signum
 
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
         if trainer.global_step == self.at_step:
             os.kill(os.getpid(), self.signum)
 
 
 def test_sigusr2_saves_last_checkpoint_then_calls_the_previous_handler(tmp_path):
-    """What submitit's time-out warning does: last.ckpt at that step, then submitit requeues."""
+    """What submitit's time-out warning does: last.ckpt at the end of the step under way,
+    then submitit requeues."""
     calls = []
     previous = signal.signal(signal.SIGUSR2, lambda signum, frame: calls.append(signum))
     try:
@@ -264,12 +269,73 @@ def test_sigusr2_saves_last_checkpoint_then_calls_the_previous_handler(tmp_path)
         on_signal = CheckpointOnSignal(str(tmp_path / "ckpt"))
         callbacks = [on_signal, SendSignal(3, signal.SIGUSR2)]
         trainer(tmp_path, 5, callbacks=callbacks, limit_val_batches=0).fit(module, loader())
-        assert calls == [signal.SIGUSR2] and on_signal.saved_at == 3
+        assert calls == [signal.SIGUSR2] and on_signal.saved_at == 4  # step 3 done, then saved
         saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
-        assert saved["global_step"] == 3 and saved["optimizer_states"]
+        assert saved["global_step"] == 4 and saved["optimizer_states"]
         assert signal.getsignal(signal.SIGUSR2) is not on_signal._handle  # uninstalled after fit
     finally:
         signal.signal(signal.SIGUSR2, previous)
+
+
+DDP_SIGNAL_RUN = """
+import os, signal, sys, time
+import lightning as L, torch
+from torch import nn
+from flowturbo.lit.callbacks import CheckpointOnSignal
+
+folder = sys.argv[1]
+
+class Net(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Linear(8, 8)
+
+    def on_fit_start(self):
+        open(f"{folder}/pid{self.global_rank}", "w").write(str(os.getpid()))
+
+    def training_step(self, batch, i):
+        if self.global_rank == 0 and self.global_step == 3 and not hasattr(self, "sent"):
+            self.sent = True
+            time.sleep(2)  # rank 1 now waits in this step's gradient all-reduce
+            os.kill(int(open(f"{folder}/pid1").read()), signal.SIGUSR2)
+            os.kill(os.getpid(), signal.SIGUSR2)
+        return self.net(batch[0]).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+def submitit_stand_in(signum, frame):
+    print("requeue asked by pid", os.getpid(), flush=True)
+
+class StandIn(L.Callback):
+    def setup(self, trainer, module, stage):  # in each spawned rank, before the callback
+        signal.signal(signal.SIGUSR2, submitit_stand_in)
+
+if __name__ == "__main__":
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(64, 8)), 4)
+    L.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=6, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[StandIn(), CheckpointOnSignal(folder)],
+    ).fit(Net(), data)
+    print("finished", flush=True)
+"""
+
+
+def test_sigusr2_under_ddp_saves_on_every_rank_at_a_step_end(tmp_path):
+    """Saving from the signal handler ran the checkpoint's barrier wherever each rank was: a rank
+    inside the backward pass's all-reduce and one in the barrier deadlocked (SLURM then killed
+    the job at its time limit, never requeued)."""
+    script = tmp_path / "run.py"
+    script.write_text(DDP_SIGNAL_RUN)
+    run = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)],
+        capture_output=True, text=True, timeout=240, cwd=tmp_path,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "finished" in run.stdout and run.stdout.count("requeue asked by pid") == 2
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert saved["global_step"] == 4  # the end of the step the signals came in
 
 
 def test_sample_grids_from_fixed_noise(tmp_path, base_file):

@@ -85,6 +85,13 @@ class CheckpointOnSignal(L.Callback):
     calls the handler that was installed before it (submitit's), so the requeued job resumes
     from there (``resume=true``, the same ``ckpt_dir``).
 
+    The signal handler only notes the signal: the checkpoint is written at the end of the
+    training step (or validation pass) under way, when every rank has agreed that some rank
+    was signalled (one boolean all-reduce per step in a distributed run). Saving from the
+    handler itself ran the checkpoint's collective wherever each rank was, e.g. one inside the
+    backward pass's gradient all-reduce: the ranks deadlocked and the job was never requeued.
+    Every rank saves together; a rank that was signalled then calls its previous handler.
+
     Args:
         dirpath: checkpoint folder (``ckpt_dir``), outside Hydra's run directory.
         signum: the signal name, ``SIGUSR2`` for submitit.
@@ -95,6 +102,7 @@ class CheckpointOnSignal(L.Callback):
         self.signum = getattr(signal, signum)
         self._previous: Any = None
         self._trainer: L.Trainer | None = None
+        self._received: tuple[int, Any] | None = None  # (signum, frame) not acted on yet
         self.saved_at: int | None = None
 
     def setup(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
@@ -107,18 +115,40 @@ class CheckpointOnSignal(L.Callback):
         if self._trainer is not None:
             signal.signal(self.signum, self._previous or signal.SIG_DFL)
             self._trainer = None
+            if self._received is not None:  # fitting ended first: nothing left to save
+                self._pass_on()
 
     def _handle(self, signum: int, frame: Any) -> None:
-        trainer = self._trainer
-        if trainer is not None:
-            log.warning(
-                "%s: saving %s at step %d",
-                signal.Signals(signum).name,
-                self.path,
-                trainer.global_step,
-            )
-            trainer.save_checkpoint(self.path)
-            self.saved_at = trainer.global_step
+        log.warning(
+            "%s: saving %s at the end of this training step",
+            signal.Signals(signum).name,
+            self.path,
+        )
+        self._received = (signum, frame)
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args) -> None:
+        self._save_if_signalled(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if trainer.state.fn == "fit":  # a long validation pass is no place to wait
+            self._save_if_signalled(trainer)
+
+    def _save_if_signalled(self, trainer: L.Trainer) -> None:
+        if self._trainer is None:
+            return
+        signalled = self._received is not None
+        if trainer.world_size > 1:  # every rank takes part in the save, or none
+            signalled = trainer.strategy.reduce_boolean_decision(signalled, all=False)
+        if not signalled:
+            return
+        trainer.save_checkpoint(self.path)
+        self.saved_at = trainer.global_step
+        log.warning("saved %s at step %d", self.path, trainer.global_step)
+        if self._received is not None:
+            self._pass_on()
+
+    def _pass_on(self) -> None:
+        (signum, frame), self._received = self._received, None
         if callable(self._previous):
             self._previous(signum, frame)
 
