@@ -195,6 +195,13 @@ def _fit_and_export(
         plugins=[AtomicCheckpointIO()],  # last.ckpt whole or not at all, whatever TMPDIR is
     )
     check_ddp_launch(trainer)
+    per_rank = cfg.data.get("batch_size")
+    if per_rank is not None and trainer.is_global_zero:  # data.batch_size is per rank
+        ranks, accumulate = trainer.world_size, trainer.accumulate_grad_batches
+        log.info(
+            "batch %d per rank x %d rank(s) x %d accumulated = %d examples per optimizer step",
+            per_rank, ranks, accumulate, per_rank * ranks * accumulate,
+        )  # fmt: skip
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     if not trainer.callback_metrics:  # resumed a finished run: nothing trained, nothing measured
         trainer.validate(module, datamodule=datamodule, verbose=False)

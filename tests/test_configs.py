@@ -318,7 +318,9 @@ def test_demo_base_then_demo_refiner_run_end_to_end(tmp_path, monkeypatch, caplo
     monkeypatch.setenv("FLOWTURBO_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
     cfg = cfg_for(["experiment=demo_base", *TINY, *tiny_net("net")], tmp_path / "run1")
-    train(cfg)
+    with caplog.at_level("INFO", logger="flowturbo.train"):
+        train(cfg)
+    assert "batch 4 per rank x 1 rank(s) x 1 accumulated = 4 examples" in caplog.text
     base_file = tmp_path / "checkpoints" / "demo_base" / "net.pt"  # demo_base exports net
     base = build_from_checkpoint(base_file)
     assert isinstance(base, SiT) and (tmp_path / "checkpoints/demo_base/last.ckpt").is_file()
