@@ -827,8 +827,8 @@ def fid_against_statistics(
         )
         out["isc_mean"] = raw[torch_fidelity.KEY_METRIC_ISC_MEAN]
         out["isc_std"] = raw[torch_fidelity.KEY_METRIC_ISC_STD]
+    weights_tag = file_hash(weights)[:12]
     if ref is not None:
-        weights_tag = file_hash(weights)[:12]
         cache_name, _ = _cache_name(ref, reference_cache_name, cache_root, weights_tag)
         ref_features = extract_featuresdict_from_input_id_cached(
             2,
@@ -856,7 +856,7 @@ def fid_against_statistics(
             _share_entries(cache_root, cache_name)
     out.update(
         extractor=extractor,
-        extractor_weights=file_hash(weights)[:12],
+        extractor_weights=weights_tag,
         reference_hash=hashlib.sha256(mu.tobytes() + sigma.tobytes()).hexdigest()[:16],
         num_generated=len(gen),
         num_reference=None if ref is None else len(ref),
