@@ -453,10 +453,26 @@ def test_a_latent_models_vae_decode_is_timed_with_its_sampler(assets, tiny_laten
     )
     assert set(timed) == {"H2", "euler-4"}
     for result in timed.values():
-        assert set(result) == {"batch", "device", "machine", "eager", "decode"}
+        modes = {"eager", "decode", "eager_decode"}  # and the sampler then the decode, one call
+        assert set(result) == {"batch", "device", "machine", *modes}
         assert result["decode"]["repeats"] == 2 and result["decode"]["ms_per_image"] > 0
-        assert result["eager"]["batch"] == 4
+        assert result["eager"]["batch"] == 4 and result["eager_decode"]["ms_per_image"] > 0
     assert timed["H2"]["decode"] == timed["euler-4"]["decode"]  # one decode, timed once
+    assert timed["H2"]["eager_decode"] != timed["euler-4"]["eager_decode"]
+
+    # the summary compares what deployed samplers cost, decode included, where it was timed
+    from flowturbo.eval.summary import acceleration_tables, flat_row
+
+    rows = [
+        flat_row({"entry": e, "parts": {"latency": {"result": timed[k]}}})
+        for e, k in (("H2", "H2"), ("euler:4", "euler-4"))
+    ]
+    assert all(r["ms_per_image_eager_with_decode"] > 0 for r in rows)
+    modes = {t["mode"] for t in acceleration_tables(rows)}
+    assert modes == {"eager", "compiled", "eager+decode"}  # latency.compiled is off here
+    for r in rows:
+        r["ms_per_image_eager_with_decode"] = None  # a pixel model's rows
+    assert {t["mode"] for t in acceleration_tables(rows)} == {"eager", "compiled"}
 
 
 def _no_models(*args, **kwargs):

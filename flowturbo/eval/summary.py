@@ -43,6 +43,11 @@ FAMILIES = (
     "heun", "heun_euler", "pseudo", "flowturbo", "euler", "midpoint", "multistep", "other",
 )  # fmt: skip
 LATENCY_MODES = (("eager", "ms_per_image_eager"), ("compiled", "ms_per_image_compiled"))
+#: A latent model's samplers followed by the VAE decode, timed as one call.
+DECODE_MODES = (
+    ("eager+decode", "ms_per_image_eager_with_decode"),
+    ("compiled+decode", "ms_per_image_compiled_with_decode"),
+)
 #: Keys a FlowTurbo row must share with the Heun row it is compared with: the models and
 #: guidance, how quality was measured (images, seed, extractor, reference) and where time was
 #: (batch, device, machine). Rows of one folder can differ in them when a sweep was rerun with
@@ -109,6 +114,7 @@ def flat_row(row: dict[str, Any]) -> dict[str, Any]:
     any_settings = qs or lat_settings or parts.get("ref_error", {}).get("settings", {})
     compiled = lat.get("compiled")
     decode = lat.get("decode", {}).get("ms_per_image")
+    ok = compiled is not None and compiled["compiled"]
     return {
         "sampler": _family(row),
         "schedule": row.get("entry"),
@@ -128,6 +134,10 @@ def flat_row(row: dict[str, Any]) -> dict[str, Any]:
         "compiled": None if compiled is None else compiled["compiled"],
         "compile_s": None if compiled is None else compiled.get("compile_s"),
         "decode_ms_per_image": decode,
+        "ms_per_image_eager_with_decode": lat.get("eager_decode", {}).get("ms_per_image"),
+        "ms_per_image_compiled_with_decode": lat.get("compiled_decode", {}).get("ms_per_image")
+        if ok
+        else None,
         "latency_session": lat.get("session"),
         "batch": lat.get("batch"),
         "device": lat.get("device") or any_settings.get("device"),
@@ -213,6 +223,7 @@ def latency_sessions(rows: Sequence[dict[str, Any]]) -> dict[str, list[str]]:
     sessions: dict[str, list[str]] = {}
     for r in rows:
         timed = ("ms_per_image_eager", "ms_per_image_compiled", "decode_ms_per_image")
+        timed += tuple(k for _, k in DECODE_MODES)
         if all(r.get(k) is None for k in timed):
             continue
         session = str(r.get("latency_session") or UNKNOWN_SESSION)
@@ -247,7 +258,9 @@ def acceleration_tables(
     the sweep, like for like.
 
     Eager latencies are compared with eager ones and compiled with compiled ones (only rows
-    whose compilation succeeded), and a match must share :data:`LIKE_FOR_LIKE`.
+    whose compilation succeeded), and a match must share :data:`LIKE_FOR_LIKE`. Where a latent
+    model's samplers were also timed with the VAE decode (:data:`DECODE_MODES`), those are
+    compared too: the ratios of what a deployed sampler costs, decode included.
 
     Returns:
         One table per (baseline family present, candidate family, quality key, mode):
@@ -255,11 +268,12 @@ def acceleration_tables(
         from :func:`flowturbo.eval.pareto.acceleration_ratios`; Heun's tables come first.
     """
     present = {r.get("sampler") for r in rows}
+    decoded = [(m, k) for m, k in DECODE_MODES if any(r.get(k) is not None for r in rows)]
     tables = []
     for baseline in [b for b in BASELINE_FAMILIES if b == "heun" or b in present]:
         for candidate in candidates:
             for quality_key in quality_keys:
-                for mode, key in LATENCY_MODES:
+                for mode, key in (*LATENCY_MODES, *decoded):
                     ratios = acceleration_ratios(
                         rows,
                         latency_key=key,

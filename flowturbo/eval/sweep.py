@@ -198,7 +198,7 @@ def part_settings(
     ``latent``: False once the base is known to work in pixel space, where ``vae`` plays no
     part (before the base is loaded, a VAE given counts).
     """
-    m, s = cfg.model, cfg.sampler
+    m, s, vae = cfg.model, cfg.sampler, cfg.get("vae")
     common: dict[str, Any] = {
         "entry": entry.label,
         "base": _base_settings(m),
@@ -206,7 +206,7 @@ def part_settings(
         "cfg_channels": s.get("cfg_channels"),
         "dtype": s.dtype,
         "device": device.type,
-        "vae": fingerprint(cfg.get("vae")) if latent else None,
+        "vae": fingerprint(vae) if latent else None,
     }
     if entry.uses_refiner:
         r_arch = m.get("refiner_arch")
@@ -241,6 +241,7 @@ def part_settings(
             "compile_mode": compile_mode(lat),
             "rounds": "interleaved",  # every entry of a job timed in the same rounds
             "decode": bool(lat.decode),
+            **({"decode_timed": "alone and after each sampler"} if latent and vae else {}),
             "machine": machine(device),
             "torch": torch.__version__,
         },
@@ -448,10 +449,12 @@ def measure_entries_latency(
     rounds (:func:`flowturbo.eval.latency.measure_latencies`), so the ratios between entries
     do not depend on when each was measured; in ``compile_mode=sampler`` in groups of at most
     :data:`~flowturbo.sampling.graph.MAX_CACHED_SAMPLERS` entries, the compiled samplers kept at
-    once. The VAE decode does not depend on the sampler: it is timed once per group and
-    reported with every entry. ``compile_s`` is the first compiled call (compilation of what an
-    earlier entry of this process did not compile, plus one sampling); ``compiled`` is False
-    when torch.compile failed and the sampler fell back.
+    once. For a latent model (``latency.decode`` on) the VAE decode is timed alone, once per
+    group and reported with every entry, and after each sampler as one call (``eager_decode``,
+    ``compiled_decode``: latent noise to pixels, what a deployed sampler costs).
+    ``compile_s`` is the first compiled call (compilation of what an earlier entry of this
+    process did not compile, plus one sampling); ``compiled`` is False when torch.compile
+    failed and the sampler fell back.
 
     Returns:
         The latency part's result per entry key.
@@ -478,9 +481,12 @@ def measure_entries_latency(
         group = entries[first : first + group_size]
         calls: dict[tuple[str, str], Callable[[], object]] = {}
         compile_s: dict[str, float] = {}
+        decode = bool(lat.decode) and nets.vae is not None
         for entry in group:
             if lat.eager:
                 calls[entry.key, "eager"] = run(entry, False)
+                if decode:
+                    calls[entry.key, "eager_decode"] = _then_decode(run(entry, False), nets)
             if lat.compiled:
                 start = time.perf_counter()
                 run(entry, compiled)()
@@ -488,8 +494,11 @@ def measure_entries_latency(
                     torch.cuda.synchronize(device)
                 compile_s[entry.key] = time.perf_counter() - start
                 calls[entry.key, "compiled"] = run(entry, compiled)
-        if lat.decode and nets.vae is not None:  # the same for every entry: timed once
-            calls["", "decode"] = _decode_call(run(group[0], False)(), nets)
+                if decode:
+                    calls[entry.key, "compiled_decode"] = _then_decode(run(entry, compiled), nets)
+        if decode:  # alone, the same for every entry: timed once
+            latents = run(group[0], False)()
+            calls["", "decode"] = _then_decode(lambda z=latents: z, nets)
         timed = measure_latencies(calls, **timing)
         for entry in group:
             out: dict[str, Any] = {"batch": b, "device": str(device), "machine": machine(device)}
@@ -499,16 +508,21 @@ def measure_entries_latency(
             if "compiled" in out:
                 ok = compiled_for(entry, nets, cfg)
                 out["compiled"].update(compiled=ok, compile_s=compile_s[entry.key])
+                if "compiled_decode" in out:
+                    out["compiled_decode"].update(compiled=ok)
             results[entry.key] = out
     return results
 
 
-def _decode_call(z: Tensor, nets: Networks) -> Callable[[], Tensor]:
-    def decode() -> Tensor:
+def _then_decode(sample: Callable[[], Tensor], nets: Networks) -> Callable[[], Tensor]:
+    """``sample()``'s latents decoded to pixels by the VAE, as one call."""
+
+    def decoded() -> Tensor:
+        z = sample()
         with torch.no_grad(), nets.autocast():
             return decode_latents(z, nets.vae)
 
-    return decode
+    return decoded
 
 
 # ----------------------------------------------------------------------------- the sweep
@@ -821,7 +835,7 @@ def _store(parts: dict, name: str, settings: dict, result: dict) -> None:
 
 def _latency_words(result: dict[str, Any]) -> str:
     words = []
-    for mode in ("eager", "compiled", "decode"):
+    for mode in ("eager", "compiled", "decode", "eager_decode", "compiled_decode"):
         if mode in result:
             words.append(f"{mode} {result[mode]['ms_per_image']:.3g} ms/img")
     if "compiled" in result and not result["compiled"]["compiled"]:
