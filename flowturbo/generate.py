@@ -10,7 +10,8 @@ folder so that a rerun resumes into it, and a multirun over schedules fills one 
 - ``edit``: the images of ``input`` re-generated from t0 = 1 - ``edit.strength`` (SDEdit,
   :func:`flowturbo.sampling.edit`), usually towards another ``labels``.
 - ``inpaint``: the region of each ``input`` image that ``mask`` marks is generated anew, the
-  rest kept (:func:`flowturbo.sampling.inpaint`).
+  rest kept (:func:`flowturbo.sampling.inpaint`; a latent model's decoded output gets the
+  input's kept pixels pasted back, which the VAE alone would only approximate).
 
 ::
 
@@ -198,6 +199,8 @@ def sweep_rows_for(cfg: DictConfig) -> list[dict[str, Any]]:
     def same_models(row: dict[str, Any]) -> bool:
         if row.get("base_sha256") != base or row.get("cfg_scale") != float(s.cfg_scale):
             return False
+        if row.get("cfg_channels") != s.get("cfg_channels"):
+            return False
         if row.get("refiner_nfe"):
             return row.get("refiner_sha256") == refiner and row.get("refiner_input") == str(
                 s.refiner_input
@@ -209,7 +212,7 @@ def sweep_rows_for(cfg: DictConfig) -> list[dict[str, Any]]:
     if same and other:
         log.warning(
             "%d of %s's rows left out of the pick, measured with other models or guidance "
-            "(another refiner, refiner_input or cfg_scale than this job's): %s",
+            "(another refiner, refiner_input, cfg_scale or cfg_channels than this job's): %s",
             len(other),
             path,
             ", ".join(other[:8]) + (", ..." if len(other) > 8 else ""),
@@ -428,6 +431,9 @@ def make_job(cfg: DictConfig, entry: SweepEntry, nets: Networks) -> Job:
         "dtype": str(s.dtype),
         "input": str(cfg.input) if inputs else None,
         "mask": str(cfg.mask) if masks else None,
+        # the files' identity too: other images (or masks) at the same path are another job
+        **({"input_files": fingerprint(cfg.input)} if inputs and inputs.files else {}),
+        **({"mask_files": fingerprint(cfg.mask)} if masks and masks.is_file else {}),
         "strength": strength if task == "edit" else None,
     }
     return Job(
@@ -526,6 +532,9 @@ class ImageWriter(L.LightningModule):
                     mask = job.masks.load(todo).to(self.device)
                     x = inpaint(nets.velocity, x1, mask, noise, job.entry.label, **common)
             out = to_uint8(decode_latents(x.float(), nets.vae)).cpu()
+        if job.task == "inpaint" and nets.vae is not None:  # the VAE does not return them
+            keep = job.masks.load(todo).expand_as(out) < 0.5
+            out = torch.where(keep, images, out)  # the known pixels exactly
         for i, image in zip(todo, out, strict=True):
             save_png(image, job.path(i))
         return len(todo)
@@ -614,8 +623,9 @@ def generate_images(cfg: DictConfig) -> dict[str, Any]:
     check_accelerator(cfg.trainer)
     batch_size = check_int(cfg, "sampler.batch_size", 1)
     grid_images = check_int(cfg, "grid.num_images", 0)
+    check_int(cfg, "seed", 0)
     if cfg.get("threads"):
-        torch.set_num_threads(int(cfg.threads))
+        torch.set_num_threads(check_int(cfg, "threads", 1))
     entry, row = choose_entry(cfg)
     if row is not None:
         log.info(

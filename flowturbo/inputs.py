@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 from torch import Tensor
 
 from flowturbo.eval.atomic import is_temporary
@@ -38,7 +38,7 @@ def load_image(path: str | Path, channels: int, size: int) -> Tensor:
     if channels not in (1, 3):
         raise ValueError(f"images have 1 or 3 channels; this model's images have {channels}")
     with Image.open(path) as img:
-        img = center_crop_resize(img.convert("L" if channels == 1 else "RGB"), size)
+        img = center_crop_resize(_pixels(img).convert("L" if channels == 1 else "RGB"), size)
         array = np.asarray(img)
     tensor = torch.from_numpy(array.copy())
     return tensor[None] if channels == 1 else tensor.permute(2, 0, 1)
@@ -68,6 +68,23 @@ class Inputs:
         if self.images is not None:
             return self.images[list(indices)]
         return torch.stack([load_image(self.files[i], channels, size) for i in indices])
+
+
+def _pixels(img: Image.Image) -> Image.Image:
+    """An image as it is shown: turned by its EXIF orientation (a phone's photo is stored
+    sideways with a tag saying so; a mask drawn on the photo as shown would miss it), and
+    16-bit grey scaled to 8 bits (PIL's conversion to "L" would clip it)."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode.startswith("I;16"):
+        array = np.asarray(img, dtype=np.float64) / 257.0
+        img = Image.fromarray(array.round().clip(0, 255).astype(np.uint8))
+    return img
+
+
+def _shown_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) as shown, from the header: swapped by an EXIF rotation."""
+    w, h = img.size
+    return (h, w) if img.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8) else (w, h)
 
 
 def load_inputs(spec: str, channels: int, size: int, limit: int | None = None) -> Inputs:
@@ -111,8 +128,9 @@ def load_inputs(spec: str, channels: int, size: int, limit: int | None = None) -
         try:
             with Image.open(f) as img:
                 img.load()
+                shown = _shown_size(img)
             good.append(f)
-            sizes.append(img.size)
+            sizes.append(shown)
         except (OSError, ValueError, Image.DecompressionBombError) as exn:
             skipped[str(f)] = f"{type(exn).__name__}: {exn}"
     if not good:
@@ -151,11 +169,15 @@ def region_mask(region: str, size: int) -> Tensor:
 
 @dataclass
 class Masks:
-    """Where to generate, per image: one mask for all (``shared``) or a file per name."""
+    """Where to generate, per image: one mask for all (``shared``) or a file per name.
+
+    ``is_file``: the mask setting names a file or folder (not a region).
+    """
 
     size: int
     shared: Tensor | None = None
     files: list[Path] | None = None
+    is_file: bool = False
 
     def load(self, indices: Sequence[int]) -> Tensor:
         """(B or 1, 1, size, size) float masks, 1 = generate."""
@@ -193,7 +215,7 @@ def _read_mask(path: Path, size: int) -> Tensor:
 
     try:
         with Image.open(path) as img:
-            img.load()
+            img = _pixels(img)
             alpha = _alpha(img)
             grey = center_crop_resize(img.convert("L") if alpha is None else alpha, size)
             array = np.asarray(grey) >= 128
@@ -228,7 +250,7 @@ def _warn_odd_aspects(
         if f not in mask_sizes:
             try:
                 with Image.open(f) as img:  # the header only
-                    mask_sizes[f] = img.size
+                    mask_sizes[f] = _shown_size(img)
             except (OSError, ValueError, Image.DecompressionBombError):
                 mask_sizes[f] = None  # named when it is read
         if mask_sizes[f] is not None:
@@ -282,7 +304,8 @@ def load_masks(
         return Masks(size, shared=region_mask(spec, size))
     path = Path(spec)
     if path.is_file():
-        masks, files = Masks(size, shared=_read_mask(path, size)), [path] * len(names)
+        masks = Masks(size, shared=_read_mask(path, size), is_file=True)
+        files = [path] * len(names)
     elif path.is_dir():
         files = [path / f"{name}.png" for name in names]
         missing = [str(f) for f in files if not f.is_file()]
@@ -291,7 +314,7 @@ def load_masks(
                 f"mask={spec}: {len(missing)} of {len(files)} inputs have no mask, e.g. "
                 f"{missing[:3]}; the folder needs <input name>.png for every input"
             )
-        masks = Masks(size, files=files)
+        masks = Masks(size, files=files, is_file=True)
     else:
         raise FileNotFoundError(
             f"mask={spec}: not a region ({', '.join(MASK_REGIONS)}), an image or a folder of masks"

@@ -303,6 +303,13 @@ def test_pick_from_a_sweep_of_these_models_only(tiny_models, generate_cfg, tmp_p
     assert summary["sampler"] == "H1P3R3" and summary["picked"]["fid"] == 33.4
     assert "1 of" in caplog.text and "left out of the pick" in caplog.text
     assert "another refiner" in caplog.text and ": H1P2R2" in caplog.text
+    rows[1]["refiner_sha256"] = rows[2]["refiner_sha256"]  # this job's refiner again
+    rows[1]["cfg_channels"] = 3  # guided on 3 channels: not this job's sampler
+    results.write_text(json.dumps(rows))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="flowturbo.generate"):
+        summary = generate_images(generate_cfg(tmp_path / "gen1", *pick))
+    assert summary["sampler"] == "H1P3R3" and ": H1P2R2" in caplog.text
     for r in rows:
         r["base_sha256"] = "another base"
     (tmp_path / "sweep" / "results.json").write_text(json.dumps(rows))
@@ -357,6 +364,11 @@ def test_latent_model_goes_through_the_vae(generate_cfg, tiny_latent_model, tmp_
     summary = generate_images(generate_cfg(tmp_path / "i", *common, *inpainted))
     out = Path(summary["out_dir"])
     assert summary["images"] == 3 and read(out / "images" / "in0.png").shape == (16, 16, 3)
+    # the known right half is the input's, exactly (it was the VAE's reconstruction of it)
+    from flowturbo.inputs import load_image
+
+    kept = load_image(tmp_path / "in" / "in0.png", 3, 16).permute(1, 2, 0).numpy()
+    assert np.array_equal(read(out / "images" / "in0.png")[:, 8:], kept[:, 8:])
     assert read(out / "grid.png").shape[:2] == (3 * 17 + 1, 3 * 17 + 1)  # 3 rows of 3, padded
 
 
@@ -553,6 +565,11 @@ def test_config_mistakes_name_their_setting(generate_cfg, tmp_path):
         (["grid.num_images=many"], r"grid\.num_images must be"),
         (["task=edit", "input=demo:val", "edit.strength=high"], r"edit\.strength .*got 'high'"),
         (["task=edit", "input=demo:val", "edit.strength=1.5"], r"edit\.strength must be"),
+        (["seed=abc"], r"seed must be an integer >= 0, got 'abc'"),
+        (["threads=abc"], r"threads must be an integer >= 1"),
+        (["sampler.cfg_scale=abc"], r"sampler\.cfg_scale must be a number"),
+        (["sampler.cfg_channels=7"], r"sampler\.cfg_channels must be null .* or 1\.\.1"),
+        (["sampler.schedule=H1P1R2", "sampler.refiner_input=foo"], r"refiner_input must be"),
     ):
         with pytest.raises(ValueError, match=match):
             generate_images(
@@ -578,3 +595,35 @@ def test_a_damaged_job_json_or_output_image_is_named(generate_cfg, tmp_path):
     image.write_bytes(before[:40])
     with pytest.raises(ValueError, match=r"000001.png is not a readable image.*delete it"):
         generate_images(cfg)
+
+
+def test_other_masks_or_inputs_at_the_same_path_are_another_job(generate_cfg, tmp_path):
+    """job.json kept only the paths: a redrawn mask file resumed the folder, so its first
+    images had one mask and the rest another."""
+    mask = np.zeros((32, 32), np.uint8)
+    mask[16:] = 255
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    job = ["sampler.schedule=H2", "task=inpaint", "input=demo:val", f"mask={tmp_path / 'm.png'}"]
+    generate_images(generate_cfg(tmp_path / "gen", *job, "num_images=1"))
+    Image.fromarray(mask[::-1].copy()).save(tmp_path / "m.png")  # now the top half
+    with pytest.raises(RuntimeError, match=r"other settings \(differs in \['mask_files'\]\)"):
+        generate_images(generate_cfg(tmp_path / "gen", *job, "num_images=3"))
+
+
+def test_inputs_are_read_as_shown_exif_turned_and_16_bit_scaled(tmp_path):
+    """A phone photo is stored sideways with an EXIF orientation: it was read sideways (and its
+    mask, drawn on the photo as shown, missed it); 16-bit grey was clipped to white."""
+    from flowturbo.inputs import load_image, load_inputs
+
+    stored = np.zeros((32, 48), np.uint8)  # 48 wide, 32 high as stored
+    stored[:, :20] = 255  # the stored left edge: the top once turned by orientation 6
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to show
+    Image.fromarray(stored).save(tmp_path / "photo.png", exif=exif)
+    shown = load_image(tmp_path / "photo.png", 1, 32)[0].float()  # 32 x 48 shown, cropped
+    assert shown[:4].mean() > 200 and shown[-4:].mean() < 50  # bright top (was: left)
+    assert load_inputs(str(tmp_path / "photo.png"), 1, 32).sizes == [(32, 48)]
+
+    ramp = np.tile(np.linspace(0, 65535, 32).astype(np.uint16), (32, 1))
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    assert abs(load_image(tmp_path / "deep.png", 1, 32).float().mean() - 127.5) < 2

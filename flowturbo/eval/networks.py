@@ -13,6 +13,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -208,7 +209,7 @@ def load_networks(cfg: DictConfig, device: torch.device, *, need_refiner: bool) 
         )
     s = cfg.sampler
     null = base.num_classes
-    channels = s.get("cfg_channels")
+    channels = check_sampler(s, base.in_channels)
     velocity = ClassifierFreeGuidance(base, s.cfg_scale, null, channels)
     refiner_velocity = (
         ClassifierFreeGuidance(refiner, s.cfg_scale, null, channels) if refiner else None
@@ -225,6 +226,32 @@ def load_networks(cfg: DictConfig, device: torch.device, *, need_refiner: bool) 
         device,
         _dtype(s.dtype),
     )
+
+
+def check_sampler(s: DictConfig, channels: int) -> int | None:
+    """Checks ``sampler.cfg_scale``, ``sampler.cfg_channels`` (for a base of ``channels``
+    channels) and ``sampler.refiner_input`` before any image is made; returns cfg_channels.
+
+    Raises:
+        ValueError: naming the setting and what it takes.
+    """
+    scale = s.cfg_scale
+    if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale):
+        raise ValueError(f"sampler.cfg_scale must be a number (1: no guidance), got {scale!r}")
+    guided = s.get("cfg_channels")
+    if guided is not None and (
+        isinstance(guided, bool) or not isinstance(guided, int) or not 1 <= guided <= channels
+    ):
+        raise ValueError(
+            f"sampler.cfg_channels must be null (guide every channel) or 1..{channels}, the "
+            f"base's channels (3: the public SiT checkpoints' setting), got {guided!r}"
+        )
+    if s.get("refiner_input", "d0") not in ("d0", "cache"):
+        raise ValueError(
+            "sampler.refiner_input must be 'd0' (as the refiner is trained) or 'cache' (the "
+            f"public FlowTurbo sampler's), got {s.refiner_input!r}"
+        )
+    return guided
 
 
 def _dtype(name: str) -> torch.dtype:

@@ -577,7 +577,7 @@ def run_sweep(cfg: DictConfig) -> dict[str, Any]:
     check_settings(cfg)
     device = resolve_device(cfg.device)
     if cfg.get("threads"):
-        torch.set_num_threads(int(cfg.threads))
+        torch.set_num_threads(check_int(cfg, "threads", 1))
     todo = plan_work(cfg, sweep_entries(cfg), device, out_dir)
     if todo:
         shared: dict[str, Any] = {}  # the FID reference and the reference solution, loaded once
@@ -608,6 +608,7 @@ def check_settings(cfg: DictConfig) -> None:
     """
     check_int(cfg, "sampler.batch_size", 1)
     check_int(cfg, "fid.batch_size", 1)
+    check_int(cfg, "seed", 0)
     n = check_int(cfg, "fid.num_images", 2, "(FID needs a covariance of the images)")
     if int(cfg.ref_error.num_images) > 0 and cfg.ref_error.solver == "heun":
         check_int(cfg, "ref_error.steps", 1)
