@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 
 from flowturbo.cli import non_negative_int, positive_int
-from flowturbo.eval import measure_latencies
 from flowturbo.eval.atomic import atomic_path
+from flowturbo.eval.latency import measure_latencies
 from flowturbo.models import SiT, VelocityRefiner
 from flowturbo.sampling import (
     ClassifierFreeGuidance,
@@ -41,7 +41,9 @@ from flowturbo.sampling import (
     parse_schedule,
     sample,
 )
-from flowturbo.sampling.compile import compiled_function
+from flowturbo.sampling.compile import compiled_function, compiled_steps, default_compile_options
+from flowturbo.sampling.graph import fell_back
+from flowturbo.sampling.steps import step_kinds
 
 # name -> (in_channels, num_classes): the data each model works on
 MODELS = {
@@ -114,11 +116,19 @@ def bench_model(
         for mode, lat in timed_together(calls).items():
             row[f"{mode}_ms_per_img"] = lat.ms_per_image
             row[f"{mode}_min_ms_per_img"] = lat.min_ms / batch
+        # a compiled mode that fell back to eager (one warning) timed eager code: say so
+        if "compiled" in args.modes:
+            steps = compiled_steps(default_compile_options(device))
+            row["compiled_fell_back"] = any(steps[k].failed for k in step_kinds(s.plan))
+        if "sampler" in args.modes:
+            row["sampler_fell_back"] = fell_back(g_base)
+        fallbacks = [m for m in ("compiled", "sampler") if row.get(f"{m}_fell_back")]
         print(
             "  "
             + f"{s.text:>8}: "
             + ", ".join(f"{m} {row[f'{m}_ms_per_img']:.2f}" for m in args.modes)
-            + f" ms/img (sum of forwards {row['forward_sum_ms_per_img']:.2f})",
+            + f" ms/img (sum of forwards {row['forward_sum_ms_per_img']:.2f})"
+            + (f"; FELL BACK TO EAGER: {', '.join(fallbacks)}" if fallbacks else ""),
             flush=True,
         )
         yield row
@@ -211,6 +221,8 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--device {args.device}: no CUDA device here (use --device cpu)")
     if args.out is not None and args.out.is_dir():
         p.error(f"--out {args.out} is a folder; give the JSON file to write")
+    if args.warmup < 1 and {"compiled", "sampler"} & set(args.modes):
+        p.error("--warmup 0 would time the compilation: give --warmup >= 1 with compiled modes")
     machine = {
         "device": torch.cuda.get_device_name(device)
         if device.type == "cuda"

@@ -13,7 +13,11 @@ does not depend on them. The first ``--warmup`` steps are not timed.
 
     python benchmarks/bench_train.py                                  # demo size, CPU
     python benchmarks/bench_train.py --model SiT-XL/2 --channels 4 --classes 1000 \\
-        --batch-size 18 --precision bf16-mixed --accelerator gpu      # the paper's setting
+        --learn-sigma --batch-size 18 --precision bf16-mixed --accelerator gpu  # the paper's
+
+With ``--precision bf16-mixed`` the base makes the targets in float32 unless
+``--base-autocast`` is given (``model.base_autocast``); time both to see what exact targets
+cost.
 """
 
 from __future__ import annotations

@@ -5,6 +5,12 @@
 #   bash benchmarks/gpu_session.sh b8      # bench_gpu.py --batch 8
 #   bash benchmarks/gpu_session.sh b1      # the same at batch 1
 #   bash benchmarks/gpu_session.sh b64     # batch 64: eager and compiled only, 5 timed calls
+#   bash benchmarks/gpu_session.sh train   # bench_train.py, SiT-XL/2 refiner, batch 18, bf16:
+#                                          # float32 targets (the default) and --base-autocast
+#
+# The session's 30 minutes of device time hold about three of these calls with the machine's
+# start: the most valuable first, b8 (the paper's batch), then tests, then b1; train and b64
+# if time is left.
 #
 # bench_gpu.py: SiT-XL/2 at 256 px, random weights, bf16, guidance 1.5, SD VAE decode included;
 # H8, H2P4R2, H1P5R3, H8P9R5, H24, each eager, compiled per step kind and whole sampler
@@ -21,7 +27,7 @@
 # the JSON files into experiments/gpu/ afterwards.
 set -euo pipefail
 
-step=${1:?usage: bash benchmarks/gpu_session.sh tests|b1|b8|b64}
+step=${1:?usage: bash benchmarks/gpu_session.sh tests|b1|b8|b64|train}
 out=${OUT:-/tmp/gpu_session}
 mkdir -p "$out"
 
@@ -29,7 +35,8 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:.
 else
-  echo "no .whl/*.whl (bash benchmarks/gpu_wheels.sh): tests needing hydra or diffusers fail" >&2
+  echo "no .whl/*.whl (bash benchmarks/gpu_wheels.sh): tests needing hydra or diffusers, the" \
+    "decode of bench_gpu.py and bench_train.py (webdataset) fail" >&2
   export PYTHONPATH=.
 fi
 export WANDB_MODE=disabled # no wandb there
@@ -63,8 +70,16 @@ case "$step" in
     python3 benchmarks/bench_gpu.py --batch 64 --modes eager compiled --repeats 5 --warmup 2 \
       --out "$out/bench_gpu_$step.json" 2>&1 | tee "$out/bench_gpu_$step.txt" || status=$?
     ;;
+  train)
+    for targets in "" --base-autocast; do
+      python3 benchmarks/bench_train.py --model SiT-XL/2 --channels 4 --classes 1000 \
+        --learn-sigma --batch-size 18 --precision bf16-mixed --accelerator gpu $targets \
+        --out "$out/bench_train${targets:+_autocast}.json" 2>&1 \
+        | tee -a "$out/bench_train.txt" || status=$?
+    done
+    ;;
   *)
-    echo "unknown step $step: tests, b1, b8 or b64" >&2
+    echo "unknown step $step: tests, b1, b8, b64 or train" >&2
     exit 2
     ;;
 esac

@@ -6,22 +6,33 @@ that ``python -m flowturbo.eval.digits`` runs cleanly). The sweep behind ``evalu
 (results files, Pareto plot, acceleration ratios, W&B).
 """
 
-from flowturbo.eval.fidelity import (
-    Reference,
-    UInt8Images,
-    content_hash,
-    fid_against_statistics,
-    fidelity_metrics,
-    load_reference,
-)
+import importlib
+from typing import Any
+
 from flowturbo.eval.latency import Latency, measure_latencies, measure_latency
-from flowturbo.eval.pareto import (
-    acceleration_ratios,
-    pareto_front,
-    plot_pareto,
-    plot_pareto_panels,
-    write_results,
-)
+
+#: Imported on first use: torch-fidelity and matplotlib are not needed to time a sampler, and
+#: the GPU benchmarks (which import flowturbo.eval.atomic and .latency) run without them.
+_LAZY = {
+    "Reference": "fidelity",
+    "UInt8Images": "fidelity",
+    "content_hash": "fidelity",
+    "fid_against_statistics": "fidelity",
+    "fidelity_metrics": "fidelity",
+    "load_reference": "fidelity",
+    "acceleration_ratios": "pareto",
+    "pareto_front": "pareto",
+    "plot_pareto": "pareto",
+    "plot_pareto_panels": "pareto",
+    "write_results": "pareto",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"flowturbo.eval.{_LAZY[name]}"), name)
+
 
 __all__ = [
     "Latency",
