@@ -491,6 +491,12 @@ def test_a_checkpoint_with_ema_and_model_weights_says_which_it_loads(tmp_path, c
         load_checkpoint(net, tmp_path / "both.pt")
     assert "loading 'ema'" in caplog.text and "refiner_arch.key=model" in caplog.text
     assert torch.equal(net.final_layer.linear.weight, ema.final_layer.linear.weight)
+    caplog.clear()  # a SiT train.py checkpoint holds both too, and its "ema" is right: no word
+    base = SiT.from_name("SiT-Tiny/2", input_size=8, in_channels=1, num_classes=3)
+    torch.save({"model": base.state_dict(), "ema": base.state_dict()}, tmp_path / "sit.pt")
+    with caplog.at_level("WARNING", logger="flowturbo.models.checkpoint"):
+        load_checkpoint(base, tmp_path / "sit.pt")
+    assert caplog.text == ""
     load_checkpoint(net, tmp_path / "both.pt", key="model")
     assert torch.equal(net.final_layer.linear.weight, raw.final_layer.linear.weight)
     # evaluate.py and generate.py: model.refiner_arch.key

@@ -79,13 +79,6 @@ def _select_weights(ckpt: Mapping[str, Any], key: str | None) -> dict[str, Tenso
                 f"{list(_WEIGHT_KEYS)}; its keys: {sorted(ckpt)[:_MAX_LISTED]}"
             )
         weights = ckpt[found[0]]
-        if found[:2] == ["ema", "model"]:
-            log.warning(
-                "the checkpoint holds both 'ema' and 'model' weights: loading 'ema' (SiT's "
-                "convention). The public FlowTurbo code reads 'model' first; for its refiner "
-                "checkpoint give the key (model.refiner_arch.key=model in evaluate.py and "
-                "generate.py, key='model' in load_checkpoint)"
-            )
     if not _is_state_dict(weights):
         raise CheckpointError(f"the checkpoint's {key!r} entry is not a state dict")
     return dict(weights)
@@ -266,6 +259,15 @@ def load_checkpoint(
         ckpt, name = source, "(in memory)"
     else:
         ckpt, name = _read(source), str(source)
+    if key is None and isinstance(model, VelocityRefiner) and {"ema", "model"} <= set(ckpt):
+        # SiT's train.py checkpoints hold both and SiT reads "ema"; the public FlowTurbo code
+        # reads a refiner file's "model" first
+        log.warning(
+            "%s holds both 'ema' and 'model' weights: loading 'ema'. The public FlowTurbo code "
+            "reads 'model' first; to load those, give the key (model.refiner_arch.key=model in "
+            "evaluate.py and generate.py, key='model' in load_checkpoint)",
+            name,
+        )
     sd = _strip_prefixes(_select_weights(ckpt, key), prefix)
     _check_compatible(model, sd, name)
     assign = any(p.is_meta for p in model.parameters())
