@@ -529,11 +529,13 @@ class ImageWriter(L.LightningModule):
                         nets.velocity, x1, noise, job.entry.label, strength=job.strength, **common
                     )
                 else:
-                    mask = job.masks.load(todo).to(self.device)
-                    x = inpaint(nets.velocity, x1, mask, noise, job.entry.label, **common)
+                    mask = job.masks.load(todo)  # (B or 1, 1, H, W) pixels, 1 = generate
+                    x = inpaint(
+                        nets.velocity, x1, mask.to(self.device), noise, job.entry.label, **common
+                    )
             out = to_uint8(decode_latents(x.float(), nets.vae)).cpu()
         if job.task == "inpaint" and nets.vae is not None:  # the VAE does not return them
-            keep = job.masks.load(todo).expand_as(out) < 0.5
+            keep = mask.expand_as(out) < 0.5
             out = torch.where(keep, images, out)  # the known pixels exactly
         for i, image in zip(todo, out, strict=True):
             save_png(image, job.path(i))
