@@ -9,11 +9,13 @@ start, shuffle-buffer fill) and the first validation pass are not timed.
 
     python benchmarks/bench_data.py                     # 0 and 2 workers
     python benchmarks/bench_data.py --workers 0 4 8 --batch-size 256 --batches 100
+    python benchmarks/bench_data.py --out experiments/data/cpu_2workers.json   # also as JSON
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import tempfile
@@ -26,6 +28,7 @@ import torch
 
 from flowturbo.cli import non_negative_int, positive_int
 from flowturbo.data import ShardDataModule, demo_shards, write_sample_shards
+from flowturbo.eval.atomic import atomic_path
 
 
 def _latent_shards(out: Path, n: int, shape: tuple[int, ...], shard_size: int) -> Path:
@@ -64,7 +67,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--latent-samples", type=positive_int, default=8192)
     parser.add_argument("--latent-shape", type=positive_int, nargs=3, default=[4, 32, 32])
     parser.add_argument("--shard-size", type=positive_int, default=1000)
+    parser.add_argument("--out", help="also write the table as JSON here")
     args = parser.parse_args(argv)
+    if args.out is not None and Path(args.out).is_dir():
+        parser.error(f"--out {args.out} is a folder; give the JSON file to write")
 
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(args.cache_dir) if args.cache_dir else Path(tmp) / "cache"
@@ -84,10 +90,16 @@ def main(argv: list[str] | None = None) -> None:
                 train_shards=str(latents), val_shards=str(latents), kind="latent"
             ),
         }
+        machine = {
+            "cpu": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+        }
         print(
-            f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-            f"torch {torch.__version__}; batch {args.batch_size}, {args.batches} timed batches"
+            f"\nmachine: {machine['cpu']}, {machine['cpus']} CPUs, torch {machine['torch']}; "
+            f"batch {args.batch_size}, {args.batches} timed batches"
         )
+        rows = []
         print(f"{'data':32s} {'pass':6s} {'workers':>7s} {'images/s':>10s} {'batches/s':>10s}")
         for name, kwargs in sets.items():
             for workers in args.workers:
@@ -104,11 +116,25 @@ def main(argv: list[str] | None = None) -> None:
                     pass
                 for split, loader, warmup in (("train", train, args.warmup), ("val", val, 0)):
                     n_batches, n_samples, seconds = _time(loader, warmup)
+                    rows.append(
+                        dict(
+                            data=name,
+                            split=split,
+                            workers=workers,
+                            images_per_s=n_samples / seconds,
+                            batches_per_s=n_batches / seconds,
+                            batches_timed=n_batches,
+                        )
+                    )
                     print(
                         f"{name:32s} {split:6s} {workers:7d} {n_samples / seconds:10.0f} "
                         f"{n_batches / seconds:10.1f}"
                     )
                 dm.teardown("fit")
+    if args.out:
+        payload = {"settings": vars(args), "machine": machine, "rows": rows}
+        with atomic_path(args.out) as tmp:  # parent folders created
+            tmp.write_text(json.dumps(payload, indent=1))
 
 
 if __name__ == "__main__":
