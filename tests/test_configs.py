@@ -6,7 +6,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
 from flowturbo.models import SiT, VelocityRefiner, build_from_checkpoint
 from flowturbo.train import train
@@ -199,6 +199,28 @@ def test_slurm_launcher_config_requeues_into_the_same_checkpoint_folder(tmp_path
     assert launcher.tasks_per_node == launcher.gpus_per_node
     assert cfg.ckpt_dir == "checkpoints/sit_refiner"  # not under the timestamped run folder
     assert cfg.callbacks.checkpoint_on_signal.signum == "SIGUSR2"
+
+
+@pytest.mark.parametrize(
+    ("config_name", "experiment", "launcher", "nodes", "tasks"),
+    [
+        ("evaluate", "sit_xl_sweep", "slurm_one_gpu", 1, 1),  # one GPU per schedule's job
+        ("generate", "demo_generate", "slurm", 1, 8),  # trainer=cpu has no num_nodes
+        ("generate", "sit_xl_generate", "slurm", 1, 8),  # trainer=gpu: its num_nodes
+    ],
+)
+def test_slurm_launchers_resolve_for_every_entry_point(
+    config_name, experiment, launcher, nodes, tasks, tmp_path
+):
+    """The launcher settings resolve (submitit reads them all) for jobs without Lightning
+    trainer settings too, and evaluate.py's jobs each ask for one task on one GPU."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    overrides = [f"experiment={experiment}", f"hydra/launcher={launcher}"]
+    cfg = cfg_for([*overrides, *REQUIRED.get(experiment, [])], tmp_path, config_name)
+    settings = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    assert "SlurmLauncher" in settings["_target_"] and settings["max_num_timeout"] > 0
+    assert (settings["nodes"], settings["tasks_per_node"]) == (nodes, tasks)
+    assert settings["gpus_per_node"] == tasks
 
 
 def test_each_job_of_a_multirun_gets_its_own_checkpoint_folder(tmp_path):
