@@ -16,8 +16,11 @@ For every schedule (or baseline solver, e.g. ``euler:16``): FID, IS and precisio
 ``fid.num_images`` generated images, the RMS error to a fine reference ODE solution, and ms/img
 eager and compiled at ``latency.batch``. Everything goes to ``sweeps/<name>/``: ``rows/`` (one
 JSON per schedule; a rerun skips the schedules whose settings did not change), ``grids/``,
-``results.json``, ``results.csv``, ``pareto.png`` and ``acceleration.json`` (acceleration
-at matched FID versus Heun, eager vs eager and compiled vs compiled). Settings: conf/evaluate.yaml.
+``results.json``, ``results.csv``, ``pareto.png``, ``acceleration.json`` (the acceleration of
+the fastest FlowTurbo schedule at least as good, at matched FID and at matched reference error,
+versus each Heun row and each other baseline; eager vs eager, compiled vs compiled, and for a
+latent model with the decode) and ``summary.txt`` (the printed tables). Settings:
+conf/evaluate.yaml.
 """
 
 import hydra

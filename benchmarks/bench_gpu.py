@@ -9,8 +9,10 @@ measured forward times (base, refiner, decode), so the sampler's own overhead is
 With ``--profile``, a torch profiler table of one whole-sampler call per batch size is saved
 beside the results: where the time goes, kernel by kernel.
 
-    PYTHONPATH=. python benchmarks/bench_gpu.py --batch 8 --profile     # one device call each
-    PYTHONPATH=. python benchmarks/bench_gpu.py --batch 1 --profile
+    PYTHONPATH=. python benchmarks/bench_gpu.py --batch 8     # one device call each
+    PYTHONPATH=. python benchmarks/bench_gpu.py --batch 1
+    PYTHONPATH=. python benchmarks/bench_gpu.py --batch 8 --profile   # a call of its own: it
+                                                                      # compiles once more
 
 Results go to experiments/gpu/bench_gpu_b<batch>.json (``--out`` to change); any other option
 of bench_sampler.py may follow and overrides the presets (e.g. ``--repeats 50``).

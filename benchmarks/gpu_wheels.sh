@@ -4,7 +4,7 @@
 #
 #   bash benchmarks/gpu_wheels.sh            # then: run(..., carry=[".whl"])
 #
-# The GPU machine (../shared/GPU.md) has Python 3.12, torch, torchvision, lightning, numpy, scipy,
+# The GPU machine has Python 3.12, torch, torchvision, lightning, numpy, scipy,
 # matplotlib, tqdm, pytest and timm (with huggingface_hub and safetensors), and no network.
 # Beyond GPU.md's list, checked by running the whole test suite on this machine in a venv holding
 # only those packages plus these wheels (PYTHONPATH=/tmp/site:.):

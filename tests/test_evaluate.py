@@ -339,14 +339,19 @@ def test_noise_depends_only_on_seed_and_index():
 # ----------------------------------------------------------------------------- the sweep
 
 
-def test_tiny_sweep_writes_every_file_with_the_expected_columns(assets, tmp_path, monkeypatch):
+def test_tiny_sweep_writes_every_file_with_the_expected_columns(
+    assets, tmp_path, monkeypatch, capsys
+):
     out = tmp_path / "sweep"
     generated = Counter(monkeypatch, "generate")
     result = sweep.run_sweep(tiny(assets, out))
 
     assert generated.calls == ["H2", "H1P2R2", "euler:4"]
-    for name in ["results.json", "results.csv", "pareto.png", "acceleration.json"]:
+    for name in ["results.json", "results.csv", "pareto.png", "acceleration.json", "summary.txt"]:
         assert (out / name).is_file(), name
+    summary = (out / "summary.txt").read_text()  # what was printed, kept
+    assert summary.startswith("3 schedules in ") and summary in capsys.readouterr().out
+    assert all(name in summary for name in ("H2", "H1P2R2", "euler:4", "acceleration"))
     assert sorted(p.name for p in (out / "rows").iterdir()) == [
         "H1P2R2.json",
         "H2.json",
@@ -849,6 +854,7 @@ def test_the_summary_lock_is_neither_a_row_nor_a_leftover(assets, tmp_path):
         "results.csv",
         "results.json",
         "summary.lock",
+        "summary.txt",
     ]
 
 

@@ -360,15 +360,17 @@ def summarize(
     *,
     lock_timeout_s: float = SUMMARY_LOCK_TIMEOUT_S,
 ) -> dict[str, Any]:
-    """Merges ``out_dir/rows/*.json`` into results.json/csv, pareto.png and acceleration.json.
+    """Merges ``out_dir/rows/*.json`` into results.json/csv, pareto.png, acceleration.json and
+    summary.txt (the printed tables).
 
     Concurrent jobs of a multirun share ``out_dir``: each reads the rows and writes the summary
     holding ``out_dir/summary.lock`` (:func:`flowturbo.lock.waiting_lock`), so the job that
     summarises last has seen every row written before, and no summary from fewer rows
     replaces its own.
 
-    Prints the results, the timing sessions when there are several (also a warning) and the
-    acceleration table; logs them to W&B when ``cfg.wandb`` enables it (offline unless
+    Prints summary.txt: the results, the timing sessions when there are several (also a
+    warning), the acceleration tables and a note when the rows were not measured alike (also a
+    warning); logs them to W&B when ``cfg.wandb`` enables it (offline unless
     configured or ``WANDB_MODE`` says otherwise) and the job covers the whole sweep (not a
     single ``sampler.schedule`` job). Printing and logging come after the lock is released.
 
@@ -421,26 +423,27 @@ def summarize(
         plot_sweep(rows, out_dir / "pareto.png", title=title)
         # the plot of these rows, for W&B: another job may replace pareto.png once unlocked
         pareto = _read_image(out_dir / "pareto.png") if to_wandb else None
-    mixed = mixed_settings(rows)
+        mixed = mixed_settings(rows)
+        if mixed:
+            mixed = (
+                f"the rows of {out_dir} were not all measured alike: {'; '.join(mixed)}. The "
+                "table and the plot show them together; acceleration.json pairs only rows "
+                "measured alike (rows of different refiners are each compared with the "
+                "baselines). Rerun the sweep with one set of settings (or another name=) for a "
+                "clean front."
+            )
+        sessions = format_sessions(latency_sessions(rows))
+        n = len(rows)
+        parts = [f"{n} {'schedule' if n == 1 else 'schedules'} in {out_dir}:\n{format_rows(rows)}"]
+        parts += [text for text in (sessions, format_acceleration(tables), mixed) if text]
+        summary = "\n\n".join(parts) + "\n"
+        with atomic_path(out_dir / "summary.txt") as tmp:
+            tmp.write_text(summary)
     if mixed:
-        log.warning(
-            "the rows of %s were not all measured alike: %s. The table and the plot show them "
-            "together; acceleration.json pairs only rows measured alike (rows of different "
-            "refiners are each compared with the baselines). Rerun the sweep with one set of "
-            "settings (or another name=) for a clean front.",
-            out_dir,
-            "; ".join(mixed),
-        )
-    sessions = format_sessions(latency_sessions(rows))
+        log.warning(mixed)
     if sessions:
         log.warning("%s: %s", out_dir, sessions.replace("\n", " "))
-    n = len(rows)
-    print(f"\n{n} {'schedule' if n == 1 else 'schedules'} in {out_dir}:\n{format_rows(rows)}")
-    if sessions:
-        print(f"\n{sessions}")
-    text = format_acceleration(tables)
-    if text:
-        print(f"\n{text}")
+    print(f"\n{summary}", end="")
     if to_wandb:
         log_to_wandb(rows, tables, out_dir, cfg, pareto=pareto)
     return {"rows": rows, "acceleration": tables, "out_dir": str(out_dir)}
