@@ -248,14 +248,16 @@ def test_cache_trajectories_base_errors_name_its_settings(tmp_path, cache):
 
 
 class SendSignal(L.Callback):
-    """Signals this process at the start of the step at ``at_step``: mid-step, as SLURM may."""
+    """Signals this process at the start of the step at ``at_step`` (``times`` times): mid-step,
+    as SLURM may."""
 
-    def __init__(self, at_step, signum):
-        self.at_step, self.signum = at_step, signum
+    def __init__(self, at_step, signum, times=1):
+        self.at_step, self.signum, self.times = at_step, signum, times
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         if trainer.global_step == self.at_step:
-            os.kill(os.getpid(), self.signum)
+            for _ in range(self.times):
+                os.kill(os.getpid(), self.signum)
 
 
 def test_sigusr2_saves_last_checkpoint_then_calls_the_previous_handler(tmp_path):
@@ -275,6 +277,39 @@ def test_sigusr2_saves_last_checkpoint_then_calls_the_previous_handler(tmp_path)
         assert signal.getsignal(signal.SIGUSR2) is not on_signal._handle  # uninstalled after fit
     finally:
         signal.signal(signal.SIGUSR2, previous)
+
+
+def stop_now(signum, frame):
+    """Stands in for what SIGINT and SIGTERM do by default: stop the process."""
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_and_sigterm_save_last_checkpoint_then_stop(tmp_path, signum):
+    """Ctrl-C (or kill, scancel) lost every step since the last periodic checkpoint: now the
+    step under way ends, last.ckpt is saved and the run stops (status 1); a second signal stops
+    at once, without saving."""
+    before = signal.signal(signum, stop_now)
+    try:
+        for times, saved_step in ((1, 4), (2, None)):
+            torch.manual_seed(0)
+            folder = tmp_path / f"ckpt{times}"
+            on_signal = CheckpointOnSignal(str(folder))
+            callbacks = [on_signal, SendSignal(3, signum, times)]
+            fit = trainer(tmp_path, 8, callbacks=callbacks, limit_val_batches=0)
+            with pytest.raises(SystemExit) as stopped:  # Lightning's graceful shutdown
+                fit.fit(FlowMatchingModule(tiny_sit(), AdamW), loader())
+            assert stopped.value.code == 1 and fit.global_step < 8
+            assert on_signal.saved_at == saved_step
+            if saved_step is None:
+                assert not (folder / "last.ckpt").exists()
+            else:
+                saved = torch.load(folder / "last.ckpt", weights_only=False)
+                assert saved["global_step"] == saved_step and saved["optimizer_states"]
+            with pytest.raises(KeyboardInterrupt):  # after the run, the signal stops at once
+                signal.getsignal(signum)(signum, None)
+    finally:
+        signal.signal(signum, before)
 
 
 DDP_SIGNAL_RUN = """

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -76,31 +78,40 @@ class RecordSettings(L.Callback):
 
 
 class CheckpointOnSignal(L.Callback):
-    """Saves ``last.ckpt`` when SLURM warns that the job is about to be stopped, then requeues.
+    """Saves ``last.ckpt`` when the job is told to stop: SLURM's time-out warning (then the job
+    is requeued), Ctrl-C or ``SIGTERM`` (then the run stops).
 
     submitit (Hydra's SLURM launcher) is told of a time-out or preemption by ``SIGUSR2``
     (``signal_delay_s`` before the end) and requeues the job from its own handler; Lightning's
     auto-requeue listens on ``SIGUSR1`` and never fires under submitit. This callback saves the
     full training state (model, optimizer, EMA, step) to ``dirpath/last.ckpt`` first and then
     calls the handler that was installed before it (submitit's), so the requeued job resumes
-    from there (``resume=true``, the same ``ckpt_dir``).
+    from there (``resume=true``, the same ``ckpt_dir``). On a stop signal (``stop_on``: Ctrl-C's
+    ``SIGINT``, and ``SIGTERM`` of ``kill`` or ``scancel``) it saves the same way and then stops
+    the run with ``KeyboardInterrupt`` (Lightning shuts down and exits with status 1); rerunning
+    the command continues from there. A second stop signal stops at once, without saving.
 
     The signal handler only notes the signal: the checkpoint is written at the end of the
     training step (or validation pass) under way, when every rank has agreed that some rank
     was signalled (one boolean all-reduce per step in a distributed run). Saving from the
     handler itself ran the checkpoint's collective wherever each rank was, e.g. one inside the
     backward pass's gradient all-reduce: the ranks deadlocked and the job was never requeued.
-    Every rank saves together; a rank that was signalled then calls its previous handler.
+    Every rank saves together; a rank that was signalled then calls its previous handler, or,
+    for a stop signal on any rank, every rank stops.
 
     Args:
         dirpath: checkpoint folder (``ckpt_dir``), outside Hydra's run directory.
-        signum: the signal name, ``SIGUSR2`` for submitit.
+        signum: the signal name of the requeue warning, ``SIGUSR2`` for submitit.
+        stop_on: the names of the signals that save and stop.
     """
 
-    def __init__(self, dirpath: str, signum: str = "SIGUSR2"):
+    def __init__(
+        self, dirpath: str, signum: str = "SIGUSR2", stop_on: Sequence[str] = ("SIGINT", "SIGTERM")
+    ):
         self.path = Path(dirpath) / "last.ckpt"
         self.signum = getattr(signal, signum)
-        self._previous: Any = None
+        self.stop_on = {getattr(signal, name) for name in stop_on}
+        self._previous: dict[int, Any] = {}
         self._trainer: L.Trainer | None = None
         self._received: tuple[int, Any] | None = None  # (signum, frame) not acted on yet
         self.saved_at: int | None = None
@@ -109,21 +120,46 @@ class CheckpointOnSignal(L.Callback):
         if stage != "fit" or threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be installed from the main thread
         self._trainer = trainer
-        self._previous = signal.signal(self.signum, self._handle)
+        for signum in (self.signum, *sorted(self.stop_on)):
+            self._previous[signum] = signal.signal(signum, self._handle)
 
     def teardown(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
         if self._trainer is not None:
-            signal.signal(self.signum, self._previous or signal.SIG_DFL)
-            self._trainer = None
-            if self._received is not None:  # fitting ended first: nothing left to save
-                self._pass_on()
+            self._uninstall()
+            if self._received is not None:  # fitting ended first: nothing left to save, but
+                self._pass_on()  # submitit still requeues, and a stop signal still stops
+
+    def on_exception(
+        self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException
+    ) -> None:
+        # the teardown hook is not called then; a signal still pending is dropped (a crashed
+        # run is not requeued). Lightning's own teardown may install this handler again: with
+        # no trainer it does what the signal did before.
+        if self._trainer is not None:
+            self._uninstall()
+            self._received = None
+
+    def _uninstall(self) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous or signal.SIG_DFL)
+        self._trainer = None
 
     def _handle(self, signum: int, frame: Any) -> None:
-        log.warning(
-            "%s: saving %s at the end of this training step",
-            signal.Signals(signum).name,
-            self.path,
-        )
+        name = signal.Signals(signum).name
+        if self._trainer is None or (signum in self.stop_on and self._received is not None):
+            self._received = None  # not fitting (any more), or stop signalled twice: at once
+            self._call_previous(signum, frame)
+            return
+        if signum in self.stop_on:
+            log.warning(
+                "%s: saving %s at the end of this training step, then stopping (%s again to "
+                "stop at once, without saving)",
+                name,
+                self.path,
+                "Ctrl-C" if signum == signal.SIGINT else name,
+            )
+        else:
+            log.warning("%s: saving %s at the end of this training step", name, self.path)
         self._received = (signum, frame)
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args) -> None:
@@ -137,20 +173,42 @@ class CheckpointOnSignal(L.Callback):
         if self._trainer is None:
             return
         signalled = self._received is not None
+        stop = signalled and self._received[0] in self.stop_on
         if trainer.world_size > 1:  # every rank takes part in the save, or none
             signalled = trainer.strategy.reduce_boolean_decision(signalled, all=False)
+            if signalled:  # and every rank stops if one was told to
+                stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
         if not signalled:
             return
         trainer.save_checkpoint(self.path)
         self.saved_at = trainer.global_step
         log.warning("saved %s at step %d", self.path, trainer.global_step)
+        if stop:
+            self._received = None
+            log.warning(
+                "stopped at step %d: run the same command again to continue from %s",
+                trainer.global_step,
+                self.path,
+            )
+            raise KeyboardInterrupt
         if self._received is not None:
             self._pass_on()
 
     def _pass_on(self) -> None:
         (signum, frame), self._received = self._received, None
-        if callable(self._previous):
-            self._previous(signum, frame)
+        self._call_previous(signum, frame)
+
+    def _call_previous(self, signum: int, frame: Any) -> None:
+        """What the signal did before this callback: the handler installed then, or the
+        default action (KeyboardInterrupt for SIGINT; for SIGTERM, the process ends)."""
+        previous = self._previous.get(signum, signal.SIG_DFL)
+        if callable(previous):
+            previous(signum, frame)
+        elif signum == signal.SIGINT and previous == signal.SIG_DFL:
+            raise KeyboardInterrupt
+        elif previous == signal.SIG_DFL:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
 
 
 class SampleGrid(L.Callback):
