@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import re
 from collections.abc import Mapping
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from flowturbo.assets import asset_path
 
@@ -97,6 +98,74 @@ def check_required(cfg: DictConfig, command: str) -> None:
             f"Add them to the command line, e.g. `{command} {example}` ({kinds}see the "
             "comment next to each in conf/ for what it expects)"
         )
+
+
+def check_config(cfg: DictConfig, command: str) -> None:
+    """The checks every entry point runs on its composed config before any work:
+    :func:`check_required`, :func:`check_text_booleans` and :func:`check_added_keys`."""
+    check_required(cfg, command)
+    check_text_booleans(cfg)
+    check_added_keys(cfg)
+
+
+#: What YAML 1.1 reads as booleans but Hydra's override grammar keeps as text.
+TEXT_BOOLEANS = ("yes", "no", "on", "off")
+
+
+def check_text_booleans(cfg: DictConfig) -> None:
+    """Refuses ``yes``/``no``/``on``/``off`` as values: Hydra keeps them as text, and every
+    text counts as true where a switch is read, so ``resume=no`` would resume."""
+    bad = [f"{key}={value}" for key, value in _leaves(cfg) if _is_text_boolean(value)]
+    if bad:
+        raise ValueError(
+            f"{', '.join(bad)}: Hydra reads {'/'.join(TEXT_BOOLEANS)} as text, not as a switch "
+            "(any text counts as true); write true or false"
+        )
+
+
+def _is_text_boolean(value: Any) -> bool:
+    return isinstance(value, str) and value.lower() in TEXT_BOOLEANS
+
+
+def _leaves(cfg: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, value) of every leaf outside ``hydra``, interpolations unresolved."""
+    if isinstance(cfg, DictConfig | ListConfig):
+        items = cfg.items_ex(resolve=False) if isinstance(cfg, DictConfig) else enumerate(cfg)
+        out = []
+        for key, value in items:
+            if prefix == "" and key == "hydra":
+                continue
+            name = f"{prefix}.{key}" if prefix else str(key)
+            out += _leaves(value, name)
+        return out
+    return [(prefix, cfg)]
+
+
+def check_added_keys(cfg: DictConfig) -> None:
+    """Refuses a ``+key=value`` override whose key is one letter or two away from a setting
+    beside it (``+sampler.schedul=H8``): Hydra suggests the ``+`` for a mistyped key, and the
+    new key is then read by nothing, so the run would silently use the default."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if not HydraConfig.initialized():
+        return
+    typed = list(HydraConfig.get().overrides.task)
+    for override in OverridesParser.create().parse_overrides(typed):
+        key = override.key_or_group
+        if not override.is_add() or "." not in key:
+            continue  # only new values, not groups (+experiment=...)
+        parent, _, name = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent)
+        if not isinstance(node, DictConfig):
+            continue
+        close = difflib.get_close_matches(name, [str(k) for k in node if k != name], 1, 0.8)
+        if close:
+            raise ValueError(
+                f"+{key}={override.get_value_element_as_str()} adds a setting that nothing "
+                f"reads, and {parent} has {close[0]}: did you mean "
+                f"{parent}.{close[0]}={override.get_value_element_as_str()} (without the +)?"
+            )
 
 
 def check_accelerator(trainer_cfg: Mapping[str, Any]) -> None:

@@ -618,10 +618,10 @@ def generate_images(cfg: DictConfig) -> dict[str, Any]:
     from hydra.utils import instantiate
     from torch.utils.data import DataLoader
 
-    from flowturbo.config import check_required, command_line, register_resolvers
+    from flowturbo.config import check_config, command_line, register_resolvers
 
     register_resolvers()
-    check_required(cfg, command_line("generate.py"))
+    check_config(cfg, command_line("generate.py"))
     check_accelerator(cfg.trainer)
     batch_size = check_int(cfg, "sampler.batch_size", 1)
     grid_images = check_int(cfg, "grid.num_images", 0)

@@ -15,9 +15,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from flowturbo.config import (
     check_accelerator,
+    check_config,
     check_ddp_launch,
     check_enough_work,
-    check_required,
     command_line,
     register_resolvers,
 )
@@ -163,7 +163,7 @@ def train(cfg: DictConfig) -> dict:
     The run holds ``ckpt_dir``'s lock (:func:`flowturbo.lock.folder_lock`) from before it reads
     ``last.ckpt`` until the export is written: a second run on the folder is refused.
     """
-    check_required(cfg, command_line("train.py"))
+    check_config(cfg, command_line("train.py"))
     check_accelerator(cfg.trainer)
     export = cfg.get("export", "ema")
     if export not in ("ema", "net"):
@@ -274,7 +274,7 @@ def cache_trajectories(cfg: DictConfig) -> dict:
 
     cache = cfg.cache.get("name", "demo")
     command = "python cache_trajectories.py" + ("" if cache == "demo" else f" cache={cache}")
-    check_required(cfg, command)
+    check_config(cfg, command)
     check_accelerator(cfg.trainer)
     L.seed_everything(cfg.seed, workers=True)
     not_settings = ("name", "base", "train_command")

@@ -149,6 +149,38 @@ def test_required_values_are_marked_missing(tmp_path):
         _ = cfg.model.base.path
 
 
+@pytest.mark.parametrize(
+    ("config_name", "experiment", "override", "error"),
+    [
+        ("train", "demo_refiner", "resume=no", r"resume=no: Hydra reads yes/no/on/off as text"),
+        ("evaluate", "demo_sweep", "summarize_only=off", r"summarize_only=off: .* true or false"),
+        ("generate", "demo_generate", "npz=No", r"npz=No: .* true or false"),
+        (
+            "generate",
+            "demo_generate",
+            "+sampler.schedul=H8",
+            r"\+sampler\.schedul=H8 adds a setting that nothing reads, and sampler has "
+            r"schedule: did you mean sampler\.schedule=H8 \(without the \+\)\?",
+        ),
+        ("train", "demo_refiner", "+trainer.strategy=ddp_spawn", None),  # a Trainer argument
+        ("evaluate", "demo_sweep", "+fid.inception_weights=w.pth", None),  # a new key
+    ],
+)
+def test_switches_written_as_text_and_added_typos_are_refused(
+    config_name, experiment, override, error, tmp_path
+):
+    """``resume=no`` resumed (the text "no" is true), and ``+sampler.schedul=H8``, which Hydra
+    suggests for the typo, ran the default schedule: both silently did what was not asked."""
+    from flowturbo.config import check_config
+
+    cfg = cfg_for([f"experiment={experiment}", override], tmp_path, config_name)
+    if error is None:
+        check_config(cfg, f"python {config_name}.py")
+    else:
+        with pytest.raises(ValueError, match=error):
+            check_config(cfg, f"python {config_name}.py")
+
+
 @pytest.mark.parametrize("name", ALL_EXPERIMENTS)
 def test_every_value_an_experiment_marks_missing_is_asked_for(name, tmp_path):
     """A ``???`` in an experiment merged onto a value of the main config is no ``???`` any more

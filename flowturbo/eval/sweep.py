@@ -565,7 +565,7 @@ def run_sweep(cfg: DictConfig) -> dict[str, Any]:
     Returns:
         The summary (:func:`flowturbo.eval.summary.summarize`): ``rows`` and ``acceleration``.
     """
-    from flowturbo.config import check_required, command_line, register_resolvers
+    from flowturbo.config import check_config, command_line, register_resolvers
 
     register_resolvers()
     out_dir = Path(cfg.out_dir)
@@ -573,7 +573,7 @@ def run_sweep(cfg: DictConfig) -> dict[str, Any]:
         remove_leftovers(out_dir / folder)
     if cfg.get("summarize_only"):
         return summarize(out_dir, cfg)
-    check_required(cfg, command_line("evaluate.py"))
+    check_config(cfg, command_line("evaluate.py"))
     check_settings(cfg)
     device = resolve_device(cfg.device)
     if cfg.get("threads"):
