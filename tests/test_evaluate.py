@@ -186,6 +186,11 @@ def test_single_values_are_one_element_lists_and_step_counts_must_be_integers(as
         (["sampler.batch_size=0"], r"sampler\.batch_size must be an integer >= 1, got 0"),
         (["fid.batch_size=0"], r"fid\.batch_size must be an integer >= 1, got 0"),
         (["ref_error.steps=0"], r"ref_error\.steps must be an integer >= 1, got 0"),
+        (["ref_error.num_images=-1"], r"ref_error\.num_images must be an integer >= 0"),
+        (["fid.save_every=-1"], r"fid\.save_every must be an integer >= 0, got -1"),
+        (["sampler.cfg_scale=abc"], r"sampler\.cfg_scale must be a number .* got 'abc'"),
+        (["sampler.cfg_channels=0"], r"sampler\.cfg_channels must be null .* got 0"),
+        (["device=gpu"], r"device=gpu is not a torch device: give auto, cpu, cuda"),
     ],
 )
 def test_bad_numbers_are_refused_before_any_model_is_loaded(
@@ -446,6 +451,64 @@ def test_interrupted_sweep_resumes_without_redoing_finished_parts(assets, tmp_pa
     assert mtimes(out) == before
 
 
+def test_an_entry_interrupted_mid_generation_resumes_from_its_saved_images(
+    assets, tmp_path, monkeypatch
+):
+    """An entry's images lived only in memory until its FID: a job killed after hours of an
+    entry's 50,000 images (a SLURM time limit) made them all again, and forever if the limit
+    was shorter than one entry. Saved every fid.save_every images, they are read back."""
+    settings = ["sweep.schedules=[H1P2R2]", "sweep.baselines.euler=[]", "sampler.batch_size=8"]
+    settings += ["fid.save_every=16", "latency.eager=false"]
+    whole = sweep.run_sweep(tiny(assets, tmp_path / "whole", *settings))["rows"][0]
+
+    out = tmp_path / "sweep"
+    real = sweep._sample_indices
+    made: list[int] = []
+
+    def sample(entry, nets, cfg, idx, compile=False):
+        if int(idx[0]) == 40 and len(made) == 5:
+            raise KeyboardInterrupt  # killed in the sixth batch: 32 images saved, 40 made
+        made.append(int(idx[0]))
+        return real(entry, nets, cfg, idx, compile)
+
+    monkeypatch.setattr(sweep, "_sample_indices", sample)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_sweep(tiny(assets, out, *settings))
+    (folder,) = (out / "partial").iterdir()
+    assert folder.name.startswith("H1P2R2-")
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "images-00000000-00000016.pt",
+        "images-00000016-00000032.pt",
+    ]
+    made.clear()
+    resumed = sweep.run_sweep(tiny(assets, out, *settings))["rows"][0]
+    assert made[:4] == [32, 40, 48, 56]  # the rest of the images, then the reference error's
+    for key in ("fid", "isc_mean", "precision", "recall", "ref_error"):
+        assert resumed[key] == whole[key], key  # the same images and kept outputs
+    assert not (out / "partial").exists()  # removed once the quality is stored
+
+    # saved for a run that kept no sampler outputs: the reference error's are made again
+    made.clear()
+    monkeypatch.setattr(sweep, "_sample_indices", real)
+    chunk = {"images": torch.zeros(16, 1, 32, 32, dtype=torch.uint8), "kept": None}
+    folder.mkdir(parents=True)
+    torch.save(chunk, folder / "images-00000000-00000016.pt")
+    images, kept, done = sweep._read_chunks(folder, 64, keep=8)
+    assert done == 0 and images is None and kept == []
+    images, kept, done = sweep._read_chunks(folder, 64, keep=0)
+    assert done == 16 and images.shape == (64, 1, 32, 32) and kept == []
+
+
+def test_a_folder_that_cannot_be_written_is_named_before_any_image_is_made(
+    assets, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(sweep, "load_networks", _no_models)
+    (tmp_path / "a-file").write_text("not a folder\n")
+    out = tmp_path / "a-file" / "sweep"
+    with pytest.raises(OSError, match=r"out_dir=.*a-file/sweep: the sweep's results cannot be"):
+        sweep.run_sweep(tiny(assets, out))
+
+
 def test_a_latent_models_vae_decode_is_timed_with_its_sampler(assets, tiny_latent_model, tmp_path):
     latent = [
         f"model.base_ckpt={tiny_latent_model / 'base.pt'}",
@@ -506,6 +569,15 @@ def test_a_changed_setting_recomputes_only_what_it_affects(assets, tmp_path, mon
     assert generated.calls == ["H2", "H1P2R2"] and len(timed.calls) == 2
     rows = json.loads((out / "results.json").read_text())
     assert {r["num_images"] for r in rows} == {48}
+
+    generated.calls.clear()
+    timed.calls.clear()
+    sweep.run_sweep(tiny(assets, out, *settings, "sampler.cfg_channels=1"))  # every part
+    assert generated.calls == ["H2", "H1P2R2"] and timed.calls == ["H2", "H1P2R2"]
+    sweep.run_sweep(tiny(assets, out, *settings))  # and back
+    assert generated.calls == ["H2", "H1P2R2"] * 2 and len(timed.calls) == 4
+    generated.calls[:] = ["H2", "H1P2R2"]
+    timed.calls[:] = ["H2", "H1P2R2"]
 
     # another refiner changes the FlowTurbo row only, all of it
     torch.manual_seed(1)

@@ -228,9 +228,10 @@ def load_networks(cfg: DictConfig, device: torch.device, *, need_refiner: bool) 
     )
 
 
-def check_sampler(s: DictConfig, channels: int) -> int | None:
+def check_sampler(s: DictConfig, channels: int | None = None) -> int | None:
     """Checks ``sampler.cfg_scale``, ``sampler.cfg_channels`` (for a base of ``channels``
-    channels) and ``sampler.refiner_input`` before any image is made; returns cfg_channels.
+    channels; None: not known yet, any positive count) and ``sampler.refiner_input`` before
+    any image is made; returns cfg_channels.
 
     Raises:
         ValueError: naming the setting and what it takes.
@@ -239,12 +240,14 @@ def check_sampler(s: DictConfig, channels: int) -> int | None:
     if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale):
         raise ValueError(f"sampler.cfg_scale must be a number (1: no guidance), got {scale!r}")
     guided = s.get("cfg_channels")
+    top = channels if channels is not None else guided
     if guided is not None and (
-        isinstance(guided, bool) or not isinstance(guided, int) or not 1 <= guided <= channels
+        isinstance(guided, bool) or not isinstance(guided, int) or not 1 <= guided <= top
     ):
+        span = f"1..{channels}, the base's channels" if channels is not None else "from 1"
         raise ValueError(
-            f"sampler.cfg_channels must be null (guide every channel) or 1..{channels}, the "
-            f"base's channels (3: the public SiT checkpoints' setting), got {guided!r}"
+            f"sampler.cfg_channels must be null (guide every channel) or {span} (3: the "
+            f"public SiT checkpoints' setting), got {guided!r}"
         )
     if s.get("refiner_input", "d0") not in ("d0", "cache"):
         raise ValueError(

@@ -24,6 +24,9 @@ reruns share it) holds::
                              ``rows/.<entry>.<random>.tmp.json`` is removed by the next run)
     grids/<entry>.png        the first few samples of the entry
     reference/ref-<hash>.pt  the reference ODE solution, keyed by its settings
+    partial/<entry>-<hash>/  the images of an entry being generated, saved every
+                             ``fid.save_every`` images so that an interrupted job resumes
+                             mid-entry; deleted once the entry's quality is stored
     results.json, results.csv, pareto.png, acceleration.json      the summary
     rows.lock                held while a job stores a part in a row file (milliseconds)
     summary.lock             held by the job writing the summary (jobs take turns)
@@ -43,6 +46,8 @@ import json
 import logging
 import os
 import platform
+import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -72,6 +77,7 @@ from flowturbo.eval.latency import measure_latencies
 from flowturbo.eval.networks import (
     Networks,
     base_fingerprint,
+    check_sampler,
     fingerprint,
     load_networks,
     run_entry,
@@ -113,9 +119,9 @@ REFERENCE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 # ----------------------------------------------------------------------------- generation
 
 
-def _batches(n: int, batch_size: int) -> Iterator[Tensor]:
-    for start in range(0, n, batch_size):
-        yield torch.arange(start, min(n, start + batch_size))
+def _batches(n: int, batch_size: int, start: int = 0) -> Iterator[Tensor]:
+    for first in range(start, n, batch_size):
+        yield torch.arange(first, min(n, first + batch_size))
 
 
 def _sample_indices(
@@ -129,16 +135,30 @@ def _sample_indices(
 
 
 def generate(
-    entry: SweepEntry, nets: Networks, cfg: DictConfig, num_images: int, keep: int = 0
+    entry: SweepEntry,
+    nets: Networks,
+    cfg: DictConfig,
+    num_images: int,
+    keep: int = 0,
+    partial: Path | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Generates ``num_images`` images of an entry, batched, with a progress bar.
+
+    With ``partial``, the images are also saved there as they are made, in chunks of at least
+    ``fid.save_every`` images (``images-<first>-<end>.pt``, each written atomically), and the
+    chunks found there are read instead of generated again: a job interrupted in the middle of
+    an entry resumes where it stopped. Image i depends only on (seed, i), so the resumed images
+    are those an uninterrupted run makes. The folder must be named after everything that
+    determines the images (:func:`partial_dir`).
 
     Args:
         entry: the sampler.
         nets: the networks.
-        cfg: the sweep config (seed, sampler.batch_size, sampler.refiner_input, progress).
+        cfg: the sweep config (seed, sampler.batch_size, sampler.refiner_input, fid.save_every,
+            progress).
         num_images: N.
         keep: also return the sampler outputs of the first ``keep`` images.
+        partial: the folder of the saved chunks; None: nothing is saved.
 
     Returns:
         (N, C', H', W') uint8 images on the CPU (decoded for latent models), and the
@@ -146,17 +166,27 @@ def generate(
     """
     images: Tensor | None = None
     kept: list[Tensor] = []
+    done = 0
+    if partial is not None:
+        images, kept, done = _read_chunks(partial, num_images, keep)
+        if done:
+            log.info("%s: %d of %d images read from %s", entry.label, done, num_images, partial)
+    save_every = int(cfg.fid.get("save_every", 0)) if partial is not None else 0
+    chunk: list[tuple[Tensor, Tensor | None]] = []  # (images, kept outputs) not saved yet
     bar = tqdm(
         total=num_images,
+        initial=done,
         desc=f"{entry.label}",
         unit="img",
         disable=not cfg.get("progress", True),
         leave=False,
     )
-    for idx in _batches(num_images, cfg.sampler.batch_size):
+    for idx in _batches(num_images, cfg.sampler.batch_size, start=done):
         x = _sample_indices(entry, nets, cfg, idx)
-        if int(idx[0]) < keep:
-            kept.append(x[: keep - int(idx[0])].cpu())
+        first = int(idx[0])
+        outputs = x[: keep - first].cpu() if first < keep else None
+        if outputs is not None:
+            kept.append(outputs)
         with torch.no_grad(), nets.autocast():
             decoded = decode_latents(x, nets.vae) if nets.vae is not None else x
         batch = to_uint8(decoded).cpu()
@@ -164,8 +194,59 @@ def generate(
             images = torch.empty((num_images, *batch.shape[1:]), dtype=torch.uint8)
         images[idx] = batch
         bar.update(len(idx))
+        if save_every > 0:
+            chunk.append((batch, outputs))
+            if sum(len(b) for b, _ in chunk) >= save_every or int(idx[-1]) + 1 == num_images:
+                done = _write_chunk(partial, done, chunk)
+                chunk = []
     bar.close()
     return images, (torch.cat(kept) if kept else None)
+
+
+def partial_dir(out_dir: Path, entry: SweepEntry, quality: dict[str, Any]) -> Path:
+    """The folder of an entry's saved images (:func:`generate`), named after the entry and the
+    hash of its quality settings."""
+    return out_dir / "partial" / f"{entry.key}-{settings_hash(quality)}"
+
+
+def _write_chunk(folder: Path, first: int, chunk: list[tuple[Tensor, Tensor | None]]) -> int:
+    """Saves images ``first`` onwards (and the kept outputs among them); returns the end."""
+    images = torch.cat([b for b, _ in chunk])
+    outputs = [o for _, o in chunk if o is not None]
+    end = first + len(images)
+    with atomic_path(folder / f"images-{first:08d}-{end:08d}.pt") as tmp:
+        torch.save({"images": images, "kept": torch.cat(outputs) if outputs else None}, tmp)
+    return end
+
+
+def _read_chunks(
+    folder: Path, num_images: int, keep: int
+) -> tuple[Tensor | None, list[Tensor], int]:
+    """The saved chunks of :func:`generate`, in order from image 0, as long as they follow on
+    from each other and hold the kept outputs this run needs; (images, kept, images read)."""
+    remove_leftovers(folder)  # a killed job's half-written chunk
+    files = {int(p.name.split("-")[1]): p for p in folder.glob("images-*-*.pt")}
+    images: Tensor | None = None
+    kept: list[Tensor] = []
+    done = 0
+    while done in files:
+        try:
+            chunk = torch.load(files[done], map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - damaged: generate it again from here
+            log.warning("%s cannot be read (%s): generating from image %d", files[done], err, done)
+            break
+        n = len(chunk["images"])
+        wanted = max(0, min(keep, done + n) - done)
+        have = 0 if chunk["kept"] is None else len(chunk["kept"])
+        if done + n > num_images or have < wanted:
+            break  # saved for another run (fewer kept outputs): generated again from here
+        if images is None:
+            images = torch.empty((num_images, *chunk["images"].shape[1:]), dtype=torch.uint8)
+        images[done : done + n] = chunk["images"]
+        if wanted:
+            kept.append(chunk["kept"][:wanted])
+        done += n
+    return images, kept, done
 
 
 # ----------------------------------------------------------------------------- settings
@@ -294,17 +375,19 @@ def measure_quality(
     reference: Reference,
     out_dir: Path,
     keep: int,
+    partial: Path | None = None,
 ) -> tuple[dict[str, Any], Tensor | None]:
     """Generates ``fid.num_images`` images and measures FID (+ IS, precision/recall).
 
-    Also writes ``grids/<entry>.png`` (the first ``grid.num_images`` images).
+    Also writes ``grids/<entry>.png`` (the first ``grid.num_images`` images). ``partial``: the
+    folder where :func:`generate` saves the images as they are made (None: not saved).
 
     Returns:
         The part's result and the first ``keep`` sampler outputs (for the reference error).
     """
     f = cfg.fid
     start = time.perf_counter()
-    images, kept = generate(entry, nets, cfg, int(f.num_images), keep=keep)
+    images, kept = generate(entry, nets, cfg, int(f.num_images), keep=keep, partial=partial)
     generation_s = time.perf_counter() - start
     write_grid(images, out_dir / "grids" / f"{entry.key}.png", cfg, nets.num_classes)
 
@@ -543,7 +626,12 @@ def resolve_device(name: str) -> torch.device:
     """``"auto"``: CUDA when available, else the CPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(
+            f"device={name} is not a torch device: give auto, cpu, cuda or cuda:<index>"
+        ) from err
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(
             f"device={name}, but no CUDA GPU is visible here (torch.cuda.is_available() is "
@@ -576,6 +664,7 @@ def run_sweep(cfg: DictConfig) -> dict[str, Any]:
     check_config(cfg, command_line("evaluate.py"))
     check_settings(cfg)
     device = resolve_device(cfg.device)
+    check_writable(out_dir)
     if cfg.get("threads"):
         torch.set_num_threads(check_int(cfg, "threads", 1))
     todo = plan_work(cfg, sweep_entries(cfg), device, out_dir)
@@ -601,16 +690,21 @@ def check_settings(cfg: DictConfig) -> None:
 
     Raises:
         ValueError: naming the setting: ``sampler.batch_size`` or ``fid.batch_size`` < 1;
-            ``ref_error.steps`` < 1 for a Heun reference; ``fid.num_images`` < 2, or
+            ``sampler.cfg_scale`` not a number, ``sampler.refiner_input`` unknown;
+            ``fid.save_every`` or ``ref_error.num_images`` < 0; ``ref_error.steps`` < 1 for
+            a Heun reference; ``fid.num_images`` < 2, or
             too few for the Inception Score or precision/recall when they are on; a latency
             setting out of range (``batch``, ``repeats`` < 1, ``warmup`` < 0) when some latency
             is measured.
     """
     check_int(cfg, "sampler.batch_size", 1)
+    check_sampler(cfg.sampler)
     check_int(cfg, "fid.batch_size", 1)
+    check_int(cfg, "fid.save_every", 0)
     check_int(cfg, "seed", 0)
     n = check_int(cfg, "fid.num_images", 2, "(FID needs a covariance of the images)")
-    if int(cfg.ref_error.num_images) > 0 and cfg.ref_error.solver == "heun":
+    errors = check_int(cfg, "ref_error.num_images", 0, "(0: no reference error)")
+    if errors > 0 and cfg.ref_error.solver == "heun":
         check_int(cfg, "ref_error.steps", 1)
     if cfg.fid.isc and n < ISC_SPLITS:
         raise ValueError(
@@ -628,6 +722,25 @@ def check_settings(cfg: DictConfig) -> None:
         check_int(cfg, "latency.batch", 1)
         check_int(cfg, "latency.repeats", 1)
         check_int(cfg, "latency.warmup", 0)
+
+
+def check_writable(out_dir: Path) -> None:
+    """Makes the sweep's folders and writes a file there, before any image is generated (a
+    folder found read-only after the first entry's images would throw them away).
+
+    Raises:
+        OSError: of the kind the file system gave, naming ``out_dir`` and what to do.
+    """
+    try:
+        for folder in ("rows", "grids", "reference"):
+            (out_dir / folder).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out_dir / "rows", prefix=".writable-"):
+            pass
+    except OSError as err:
+        raise type(err)(
+            f"out_dir={out_dir}: the sweep's results cannot be written there ({err}); give a "
+            "folder you can write to with out_dir=... (or another name=...)"
+        ) from err
 
 
 def check_fid(cfg: DictConfig) -> Reference:
@@ -741,8 +854,14 @@ def evaluate_entry(
     kept = None
     if "quality" in missing:
         keep = int(cfg.ref_error.num_images) if "ref_error" in missing else 0
-        result, kept = measure_quality(entry, nets, cfg, shared["reference"], out_dir, keep)
+        partial = partial_dir(out_dir, entry, settings["quality"])
+        if int(cfg.fid.save_every) <= 0:
+            partial = None
+        result, kept = measure_quality(
+            entry, nets, cfg, shared["reference"], out_dir, keep, partial
+        )
         store_part(out_dir, entry, settings, "quality", result)
+        _remove_partial(out_dir, entry)
         log.info("%s: FID %.4g (%d images)", entry.label, result["fid"], result["num_generated"])
     if "ref_error" in missing:
         if "solution" not in shared:
@@ -750,6 +869,16 @@ def evaluate_entry(
         result = measure_ref_error(entry, nets, cfg, shared["solution"], kept)
         store_part(out_dir, entry, settings, "ref_error", result)
         log.info("%s: error to the reference %.4g", entry.label, result["ref_error"])
+
+
+def _remove_partial(out_dir: Path, entry: SweepEntry) -> None:
+    """Deletes the entry's saved images once its quality is stored (those of other settings
+    too), and the ``partial`` folder when nothing else is left in it."""
+    root = out_dir / "partial"
+    for folder in root.glob(f"{entry.key}-*"):
+        shutil.rmtree(folder, ignore_errors=True)
+    with contextlib.suppress(OSError):  # another job's images are still there
+        root.rmdir()
 
 
 def evaluate_latency(
