@@ -21,8 +21,7 @@ import torch
 from PIL import ExifTags, Image, ImageOps
 from torch import Tensor
 
-from flowturbo.eval.atomic import is_temporary
-from flowturbo.eval.fidelity import IMAGE_SUFFIXES
+from flowturbo.data.shards import IMG_EXTENSIONS, image_files
 
 log = logging.getLogger(__name__)
 
@@ -113,13 +112,11 @@ def load_inputs(spec: str, channels: int, size: int, limit: int | None = None) -
     if root.is_file():
         files, base = [root], root.parent
     elif root.is_dir():
-        images = (p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        files = sorted(p for p in images if not is_temporary(p))  # a killed writer's
-        base = root
+        files, base = image_files(root, f"input={spec}"), root
     else:
         raise FileNotFoundError(
             f"input={spec}: no such file or folder. Give a folder of images "
-            f"({', '.join(IMAGE_SUFFIXES)}), one image, or demo:val / demo:train"
+            f"({', '.join(IMG_EXTENSIONS)}), one image, or demo:val / demo:train"
         )
     good, sizes, skipped = [], [], {}
     for f in files:
@@ -135,7 +132,7 @@ def load_inputs(spec: str, channels: int, size: int, limit: int | None = None) -
             skipped[str(f)] = f"{type(exn).__name__}: {exn}"
     if not good:
         raise FileNotFoundError(
-            f"input={spec}: no readable image ({', '.join(IMAGE_SUFFIXES)}) there"
+            f"input={spec}: no readable image ({', '.join(IMG_EXTENSIONS)}) there"
             + (f"; unreadable: {skipped}" if skipped else "")
         )
     names = [f.relative_to(base).with_suffix("").as_posix() for f in good]

@@ -627,3 +627,27 @@ def test_inputs_are_read_as_shown_exif_turned_and_16_bit_scaled(tmp_path):
     ramp = np.tile(np.linspace(0, 65535, 32).astype(np.uint16), (32, 1))
     Image.fromarray(ramp).save(tmp_path / "deep.png")
     assert abs(load_image(tmp_path / "deep.png", 1, 32).float().mean() - 127.5) < 2
+
+
+def test_image_files_of_other_formats_are_read_or_named_not_dropped(tmp_path, caplog):
+    """Input and reference folders listed only .png/.jpg/.jpeg/.webp/.bmp: a folder's .tiff
+    images were left out without a word (and the shard writer took .tif, so lists disagreed)."""
+    from flowturbo.eval.fidelity import ImageFolderImages
+    from flowturbo.inputs import load_inputs
+
+    grey = Image.fromarray(np.full((32, 32), 128, np.uint8))
+    for name in ("a.png", "b.TIFF", "c.ppm", "sub/d.jpeg", "e.gif"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        grey.convert("RGB").save(tmp_path / name)
+    (tmp_path / "notes.txt").write_text("not an image\n")
+    (tmp_path / ".hidden").write_text("not counted\n")
+    with caplog.at_level("WARNING"):
+        inputs = load_inputs(str(tmp_path), 1, 32)
+    assert inputs.names == ["a", "b", "c", "sub/d"]
+    assert "input=" in caplog.text and "left out 2 file(s)" in caplog.text
+    assert "e.gif, notes.txt" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        reference = ImageFolderImages.from_folder(tmp_path)
+    assert [p.name for p in reference.files] == ["a.png", "b.TIFF", "c.ppm", "d.jpeg"]
+    assert "the reference folder" in caplog.text and "left out 2 file(s)" in caplog.text

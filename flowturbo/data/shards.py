@@ -585,6 +585,33 @@ def scan_image_folder(root: str | os.PathLike) -> tuple[list[str], list[tuple[st
     return classes, files
 
 
+def image_files(root: str | os.PathLike, what: str) -> list[Path]:
+    """Every file under ``root`` (recursively, sorted by path) with an :data:`IMG_EXTENSIONS`
+    suffix (case-insensitive). Other files are left out with a warning that counts them and
+    names a few, so that a folder's ``.gif`` images are not dropped unsaid; hidden files and a
+    killed writer's temporary files are not counted. ``what`` names the folder in the warning
+    (e.g. ``"input=photos"``)."""
+    from flowturbo.eval.atomic import is_temporary
+
+    files, left_out = [], []
+    for path in sorted(Path(root).rglob("*")):
+        if not path.is_file() or is_temporary(path):
+            continue
+        if path.suffix.lower() in IMG_EXTENSIONS:
+            files.append(path)
+        elif not path.name.startswith("."):
+            left_out.append(path)
+    if left_out:
+        log.warning(
+            "%s: left out %d file(s) whose suffix is not an image's (%s); first: %s",
+            what,
+            len(left_out),
+            ", ".join(IMG_EXTENSIONS),
+            ", ".join(str(p.relative_to(root)) for p in left_out[:3]),
+        )
+    return files
+
+
 def _sample_key(index: int, rel_path: str) -> str:
     stem = re.sub(r"[^A-Za-z0-9_\-]", "_", Path(rel_path).stem)[:64]
     return f"{index:08d}_{stem}"

@@ -45,7 +45,7 @@ import torch_fidelity
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from flowturbo.eval.atomic import is_temporary
+from flowturbo.data.shards import IMG_EXTENSIONS, image_files
 
 log = logging.getLogger(__name__)
 
@@ -407,7 +407,6 @@ def _cache_name(
 
 # ----------------------------------------------------------------------------- references
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _REFERENCE_KINDS = (
     "a folder of images, an .npz of images (arr_0, N x H x W x 3 uint8) or of statistics (mu, "
     "sigma), a torch-fidelity .pt statistics file, or demo:train / demo:val"
@@ -462,14 +461,10 @@ class ImageFolderImages(Dataset):
                 and sizes.
         """
         root = Path(root)
-        candidates = sorted(
-            p
-            for p in root.rglob("*")
-            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not is_temporary(p)
-        )
+        candidates = image_files(root, f"the reference folder {root}")
         if not candidates:
             raise FileNotFoundError(
-                f"no image files ({', '.join(IMAGE_SUFFIXES)}) under the reference folder {root}"
+                f"no image files ({', '.join(IMG_EXTENSIONS)}) under the reference folder {root}"
             )
         h = hashlib.sha256()
         files: list[Path] = []
