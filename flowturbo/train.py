@@ -176,7 +176,7 @@ def train(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.model)
-    check_data_kind(cfg, datamodule)
+    check_data_kind(cfg, datamodule, module)
     with folder_lock(cfg.ckpt_dir, what_to_do=TRAIN_ELSEWHERE):
         return _fit_and_export(cfg, module, datamodule, export)
 
@@ -231,11 +231,24 @@ def _fit_and_export(
     return metrics
 
 
-def check_data_kind(cfg: DictConfig, datamodule: object) -> None:
+def check_data_kind(cfg: DictConfig, datamodule: object, module: object) -> None:
     """A refiner with trajectory targets reads a trajectory cache, every other model images or
-    latents: a mismatch is named here rather than failing inside the model."""
+    latents, and images are read with the model's channels: a mismatch is named here rather
+    than failing inside the model."""
     kind = getattr(datamodule, "kind", None)
     target = cfg.model.get("target")
+    network = getattr(module, "net", None) or getattr(module, "refiner", None)
+    wanted, read = getattr(network, "in_channels", None), getattr(datamodule, "channels", None)
+    if kind == "image" and None not in (wanted, read) and wanted != read:
+        fix = (
+            f"add +data.channels={wanted} to read them so"
+            if wanted in (1, 3)
+            else "a latent model trains from latent shards (data=imagenet_latents)"
+        )
+        raise ValueError(
+            f"the model takes {wanted}-channel inputs, but the image shards are read as "
+            f"{read}-channel images: {fix}"
+        )
     if kind is None or (target == "trajectory") == (kind == "trajectory"):
         return
     if target == "trajectory":

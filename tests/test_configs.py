@@ -424,6 +424,8 @@ def test_demo_base_then_demo_refiner_run_end_to_end(tmp_path, monkeypatch, caplo
         train(cfg_for([*refiner_cfg, "name=demo_base"], tmp_path / "run_clash"))
     with pytest.raises(ValueError, match="model.target=trajectory trains from a trajectory"):
         train(cfg_for([*refiner_cfg, "model.target=trajectory"], tmp_path / "run_kind"))
+    with pytest.raises(ValueError, match=r"1-channel inputs, .* read as 3-channel .*channels=1"):
+        train(cfg_for([*refiner_cfg, "+data.channels=3"], tmp_path / "run_channels"))
     with pytest.raises(ValueError, match="export_dtype must be null .* got 'fp16'"):
         train(cfg_for([*refiner_cfg, "export_dtype=fp16"], tmp_path / "run_dtype"))
 
