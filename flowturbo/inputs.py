@@ -98,6 +98,8 @@ def load_inputs(spec: str, channels: int, size: int, limit: int | None = None) -
         from flowturbo.eval.digits import load_demo_split
 
         split = spec.removeprefix("demo:")
+        if split not in ("train", "val"):
+            raise ValueError(f"input={spec}: the demo splits are demo:train and demo:val")
         if (channels, size) != (1, 32):
             raise ValueError(
                 f"input={spec}: the demo digits are 1 x 32 x 32 images, this model makes "

@@ -570,6 +570,7 @@ def test_config_mistakes_name_their_setting(generate_cfg, tmp_path):
         (["sampler.cfg_scale=abc"], r"sampler\.cfg_scale must be a number"),
         (["sampler.cfg_channels=7"], r"sampler\.cfg_channels must be null .* or 1\.\.1"),
         (["sampler.schedule=H1P1R2", "sampler.refiner_input=foo"], r"refiner_input must be"),
+        (["task=edit", "input=demo:vall"], r"input=demo:vall: the demo splits are demo:train"),
     ):
         with pytest.raises(ValueError, match=match):
             generate_images(

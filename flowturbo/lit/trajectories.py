@@ -111,9 +111,9 @@ class TrajectoryCache(L.LightningModule):
         )
         for name, value in counts:
             if int(value) < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+                raise ValueError(f"cache.{name} must be >= 1, got {value}")
         if not 0 <= label_dropout <= 1:
-            raise ValueError(f"label_dropout must be in [0, 1], got {label_dropout}")
+            raise ValueError(f"cache.label_dropout must be in [0, 1], got {label_dropout}")
         self.base_factory = base
         self.out_dir = Path(out_dir)
         self.shape = tuple(int(s) for s in shape)
