@@ -39,13 +39,15 @@ def _png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _id_shards(out: Path, n: int, shard_size: int, bad: tuple[int, ...] = ()) -> Manifest:
+def _id_shards(
+    out: Path, n: int, shard_size: int, bad: tuple[int, ...] = (), resume: bool = False
+) -> Manifest:
     """Tiny 8x8 grayscale shards whose label is the sample's id; ids in ``bad`` get garbage."""
     samples = []
     for i in range(n):
         png = b"not a png" if i in bad else _png(np.full((8, 8), i % 256, np.uint8))
         samples.append((f"{'bad' if i in bad else 'ok'}{i:04d}", {"png": png, "cls": i}))
-    return write_sample_shards(samples, out, shard_size=shard_size, progress=False)
+    return write_sample_shards(samples, out, shard_size=shard_size, resume=resume, progress=False)
 
 
 # ----------------------------------------------------------------------------- shard writer
@@ -160,6 +162,33 @@ def test_shards_of_unknown_inputs_are_not_resumed_into(tmp_path):
     assert fresh.total == 30 and not any(
         k.startswith("old") for k, _ in read_shard(out / "shard-000000.tar")
     )
+
+
+def test_resume_rewrites_a_recorded_shard_that_was_cut_short(tmp_path):
+    """A shard the manifest lists whose file is shorter than recorded (a copy cut off, a full
+    disk) is written again on resume, not kept because it exists; the others are kept."""
+    _id_shards(tmp_path, 12, 4)
+    cut = tmp_path / "shard-000001.tar"
+    whole = cut.read_bytes()
+    stats = {p.name: os.stat(p) for p in tmp_path.glob("shard-*.tar")}
+    cut.write_bytes(whole[:700])
+    resumed = _id_shards(tmp_path, 12, 4, resume=True)
+    assert cut.read_bytes() == whole and len(list(read_shard(cut))) == 4
+    for name in ["shard-000000.tar", "shard-000002.tar"]:  # skipped
+        now = os.stat(tmp_path / name)
+        assert (now.st_ino, now.st_mtime_ns) == (stats[name].st_ino, stats[name].st_mtime_ns)
+    assert resumed.complete and resumed.total == 12
+
+
+def test_a_rewrite_from_fewer_inputs_leaves_no_shard_of_the_longer_set(tmp_path):
+    """resume=False into the folder of a longer set deletes the shards past the new plan, so
+    that a reader of shard-*.tar (a glob, no manifest) never mixes in the old samples."""
+    _id_shards(tmp_path, 12, 4)
+    manifest = _id_shards(tmp_path, 5, 4)
+    shards = sorted(p.name for p in tmp_path.glob("shard-*.tar"))
+    assert shards == ["shard-000000.tar", "shard-000001.tar"] and manifest.total == 5
+    ids = [int(f["cls"]) for s in shards for _, f in read_shard(tmp_path / s)]
+    assert ids == list(range(5))
 
 
 def _interrupt(out: Path, keep: int) -> None:
@@ -722,7 +751,9 @@ def test_latent_shards_shapes_scale_flip_and_datamodule(tmp_path, tiny_vae):
     assert sum(len(y) for _, y, _ in dm.val_dataloader()) == 30
 
 
-def test_latent_shards_refuse_to_resume_with_another_vae_dtype_or_weights(tmp_path, tiny_vae):
+def test_latent_shards_refuse_to_resume_with_another_vae_dtype_scale_or_weights(
+    tmp_path, tiny_vae
+):
     from diffusers import AutoencoderKL
 
     vae_path = tmp_path / "vae"
@@ -738,6 +769,8 @@ def test_latent_shards_refuse_to_resume_with_another_vae_dtype_or_weights(tmp_pa
     _interrupt(out, 1)
     with pytest.raises(ValueError, match="vae_dtype 'float32', now 'bfloat16'.*resume=False"):
         encode(vae_dtype="bfloat16")
+    with pytest.raises(ValueError, match=r"scale 0\.18215, now 0\.5.*resume=False"):
+        encode(scale=0.5)  # latents of another scale would be mixed into one set
 
     # other weights saved to the same folder
     torch.manual_seed(1)

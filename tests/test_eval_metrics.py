@@ -91,6 +91,7 @@ def test_pareto_front_is_the_non_dominated_rows_sorted_by_latency():
     assert all(r in TABLE for r in front)  # the same dicts
     # ties do not dominate each other; missing values take no part
     tied = [row("a", "x", 1.0, 1.0), row("b", "y", 1.0, 1.0), row("c", "z", None, 0.5)]
+    tied.append(row("d", "w", float("nan"), 0.25))  # NaN is missing: never on the front
     assert [r["schedule"] for r in pareto_front(tied)] == ["x", "y"]
     assert pareto_front([]) == []
 
@@ -107,6 +108,24 @@ def test_acceleration_ratio_takes_the_fastest_match_and_keeps_unmatched_baseline
     # no flowturbo schedule reaches fid 3.0: kept, with no ratio and a reason
     assert h16["candidate_schedule"] is None and h16["ratio"] is None
     assert "no flowturbo row" in h16["note"]
+
+
+def test_acceleration_ratio_matches_an_equal_fid_and_takes_nan_as_missing():
+    """A candidate exactly as good as the baseline is its match (FID <=, not <), and a NaN
+    FID or latency (a failed measurement) is missing: such a candidate is never a match, such
+    a baseline has no value to match."""
+    rows = [
+        row("heun", "H8", 6.0, 8.0),
+        row("heun", "H4", float("nan"), 4.0),
+        row("flowturbo", "H1P2R2", float("nan"), 1.0),  # the fastest, but no FID
+        row("flowturbo", "H1P5R3", 5.0, float("nan")),  # the best FID, but no latency
+        row("flowturbo", "H1P3R2", 6.0, 2.0),  # the FID of H8, no better
+    ]
+    h4, h8 = acceleration_ratios(rows, latency_key="ms_per_image")
+    assert h8["candidate_schedule"] == "H1P3R2" and h8["ratio"] == pytest.approx(0.75)
+    assert h8["candidate_fid"] == h8["baseline_fid"] == 6.0
+    assert h4["baseline_schedule"] == "H4" and h4["candidate_schedule"] is None
+    assert h4["baseline_fid"] is None and h4["note"] == "baseline has no fid or ms_per_image"
 
 
 def test_acceleration_ratio_matches_like_for_like():
@@ -159,6 +178,69 @@ def test_sweep_tables_pair_only_rows_measured_alike():
     assert mixed_settings(rows) == ["refiner_sha256: new (H1P3R2), old (H1P2R2)"]
 
 
+#: The settings a FlowTurbo row must share with the baseline row it is compared with, written
+#: out here (not read from summary.LIKE_FOR_LIKE) so that a key dropped there fails its case.
+MEASURED_ALIKE = (
+    "base_sha256", "cfg_scale", "cfg_channels", "dtype", "seed", "num_images", "extractor",
+    "extractor_weights", "reference", "reference_hash", "ref_error_images", "batch", "device",
+    "machine", "compile_mode",
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("key", MEASURED_ALIKE)
+def test_rows_differing_in_any_one_measurement_setting_are_not_paired(key):
+    """Every like-for-like setting on its own keeps a FlowTurbo row from a baseline row, and
+    the summary names it: a key left out of LIKE_FOR_LIKE (device, cfg_channels, ...) would
+    pair rows timed on another device or guided on other channels."""
+    from flowturbo.eval.summary import acceleration_tables, flat_row, mixed_settings
+
+    assert key in flat_row({"entry": "H8"})  # a column of results.csv
+
+    def flat(sampler, schedule, fid, ms, value):
+        r = {"sampler": sampler, "schedule": schedule, "fid": fid, "ref_error": None}
+        return r | {"ms_per_image_eager": ms, "ms_per_image_compiled": None, key: value}
+
+    def eager_vs_heun(rows):
+        (table,) = [
+            t for t in acceleration_tables(rows)
+            if (t["baseline"], t["candidate"], t["quality_key"], t["mode"])
+            == ("heun", "flowturbo", "fid", "eager")
+        ]  # fmt: skip
+        (r,) = table["rows"]
+        return r
+
+    rows = [flat("heun", "H8", 6.0, 8.0, "a"), flat("flowturbo", "H1P3R2", 5.0, 2.0, "b")]
+    r = eager_vs_heun(rows)
+    assert r["candidate_schedule"] is None and r["note"].endswith(f"differ in {key})")
+    assert mixed_settings(rows) == [f"{key}: a (H8), b (H1P3R2)"]
+    rows[1][key] = "a"
+    r = eager_vs_heun(rows)
+    assert r["candidate_schedule"] == "H1P3R2" and r["ratio"] == pytest.approx(0.75)
+    assert mixed_settings(rows) == []
+
+
+def test_a_failed_compilation_has_no_compiled_latency_with_the_decode_either():
+    """Where torch.compile failed, the sampler ran eagerly: its "compiled" times, with the VAE
+    decode or without, are no compiled latencies (the flat row has None for both)."""
+    from flowturbo.eval.summary import flat_row
+
+    def flattened(ok):
+        result = {
+            "eager": {"ms_per_image": 4.0},
+            "compiled": {"ms_per_image": 3.0, "compiled": ok, "compile_s": 9.0},
+            "decode": {"ms_per_image": 2.0},
+            "eager_decode": {"ms_per_image": 6.0},
+            "compiled_decode": {"ms_per_image": 5.0, "compiled": ok},
+        }
+        return flat_row({"entry": "H8", "parts": {"latency": {"result": result}}})
+
+    ok, failed = flattened(True), flattened(False)
+    assert (ok["ms_per_image_compiled"], ok["ms_per_image_compiled_with_decode"]) == (3.0, 5.0)
+    assert failed["compiled"] is False and failed["ms_per_image_compiled"] is None
+    assert failed["ms_per_image_compiled_with_decode"] is None
+    assert failed["ms_per_image_eager_with_decode"] == 6.0 and failed["decode_ms_per_image"] == 2.0
+
+
 def test_write_results_and_plot(tmp_path):
     rows = [dict(r, settings={"batch": 8}) for r in TABLE]
     rows[0]["fid"] = float("nan")
@@ -179,6 +261,24 @@ def test_write_results_and_plot(tmp_path):
         "results.csv",
         "results.json",
     ]  # no temporary files left
+
+
+def test_a_write_that_fails_leaves_the_old_file_and_no_temporary_file(tmp_path):
+    """atomic_path replaces its target only when the block finishes: a writer that raises
+    half-way leaves the previous file whole and nothing beside it."""
+    from flowturbo.eval.atomic import atomic_path
+
+    target = tmp_path / "results.json"
+    target.write_text("old")
+    with pytest.raises(RuntimeError, match="disk full"), atomic_path(target) as tmp:
+        tmp.write_text("half of the new")
+        raise RuntimeError("disk full")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+    with atomic_path(target) as tmp:
+        tmp.write_text("new")
+    assert target.read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
 
 
 def test_pareto_axes_go_logarithmic_only_for_a_wide_quality_range(tmp_path):
@@ -284,6 +384,17 @@ def test_reference_cache_is_keyed_by_content(tiny_weights, tmp_path):
     ref2[0, 0, 0, 0] = 1
     c = fidelity_metrics(gen, ref2, reference_cache_name="blobs", prc=False, isc=False, **kw)
     assert c["reference_hash"] != a["reference_hash"] and len(list(cache.iterdir())) > len(files)
+    # so does the same reference seen through another weights file (other features)
+    files = sorted(p.name for p in cache.iterdir())
+    torch.manual_seed(1)
+    other = tmp_path / "other_digits.pt"
+    save_classifier(DigitClassifier(width=4, feature_dim=16), other, accuracy=0.1)
+    kw["weights_path"] = other
+    d = fidelity_metrics(gen, ref, reference_cache_name="blobs", prc=False, isc=False, **kw)
+    fresh = fidelity_metrics(gen, ref, reference_cache_name=None, prc=False, isc=False, **kw)
+    assert d["fid"] == pytest.approx(fresh["fid"])  # not from the first weights' features
+    assert d["extractor_weights"] != a["extractor_weights"]
+    assert len(list(cache.iterdir())) > len(files)
 
 
 def test_content_hash_changes_with_content_shape_and_dtype():
@@ -542,6 +653,11 @@ def test_fid_against_statistics_reads_the_generated_images_once(
     assert got["isc_mean"] == pytest.approx(want["isc_mean"], rel=1e-4)
     assert got["isc_std"] == pytest.approx(want["isc_std"], rel=1e-4)
     assert sum(seen) == 64  # FID and IS from one pass (was two: 128 images)
+    # the record names the statistics, mean and covariance both
+    same = fid_against_statistics(gen, mu.copy(), sigma.copy(), isc=False, **kw)
+    assert same["reference_hash"] == got["reference_hash"]
+    wider = fid_against_statistics(gen, mu, 2 * sigma, isc=False, **kw)
+    assert wider["reference_hash"] != got["reference_hash"] and wider["fid"] != got["fid"]
     with pytest.raises(ValueError, match="3 features, the extractor"):
         fid_against_statistics(gen, mu[:3], sigma[:3, :3], isc=False, **kw)
     with pytest.raises(ValueError, match="isc_splits=100"):

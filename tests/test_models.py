@@ -331,6 +331,30 @@ def test_strict_errors_name_missing_unexpected_and_mismatched_keys() -> None:
     assert "learn_sigma" in msg
 
 
+@pytest.mark.parametrize(
+    ("other", "hint"),
+    [
+        pytest.param(
+            dict(num_classes=5),
+            "label table has 11 rows, checkpoint 6: check num_classes",
+            id="num_classes",
+        ),
+        pytest.param(
+            dict(learn_sigma=False),
+            "learn_sigma differs: the head has 24 outputs, the checkpoint 12",
+            id="learn_sigma",
+        ),
+    ],
+)
+def test_a_checkpoint_differing_only_in_a_shape_is_a_checkpoint_error(other, hint) -> None:
+    """The same keys with one shape off: the loader's own error, naming the key and a hint,
+    not torch's bare RuntimeError from load_state_dict."""
+    with pytest.raises(CheckpointError, match=re.escape(hint)) as info:
+        load_checkpoint(tiny(), tiny(**other).state_dict())
+    msg = str(info.value)
+    assert "shape mismatches" in msg and "missing keys" not in msg and "unexpected" not in msg
+
+
 def test_error_hints_refiner_and_model_size() -> None:
     with torch.device("meta"):
         base = SiT.from_name("SiT-XL/2")
@@ -401,6 +425,12 @@ def test_save_and_build_from_checkpoint(tmp_path) -> None:
     v = torch.randn_like(x)
     with torch.no_grad():
         assert torch.equal(built(x, t, v, y), source(x, t, v, y))
+    # key= picks the weights of a file with both "ema" (the default) and "model" entries
+    ema = tiny(seed=1, cls=VelocityRefiner)
+    save_checkpoint(source, tmp_path / "both.pt", ema=ema.state_dict())
+    for key, want in ((None, ema), ("model", source)):
+        built = build_from_checkpoint(tmp_path / "both.pt", key=key)
+        assert torch.equal(built.final_layer.linear.weight, want.final_layer.linear.weight)
     # A public-format file is loaded into a model the caller builds.
     torch.save({"ema": source.state_dict()}, tmp_path / "public.pt")
     with pytest.raises(CheckpointError, match="not written by save_checkpoint"):
