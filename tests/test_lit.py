@@ -114,6 +114,50 @@ def test_refiner_targets_are_made_in_float32_under_bf16_mixed_precision(base_fil
     assert results[True].target.dtype == torch.bfloat16  # the faster, rounded choice
 
 
+def test_base_and_refiner_see_the_same_dropped_labels(base_file):
+    """The base making the targets gets the refiner's labels and force_drop_ids (a base given y
+    alone made conditional targets for examples the refiner saw as the null class), and labels
+    are dropped with probability label_dropout: none at 0, all at 1."""
+    x1, y, ids = torch.randn(64, 1, 8, 8), torch.arange(64) % 3, torch.arange(64)
+    calls = []
+    for dropout, fewest, most in ((0.0, 0, 0), (0.5, 16, 48), (1.0, 64, 64)):
+        module = refiner_module(base_file, label_dropout=dropout)
+        module.setup("fit")
+        module.base.register_forward_pre_hook(
+            lambda net, args, kwargs: calls.append(kwargs), with_kwargs=True
+        )
+        for sample_ids in (ids, None):  # validation (drawn from each sample's id), training
+            calls.clear()
+            _, kw = module.examples(x1, y, sample_ids)
+            dropped = int(kw["force_drop_ids"].sum())
+            assert fewest <= dropped <= most, (dropout, dropped)
+            assert len(calls) == 2  # V(x_t, t) and V(x', t')
+            for call in calls:
+                assert call.keys() == {"y", "force_drop_ids"}
+                assert torch.equal(call["y"], y)
+                assert torch.equal(call["force_drop_ids"], kw["force_drop_ids"])
+
+
+def test_validation_scores_the_ema_refiner(tmp_path, base_file):
+    """val/loss is the loss of the EMA refiner (the one sampled and shipped), not of the raw
+    weights being trained."""
+    from flowturbo.flow import refiner_loss
+
+    torch.manual_seed(0)
+    module = refiner_module(base_file, ema_decay=0.9)
+    trainer(tmp_path, 10, limit_val_batches=0).fit(module, loader())
+    x, y, ids = torch.randn(12, 1, 8, 8), torch.arange(12) % 3, torch.arange(12)
+    val = DataLoader(TensorDataset(x, y, ids), batch_size=4)
+    (metrics,) = trainer(tmp_path, 1).validate(module, val, verbose=False)
+    module.eval()
+    with torch.no_grad():
+        examples, kw = module.examples(x, y, ids)
+        ema = float(refiner_loss(module.ema.module, examples, **kw))
+        raw = float(refiner_loss(module.refiner, examples, **kw))
+    assert abs(raw - ema) > 1e-3 * ema  # the EMA lags the trained weights
+    assert metrics["val/loss"] == pytest.approx(ema, rel=1e-5)
+
+
 def test_refiner_module_trains_only_the_refiner(tmp_path, base_file):
     torch.manual_seed(0)
     module = refiner_module(base_file)

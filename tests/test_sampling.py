@@ -233,6 +233,16 @@ def test_custom_grid(mixture, noise, reference):
         sample(mixture, noise, "H6", timesteps=uniform_grid(5))
     with pytest.raises(ValueError, match="increasing"):
         sample(mixture, noise, "H2", timesteps=[0.0, 0.7, 0.5])
+    # a repeated time (a step of length 0) and a time past the data are refused, not run
+    for bad, why in (
+        ([0.0, 0.5, 0.5, 1.0], "be strictly increasing"),
+        ([0.0, 0.5, 1.2], r"lie within \[0, 1\]"),
+    ):
+        n = len(bad) - 1
+        with pytest.raises(ValueError, match=f"timesteps must {why}"):
+            sample(mixture, noise, f"H{n}", timesteps=bad)
+        with pytest.raises(ValueError, match=f"timesteps must {why}"):
+            integrate("H" * n, mixture, noise, timesteps=bad)
     # sample and the baselines go from noise to data; part of the path is integrate's
     for partial in ([0.2, 0.6, 1.0], [0.0, 0.4, 0.8]):
         with pytest.raises(ValueError, match="must start at 0 and end at 1.*integrate"):
@@ -274,19 +284,25 @@ def test_refiner_input_modes(mixture, noise):
         sample(mixture, noise, "H1R1", refiner=refiner, refiner_input="d1")
 
 
-def test_refiner_step_by_hand():
-    """One H then one R step on v = a x, refiner R(x, t, v) = b v, checked by hand."""
+@pytest.mark.parametrize("refiner_steps", [1, 2])
+@pytest.mark.parametrize("refiner_input", ["d0", "cache"])
+def test_refiner_step_by_hand(refiner_input, refiner_steps):
+    """One H then R steps on v = a x, refiner R(x, t, v) = b v, checked by hand: the second
+    call's input (d0, or the incoming cache c), d1 = d0 + R (not c + R), and the cache an R step
+    leaves for the next one (d0, not d1)."""
     a, b = 0.7, 0.1
     model = lambda x, t: a * x  # noqa: E731
     refiner = lambda x, t, v: b * v  # noqa: E731
     x = torch.ones(1, 1, 1, 1, dtype=torch.float64)
-    out = sample(model, x, "H1R1", refiner=refiner)
-    h = 0.5
+    out = sample(model, x, f"H1R{refiner_steps}", refiner=refiner, refiner_input=refiner_input)
+    h = 1 / (1 + refiner_steps)
     x1 = 1 + h / 2 * (a + a * (1 + h * a))
     c = a * (1 + h * a)
-    d0 = c + b * c
-    d1 = d0 + b * d0
-    assert out.item() == pytest.approx(x1 + h / 2 * (d0 + d1), abs=1e-14)
+    for _ in range(refiner_steps):
+        d0 = c + b * c
+        d1 = d0 + b * (d0 if refiner_input == "d0" else c)
+        x1, c = x1 + h / 2 * (d0 + d1), d0
+    assert out.item() == pytest.approx(x1, rel=0, abs=1e-14)
 
 
 # ---------------------------------------------------------------- guidance
@@ -512,6 +528,15 @@ def test_compiled_sampler_equals_eager_and_is_reused_per_setting(fresh_compile_c
         compiled_sampler("HPPRR", guided, x.double(), refiner=refiner, y=y),
     ]
     assert len({id(s) for s in [run, *others]}) == 5 and len(fresh_compile_caches) == 5
+    # another grid is another program: its samples are those of that grid
+    grid = [0.0, 0.1, 0.3, 0.6, 0.8, 1.0]
+    on_grid = compiled_sampler(
+        "HPPRR", guided, x, refiner=refiner, compile_options=opts, timesteps=grid, y=y
+    )
+    assert on_grid is not run and len(fresh_compile_caches) == 6
+    with torch.no_grad():
+        expected = sample(guided, x, "H1P2R2", refiner=refiner, timesteps=grid, y=y)
+    torch.testing.assert_close(on_grid(x, y=y), expected)
 
 
 def test_compiled_sampler_is_rebuilt_when_a_network_changes_in_place(fresh_compile_caches):
@@ -531,13 +556,20 @@ def test_compiled_sampler_is_rebuilt_when_a_network_changes_in_place(fresh_compi
     assert build() is first
     guided.scale = 3.0
     second = build()
+    guided.channels = 1  # guidance on the first channel only
+    one_channel = build()
+    with torch.no_grad():
+        expected = sample(guided, x, "H1P1R1", refiner=refiner, y=y)
+    torch.testing.assert_close(one_channel(x, y=y), expected)
+    guided.channels = None
+    assert build() is second
     refiner.train()
     third = build()
     refiner.eval()
     assert build() is second  # back to the state it was built in
     model.double()
     fourth = build()
-    assert len({id(s) for s in (first, second, third, fourth)}) == 4
+    assert len({id(s) for s in (first, second, one_channel, third, fourth)}) == 5
     refiner.double()
     with torch.no_grad():
         expected = sample(guided, x.double(), "H1P1R1", refiner=refiner, y=y)
@@ -558,6 +590,16 @@ def test_compiled_sampler_refuses_inputs_it_was_not_built_for(fresh_compile_cach
         run(x, y=y.int())
     with pytest.raises(ValueError, match="keyword arguments"):
         run(x)
+
+    # a value that is not a tensor is fixed for the sampler's lifetime: another one is refused
+    def scaled(x, t, y, k):
+        return k * model(x, t, y)
+
+    run = CompiledSampler("HH", scaled, x, compile=False, y=y, k=2)
+    with torch.no_grad():
+        torch.testing.assert_close(run(x, y=y, k=2), sample(scaled, x, "H2", y=y, k=2))
+    with pytest.raises(ValueError, match="k=3 instead of 2"):
+        run(x, y=y, k=3)
     with pytest.raises(ValueError, match="no refiner"):
         CompiledSampler("HR", model, x, y=y)
 
@@ -658,7 +700,7 @@ def test_a_bfloat16_state_gets_its_times_in_float32():
     """Times rounded to the state's bfloat16 gave heun_trajectory's 300-step grid steps of
     length 0 (22 of them) and times 2e-3 off k / N, where the refiner's trajectory targets
     take them as exact; the sampler already kept its times in float32."""
-    from flowturbo.sampling import heun_trajectory
+    from flowturbo.sampling import CompiledSampler, heun_trajectory
 
     seen = []
 
@@ -677,3 +719,22 @@ def test_a_bfloat16_state_gets_its_times_in_float32():
     seen.clear()
     sample(v, noise, "H2P2")
     assert all(t.dtype == torch.float32 for t in seen)
+    seen.clear()
+    CompiledSampler("HHP", v, noise, compile=False)(noise)  # compile="sampler"'s program
+    assert all(t.dtype == torch.float32 for t in seen)
+    grid = uniform_grid(3).float()  # H at t0 and t1, H at t1 and t2, P at t3
+    assert torch.equal(torch.stack([t[0] for t in seen]), grid[[0, 1, 1, 2, 3]])
+
+
+def test_heun_trajectory_stores_the_base_velocity_at_each_stored_point(mixture, noise):
+    """velocities[:, k] is v(x_k, t_k), the velocity the refiner's trajectory targets take,
+    not the corrector's velocity at the predicted point; the last state is sample's H steps."""
+    from flowturbo.sampling import heun_trajectory
+
+    states, velocities, times = heun_trajectory(mixture, noise, 4)
+    assert states.shape == velocities.shape == (64, 5, 2, 2, 2)
+    torch.testing.assert_close(times, uniform_grid(4))
+    for k in range(5):
+        expected = mixture(states[:, k], times[k].expand(64))
+        torch.testing.assert_close(velocities[:, k], expected, rtol=0, atol=1e-13)
+    torch.testing.assert_close(states[:, -1], sample(mixture, noise, "H4"), rtol=0, atol=1e-13)

@@ -72,6 +72,12 @@ def test_cache_is_written_complete_and_true_to_the_base(base_file, tmp_path):
     states, velocities, _ = heun_trajectory(base, traj[:, 0, 0].float(), 4, y=labels)
     torch.testing.assert_close(traj[:, 0].float(), states, atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(traj[:, 1].float(), velocities, atol=2e-3, rtol=2e-3)
+    # val trajectories follow the train ones (indices 10-12): other noise, not a copy of train's
+    val = [f for p in sorted((out / "val").glob("shard-*.tar")) for f in read_shard(p)]
+    assert [k for k, _ in val] == [f"t{i:08d}" for i in range(10, 13)]
+    val_starts = np.stack([np.load(io.BytesIO(f["traj.npy"]))[0, 0] for _, f in val])
+    train_starts = traj[:, 0, 0].numpy()
+    assert not any(np.array_equal(v, t) for v in val_starts for t in train_starts)
 
 
 def test_cache_resumes_and_refuses_other_settings(base_file, tmp_path):
@@ -96,8 +102,48 @@ def test_cache_resumes_and_refuses_other_settings(base_file, tmp_path):
     assert summary["shards_written"] == 2 and summary["train"]["complete"]
     assert all(p.read_bytes() == b for p, b in whole.items())
     assert shard.stat().st_mtime_ns == kept
-    with pytest.raises(RuntimeError, match="steps"):
-        cache_trajectories(cache_cfg(base_file, out, "cache.steps=5"))
+    # damage the size does not show: the tar end overwritten in place, and a shard cut where
+    # no manifest records its size (a shard of a run killed before its closing manifest)
+    overwritten, uncut = out / "train" / "shard-000002.tar", out / "val" / "shard-000000.tar"
+    whole = {p: p.read_bytes() for p in (overwritten, uncut)}
+    overwritten.write_bytes(whole[overwritten][:-512] + b"\xff" * 512)
+    with tarfile.open(uncut) as tar:
+        uncut.write_bytes(whole[uncut][: tar.getmembers()[2].offset])
+    (out / "val" / "manifest.json").unlink()
+    summary = cache_trajectories(cache_cfg(base_file, out))
+    assert summary["shards_written"] == 2 and summary["val"]["complete"]
+    assert all(p.read_bytes() == b for p, b in whole.items())
+    # every setting of the plan is part of the cache's identity
+    for override, differs in (
+        ("cache.steps=5", "steps"),
+        ("cache.label_dropout=0.5", "label_dropout"),
+        ("cache.per_shard=5", "per_shard"),
+        ("cache.num_val=4", "counts"),
+        ("seed=1", "seed"),
+        ("cache.base_autocast=true", "base_precision"),
+    ):
+        with pytest.raises(RuntimeError, match=rf"differs in \['{differs}'\]"):
+            cache_trajectories(cache_cfg(base_file, out, override))
+
+
+@pytest.mark.parametrize(
+    ("dropout", "fewest", "most"), [(0.0, 0, 0), (0.1, 60, 140), (1.0, 1000, 1000)]
+)
+def test_cached_labels_are_the_null_class_with_probability_label_dropout(dropout, fewest, most):
+    """cache.label_dropout is the share of null-class trajectories (not of conditional ones);
+    the draw changes neither a trajectory's noise nor its label when kept."""
+    from flowturbo.lit.trajectories import TrajectoryCache
+
+    def cache(label_dropout):
+        settings = {"shape": (1, 2, 2), "num_classes": 3, "num_train": 1000, "num_val": 0}
+        return TrajectoryCache(None, "unused", steps=4, label_dropout=label_dropout, **settings)
+
+    drawn = [cache(dropout)._labels_and_noise(i) for i in range(1000)]
+    kept = [cache(0.0)._labels_and_noise(i) for i in range(1000)]
+    nulls = sum(label == 3 for label, _ in drawn)
+    assert fewest <= nulls <= most, nulls
+    for (label, noise), (kept_label, kept_noise) in zip(drawn, kept, strict=True):
+        assert torch.equal(noise, kept_noise) and label in (kept_label, 3)
 
 
 def test_a_flow_model_of_ones_own_caches_the_sits_trajectories(base_file, tmp_path, capsys):
