@@ -100,10 +100,12 @@ def check_required(cfg: DictConfig, command: str) -> None:
         )
 
 
-def check_config(cfg: DictConfig, command: str) -> None:
+def check_config(cfg: DictConfig, command: str, required: bool = True) -> None:
     """The checks every entry point runs on its composed config before any work:
-    :func:`check_required`, :func:`check_text_booleans` and :func:`check_added_keys`."""
-    check_required(cfg, command)
+    :func:`check_required` (unless ``required`` is False: a job that needs none of them, such
+    as ``summarize_only``), :func:`check_text_booleans` and :func:`check_added_keys`."""
+    if required:
+        check_required(cfg, command)
     check_text_booleans(cfg)
     check_added_keys(cfg)
 

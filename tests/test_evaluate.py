@@ -499,6 +499,12 @@ def test_an_entry_interrupted_mid_generation_resumes_from_its_saved_images(
     assert done == 16 and images.shape == (64, 1, 32, 32) and kept == []
 
 
+def test_summarize_only_written_as_text_is_refused_not_taken_as_true(assets, tmp_path):
+    """summarize_only=no (text, so true) merged the rows and never ran the sweep."""
+    with pytest.raises(ValueError, match=r"summarize_only=no: .* write true or false"):
+        sweep.run_sweep(tiny(assets, tmp_path / "sweep", "summarize_only=no"))
+
+
 def test_a_folder_that_cannot_be_written_is_named_before_any_image_is_made(
     assets, tmp_path, monkeypatch
 ):

@@ -659,9 +659,10 @@ def run_sweep(cfg: DictConfig) -> dict[str, Any]:
     out_dir = Path(cfg.out_dir)
     for folder in ("rows", "grids", "reference"):  # a killed job's half-written files
         remove_leftovers(out_dir / folder)
-    if cfg.get("summarize_only"):
+    summarize_only = cfg.get("summarize_only")
+    check_config(cfg, command_line("evaluate.py"), required=not summarize_only)
+    if summarize_only:
         return summarize(out_dir, cfg)
-    check_config(cfg, command_line("evaluate.py"))
     check_settings(cfg)
     device = resolve_device(cfg.device)
     check_writable(out_dir)
