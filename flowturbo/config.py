@@ -8,7 +8,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from flowturbo.assets import asset_path
 
@@ -129,18 +129,19 @@ def _is_text_boolean(value: Any) -> bool:
     return isinstance(value, str) and value.lower() in TEXT_BOOLEANS
 
 
-def _leaves(cfg: Any, prefix: str = "") -> list[tuple[str, Any]]:
-    """(dotted key, value) of every leaf outside ``hydra``, interpolations unresolved."""
-    if isinstance(cfg, DictConfig | ListConfig):
-        items = cfg.items_ex(resolve=False) if isinstance(cfg, DictConfig) else enumerate(cfg)
-        out = []
-        for key, value in items:
-            if prefix == "" and key == "hydra":
-                continue
-            name = f"{prefix}.{key}" if prefix else str(key)
-            out += _leaves(value, name)
-        return out
-    return [(prefix, cfg)]
+def _leaves(cfg: DictConfig) -> list[tuple[str, Any]]:
+    """(dotted key, value) of every leaf outside ``hydra``, interpolations unresolved and
+    missing values (``???``) as they are written."""
+
+    def walk(node: Any, prefix: str) -> list[tuple[str, Any]]:
+        if isinstance(node, dict | list):
+            items = node.items() if isinstance(node, dict) else enumerate(node)
+            return [leaf for k, v in items for leaf in walk(v, f"{prefix}{k}.")]
+        return [(prefix[:-1], node)]
+
+    tree = OmegaConf.to_container(cfg, resolve=False)
+    tree.pop("hydra", None)
+    return walk(tree, "")
 
 
 def check_added_keys(cfg: DictConfig) -> None:

@@ -181,6 +181,17 @@ def test_switches_written_as_text_and_added_typos_are_refused(
             check_config(cfg, f"python {config_name}.py")
 
 
+@pytest.mark.parametrize("name", SWEEPS)
+def test_a_summary_only_job_needs_none_of_the_missing_values(name, tmp_path):
+    """``python evaluate.py experiment=sit_xl_sweep summarize_only=true`` (the README's merge
+    step) gives no checkpoint: the checks of the config must read past its ``???`` values."""
+    from flowturbo.config import check_config, check_text_booleans
+
+    cfg = cfg_for([f"experiment={name}", "summarize_only=true"], tmp_path, "evaluate")
+    check_config(cfg, "python evaluate.py", required=False)
+    check_text_booleans(OmegaConf.create({"items": ["???", "${a}"], "a": 1}))  # a list too
+
+
 @pytest.mark.parametrize("name", ALL_EXPERIMENTS)
 def test_every_value_an_experiment_marks_missing_is_asked_for(name, tmp_path):
     """A ``???`` in an experiment merged onto a value of the main config is no ``???`` any more
