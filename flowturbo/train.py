@@ -237,7 +237,9 @@ def check_data_kind(cfg: DictConfig, datamodule: object, module: object) -> None
     than failing inside the model."""
     kind = getattr(datamodule, "kind", None)
     target = cfg.model.get("target")
-    network = getattr(module, "net", None) or getattr(module, "refiner", None)
+    network = getattr(module, "net", None)
+    if network is None:
+        network = getattr(module, "refiner", None)
     wanted, read = getattr(network, "in_channels", None), getattr(datamodule, "channels", None)
     if kind == "image" and None not in (wanted, read) and wanted != read:
         fix = (

@@ -423,15 +423,16 @@ def summarize(
         plot_sweep(rows, out_dir / "pareto.png", title=title)
         # the plot of these rows, for W&B: another job may replace pareto.png once unlocked
         pareto = _read_image(out_dir / "pareto.png") if to_wandb else None
-        mixed = mixed_settings(rows)
-        if mixed:
-            mixed = (
-                f"the rows of {out_dir} were not all measured alike: {'; '.join(mixed)}. The "
-                "table and the plot show them together; acceleration.json pairs only rows "
-                "measured alike (rows of different refiners are each compared with the "
-                "baselines). Rerun the sweep with one set of settings (or another name=) for a "
-                "clean front."
-            )
+        unlike = mixed_settings(rows)
+        mixed = (
+            f"the rows of {out_dir} were not all measured alike: {'; '.join(unlike)}. The "
+            "table and the plot show them together; acceleration.json pairs only rows "
+            "measured alike (rows of different refiners are each compared with the "
+            "baselines). Rerun the sweep with one set of settings (or another name=) for a "
+            "clean front."
+            if unlike
+            else ""
+        )
         sessions = format_sessions(latency_sessions(rows))
         n = len(rows)
         parts = [f"{n} {'schedule' if n == 1 else 'schedules'} in {out_dir}:\n{format_rows(rows)}"]
