@@ -140,40 +140,44 @@ def test_acceleration_ratio_matches_like_for_like():
     assert r["candidate_latency"] == 2.0
 
 
-def test_sweep_tables_pair_only_rows_measured_alike():
-    """A rerun into the same folder with other guidance for one entry leaves rows of two
-    settings side by side: they must not be paired, and the summary must say so."""
-    from flowturbo.eval.summary import acceleration_tables, mixed_settings
+def flat(sampler, schedule, fid, ms, **settings):
+    """A flat results row with an eager latency and the given settings."""
+    r = {"sampler": sampler, "schedule": schedule, "fid": fid, "ref_error": None}
+    return r | {"ms_per_image_eager": ms, "ms_per_image_compiled": None, **settings}
 
-    def flat(sampler, schedule, fid, ms, scale):
-        r = {"sampler": sampler, "schedule": schedule, "fid": fid, "ref_error": None}
-        return r | {
-            "ms_per_image_eager": ms,
-            "ms_per_image_compiled": None,
-            "cfg_scale": scale,
-        }
 
-    rows = [flat("heun", "H8", 6.0, 8.0, 1.0), flat("flowturbo", "H1P3R2", 5.0, 2.0, 3.0)]
+def eager_vs_heun(rows):
+    """The one row of the eager, matched-FID table of FlowTurbo against Heun."""
+    from flowturbo.eval.summary import acceleration_tables
+
     (table,) = [
         t for t in acceleration_tables(rows)
         if (t["baseline"], t["candidate"], t["quality_key"], t["mode"])
         == ("heun", "flowturbo", "fid", "eager")
     ]  # fmt: skip
     (r,) = table["rows"]
+    return r
+
+
+def test_sweep_tables_pair_only_rows_measured_alike():
+    """A rerun into the same folder with other guidance for one entry leaves rows of two
+    settings side by side: they must not be paired, and the summary must say so."""
+    from flowturbo.eval.summary import mixed_settings
+
+    rows = [
+        flat("heun", "H8", 6.0, 8.0, cfg_scale=1.0),
+        flat("flowturbo", "H1P3R2", 5.0, 2.0, cfg_scale=3.0),
+    ]
+    r = eager_vs_heun(rows)
     assert r["candidate_schedule"] is None and "differ in cfg_scale" in r["note"]
     assert mixed_settings(rows) == ["cfg_scale: 1.0 (H8), 3.0 (H1P3R2)"]
     rows[1]["cfg_scale"] = 1.0
     assert mixed_settings(rows) == []
-    (r,) = next(t for t in acceleration_tables(rows) if t["mode"] == "eager")["rows"]
+    r = eager_vs_heun(rows)
     assert r["candidate_schedule"] == "H1P3R2" and r["ratio"] == pytest.approx(0.75)
 
-    # FIDs against other reference images (a folder whose files changed) are not paired either
-    rows[0]["reference_hash"], rows[1]["reference_hash"] = "aaaa", "bbbb"
-    (r,) = next(t for t in acceleration_tables(rows) if t["mode"] == "eager")["rows"]
-    assert r["candidate_schedule"] is None and "differ in reference_hash" in r["note"]
-    rows[1]["reference_hash"] = "aaaa"
     # a stale row of an earlier refiner is compared like the others, and named
-    rows.append(flat("flowturbo", "H1P2R2", 5.5, 1.0, 1.0) | {"refiner_sha256": "old"})
+    rows.append(flat("flowturbo", "H1P2R2", 5.5, 1.0, cfg_scale=1.0, refiner_sha256="old"))
     rows[1]["refiner_sha256"] = "new"
     assert mixed_settings(rows) == ["refiner_sha256: new (H1P3R2), old (H1P2R2)"]
 
@@ -191,25 +195,15 @@ MEASURED_ALIKE = (
 def test_rows_differing_in_any_one_measurement_setting_are_not_paired(key):
     """Every like-for-like setting on its own keeps a FlowTurbo row from a baseline row, and
     the summary names it: a key left out of LIKE_FOR_LIKE (device, cfg_channels, ...) would
-    pair rows timed on another device or guided on other channels."""
-    from flowturbo.eval.summary import acceleration_tables, flat_row, mixed_settings
+    pair rows timed on another device or guided on other channels (or FIDs against another
+    reference folder's files: reference_hash)."""
+    from flowturbo.eval.summary import flat_row, mixed_settings
 
     assert key in flat_row({"entry": "H8"})  # a column of results.csv
-
-    def flat(sampler, schedule, fid, ms, value):
-        r = {"sampler": sampler, "schedule": schedule, "fid": fid, "ref_error": None}
-        return r | {"ms_per_image_eager": ms, "ms_per_image_compiled": None, key: value}
-
-    def eager_vs_heun(rows):
-        (table,) = [
-            t for t in acceleration_tables(rows)
-            if (t["baseline"], t["candidate"], t["quality_key"], t["mode"])
-            == ("heun", "flowturbo", "fid", "eager")
-        ]  # fmt: skip
-        (r,) = table["rows"]
-        return r
-
-    rows = [flat("heun", "H8", 6.0, 8.0, "a"), flat("flowturbo", "H1P3R2", 5.0, 2.0, "b")]
+    rows = [
+        flat("heun", "H8", 6.0, 8.0, **{key: "a"}),
+        flat("flowturbo", "H1P3R2", 5.0, 2.0, **{key: "b"}),
+    ]
     r = eager_vs_heun(rows)
     assert r["candidate_schedule"] is None and r["note"].endswith(f"differ in {key})")
     assert mixed_settings(rows) == [f"{key}: a (H8), b (H1P3R2)"]
