@@ -141,6 +141,27 @@ def test_experiment_composes_and_builds(name, tmp_path):
         assert module.base_factory.keywords["time"] == "noise_to_data"
 
 
+@pytest.mark.parametrize(
+    "name, override, error",
+    [
+        ("demo_base", "model.optimizer.lr=-1", r"model.optimizer.lr must be a number > 0, got -1"),
+        ("demo_refiner", "model.optimizer.lr=0", r"model.optimizer.lr must be a number > 0"),
+        ("demo_refiner", "model.optimizer.lr=abc", r"model.optimizer.lr .* got 'abc'"),
+        ("demo_base", "model.optimizer.weight_decay=-0.1", r"weight_decay must be a number >= 0"),
+        ("demo_refiner", "model.warmup_steps=-5", r"model.warmup_steps must be .* got -5"),
+        ("demo_base", "model.warmup_steps=2.5", r"model.warmup_steps must be a whole number"),
+        ("demo_refiner", "model.dt_max=0", r"model.dt_max must be in \(0, 1\], got 0"),
+        ("demo_refiner", "model.dt_max=1.5", r"model.dt_max must be in \(0, 1\], got 1.5"),
+    ],
+)
+def test_bad_training_settings_are_named_when_the_model_is_built(name, override, error, tmp_path):
+    """A bad learning rate was torch's "Invalid learning rate" after the base was loaded, and a
+    negative warm-up or dt_max <= 0 passed the constructor: each now names its setting."""
+    cfg = cfg_for([f"experiment={name}", override], tmp_path)
+    with pytest.raises(Exception, match=error):
+        instantiate(cfg.model)
+
+
 def test_required_values_are_marked_missing(tmp_path):
     from omegaconf.errors import MissingMandatoryValue
 

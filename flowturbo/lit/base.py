@@ -10,6 +10,7 @@ from flowturbo.flow import flow_matching_loss
 from flowturbo.lit.common import (
     OptimizerFactory,
     ValidationTotals,
+    check_training_settings,
     ema_copy,
     optimizer_with_warmup,
     per_sample_draws,
@@ -40,6 +41,7 @@ class FlowMatchingModule(L.LightningModule):
         ema_decay: float = 0.999,
     ):
         super().__init__()
+        check_training_settings(optimizer, warmup_steps)
         self.save_hyperparameters(ignore=["net", "optimizer"])
         self.net = net
         self.ema = ema_copy(net, ema_decay)

@@ -4,6 +4,7 @@ validation totals over ranks, atomic checkpoint writes."""
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Callable, Iterable
 from functools import partial
@@ -48,12 +49,30 @@ def _warmup_ema(
     torch._foreach_add_(ema_params, torch._foreach_mul(params, 1 - keep))
 
 
+def check_training_settings(optimizer: OptimizerFactory, warmup_steps: int) -> None:
+    """Errors that name the ``model.*`` setting, raised when the module is built: torch would
+    refuse a bad learning rate only after the base is loaded, naming no setting, and a negative
+    warm-up would pass unnoticed."""
+    given = getattr(optimizer, "keywords", {})  # Hydra's _partial_ gives a functools.partial
+    for key, zero_allowed in (("lr", False), ("weight_decay", True)):
+        value = given.get(key)
+        if value is None:
+            continue
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if number and math.isfinite(value) and (value >= 0 if zero_allowed else value > 0):
+            continue
+        lowest = ">= 0" if zero_allowed else "> 0"
+        raise ValueError(f"model.optimizer.{key} must be a number {lowest}, got {value!r}")
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+        raise ValueError(f"model.warmup_steps must be a whole number >= 0, got {warmup_steps!r}")
+
+
 def optimizer_with_warmup(
     params: Iterable[nn.Parameter], optimizer: OptimizerFactory, warmup_steps: int
 ) -> dict:
     """``configure_optimizers`` output: the optimizer and a per-step linear warm-up to its lr."""
     opt = optimizer(params)
-    warmup = max(int(warmup_steps), 0)
+    warmup = int(warmup_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
     )

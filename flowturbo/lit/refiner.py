@@ -22,6 +22,7 @@ from flowturbo.lit.common import (
     OptimizerFactory,
     ValidationTotals,
     base_precision,
+    check_training_settings,
     ema_copy,
     optimizer_with_warmup,
     per_sample_draws,
@@ -143,6 +144,9 @@ class RefinerModule(L.LightningModule):
             raise ValueError(f"target must be 'interpolant' or 'trajectory', got {target!r}")
         if target == "interpolant" and base is None:
             raise ValueError("interpolant targets need the frozen base: set model.base")
+        check_training_settings(optimizer, warmup_steps)
+        if not 0 < dt_max <= 1:
+            raise ValueError(f"model.dt_max must be in (0, 1], got {dt_max}")
         if not 0 <= label_dropout <= 1:
             raise ValueError(f"model.label_dropout must be in [0, 1], got {label_dropout}")
         self.save_hyperparameters(ignore=["refiner", "base", "optimizer"])
