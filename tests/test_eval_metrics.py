@@ -402,6 +402,20 @@ def test_content_hash_changes_with_content_shape_and_dtype():
     assert content_hash(UInt8Images(x)) != content_hash(UInt8Images(y))
 
 
+def test_a_tensor_is_hashed_once_until_it_is_written_to(monkeypatch):
+    """A sweep measures every schedule against one reference tensor: it is read for its hash
+    once (ADM's 10,000 images took 2 s per schedule), and again only after an in-place write."""
+    import flowturbo.eval.fidelity as fidelity
+
+    x = blobs(4, 0)
+    first = content_hash(x)
+    reads = []
+    monkeypatch.setattr(fidelity, "_update", lambda h, t: reads.append(t) or h.update(b"x"))
+    assert content_hash(x) == first and reads == []
+    x[3, 0, 31, 31] ^= 1  # the same tensor, other contents
+    assert content_hash(x) != first and len(reads) == 1
+
+
 def test_missing_weights_name_the_file_and_the_command(tmp_path):
     gen = blobs(16, 0)
     missing = tmp_path / "nowhere" / "digits.pt"
