@@ -107,7 +107,9 @@ def content_hash(images: Tensor | Dataset) -> str:
     if known is not None:
         return known
     h = hashlib.sha256()
-    if torch.is_tensor(images):
+    if torch.is_tensor(images) and images.is_inference():  # no version counter: not kept
+        _update(h, images)
+    elif torch.is_tensor(images):
         version, digest = _TENSOR_HASHES.get(images, (None, None))
         if version == images._version:  # hashed before and not written to since
             return digest
