@@ -362,7 +362,7 @@ import lightning as L, torch
 from torch import nn
 from flowturbo.lit.callbacks import CheckpointOnSignal
 
-folder = sys.argv[1]
+folder, signame, ranks, strategy = sys.argv[1:]
 
 class Net(L.LightningModule):
     def __init__(self):
@@ -375,9 +375,9 @@ class Net(L.LightningModule):
     def training_step(self, batch, i):
         if self.global_rank == 0 and self.global_step == 3 and not hasattr(self, "sent"):
             self.sent = True
-            time.sleep(2)  # rank 1 now waits in this step's gradient all-reduce
-            os.kill(int(open(f"{folder}/pid1").read()), signal.SIGUSR2)
-            os.kill(os.getpid(), signal.SIGUSR2)
+            time.sleep(2)  # the other rank now waits in this step's gradient all-reduce
+            for rank in ranks.split(","):
+                os.kill(int(open(f"{folder}/pid{rank}").read()), getattr(signal, signame))
         return self.net(batch[0]).pow(2).mean()
 
     def configure_optimizers(self):
@@ -387,13 +387,13 @@ def submitit_stand_in(signum, frame):
     print("requeue asked by pid", os.getpid(), flush=True)
 
 class StandIn(L.Callback):
-    def setup(self, trainer, module, stage):  # in each spawned rank, before the callback
+    def setup(self, trainer, module, stage):  # in each rank, before the callback
         signal.signal(signal.SIGUSR2, submitit_stand_in)
 
 if __name__ == "__main__":
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(64, 8)), 4)
     L.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=6, logger=False,
+        accelerator="cpu", devices=2, strategy=strategy, max_steps=6, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         callbacks=[StandIn(), CheckpointOnSignal(folder)],
     ).fit(Net(), data)
@@ -401,20 +401,49 @@ if __name__ == "__main__":
 """
 
 
+def run_two_ranks(folder: Path, signame: str, ranks: str, strategy: str):
+    """DDP_SIGNAL_RUN on two CPU ranks, rank 0 sending ``signame`` to ``ranks`` in step 3; the
+    whole process group is killed if it has not ended in 120 s (a deadlock)."""
+    script = folder / "run.py"
+    script.write_text(DDP_SIGNAL_RUN)
+    command = [sys.executable, str(script), str(folder), signame, ranks, strategy]
+    run = subprocess.Popen(
+        command, cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,  # its own process group: ddp's further rank included
+    )  # fmt: skip
+    try:
+        out, err = run.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(run.pid, signal.SIGKILL)
+        out, err = run.communicate()
+        pytest.fail(f"the ranks deadlocked after {signame} to rank(s) {ranks}: {err[-2000:]}")
+    return run.returncode, out, err
+
+
 def test_sigusr2_under_ddp_saves_on_every_rank_at_a_step_end(tmp_path):
     """Saving from the signal handler ran the checkpoint's barrier wherever each rank was: a rank
     inside the backward pass's all-reduce and one in the barrier deadlocked (SLURM then killed
     the job at its time limit, never requeued)."""
-    script = tmp_path / "run.py"
-    script.write_text(DDP_SIGNAL_RUN)
-    run = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)],
-        capture_output=True, text=True, timeout=240, cwd=tmp_path,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert "finished" in run.stdout and run.stdout.count("requeue asked by pid") == 2
+    code, out, err = run_two_ranks(tmp_path, "SIGUSR2", "1,0", "ddp_spawn")
+    assert code == 0, err[-2000:]
+    assert "finished" in out and out.count("requeue asked by pid") == 2
     saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
     assert saved["global_step"] == 4  # the end of the step the signals came in
+
+
+@pytest.mark.parametrize(
+    "signame, ranks, strategy", [("SIGTERM", "1", "ddp"), ("SIGINT", "0", "ddp_spawn")]
+)
+def test_a_stop_signal_to_one_rank_saves_and_stops_every_rank(tmp_path, signame, ranks, strategy):
+    """SIGTERM to one rank under ddp deadlocked: Lightning's own SIGTERM handler, installed over
+    this one, broadcasts from rank 0 inside the handler. Under ddp_spawn torch's process wrapper
+    swallowed the stop and the main process waited for results forever. Now every rank saves at
+    the end of the step and the run ends with status 1."""
+    code, out, err = run_two_ranks(tmp_path, signame, ranks, strategy)
+    assert code == 1 and "finished" not in out, err[-2000:]
+    assert err.count("stopped at step 4: run the same command again") == 2  # both ranks
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert saved["global_step"] == 4 and saved["optimizer_states"]
 
 
 def test_sample_grids_from_fixed_noise(tmp_path, base_file):

@@ -12,6 +12,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 
 from flowturbo.data.datamodule import mix_seed
 
@@ -123,6 +124,14 @@ class CheckpointOnSignal(L.Callback):
         for signum in (self.signum, *sorted(self.stop_on)):
             self._previous[signum] = signal.signal(signum, self._handle)
 
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        # Lightning installs its own SIGTERM handler after setup, with this one inside it; under
+        # DDP that handler broadcasts from rank 0 (Lightning >= 2.5.2) wherever the ranks are,
+        # and a rank inside another collective then waits forever. This one goes back on top.
+        if self._trainer is not None:
+            for signum in self.stop_on:
+                signal.signal(signum, self._handle)
+
     def teardown(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
         if self._trainer is not None:
             self._uninstall()
@@ -190,6 +199,10 @@ class CheckpointOnSignal(L.Callback):
                 trainer.global_step,
                 self.path,
             )
+            if isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
+                # a rank of ddp_spawn: torch's process wrapper takes KeyboardInterrupt for its
+                # own stop and exits with 0, and the main process would wait for its results
+                raise SystemExit(1)
             raise KeyboardInterrupt
         if self._received is not None:
             self._pass_on()
