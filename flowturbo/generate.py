@@ -62,6 +62,7 @@ from flowturbo.eval.networks import (
     seeded_noise,
 )
 from flowturbo.inputs import Inputs, Masks, load_inputs, load_masks
+from flowturbo.lit.callbacks import StopOnSignal
 from flowturbo.sampling import decode_latents, edit, encode_images, from_uint8, inpaint, to_uint8
 
 log = logging.getLogger(__name__)
@@ -648,7 +649,7 @@ def generate_images(cfg: DictConfig) -> dict[str, Any]:
     trainer = instantiate(
         cfg.trainer,
         logger=False,
-        callbacks=[],
+        callbacks=[StopOnSignal()],  # SIGTERM stops it (Lightning's handler lets it run on)
         enable_checkpointing=False,
         enable_progress_bar=bool(cfg.get("progress", True)),
         precision="32-true",  # the networks run under sampler.dtype's autocast instead

@@ -285,6 +285,7 @@ def cache_trajectories(cfg: DictConfig) -> dict:
     from torch.utils.data import DataLoader
 
     from flowturbo.data import Manifest
+    from flowturbo.lit.callbacks import StopOnSignal
     from flowturbo.lit.trajectories import SPLITS, ShardPlan, TrajectoryCache
 
     cache = cfg.cache.get("name", "demo")
@@ -296,7 +297,9 @@ def cache_trajectories(cfg: DictConfig) -> dict:
     settings = {k: v for k, v in cfg.cache.items() if k not in not_settings}
     module = TrajectoryCache(instantiate(cfg.cache.base), out_dir=cfg.out_dir, **settings)
     loader = DataLoader(ShardPlan(module.shards_per_split()), batch_size=1, shuffle=False)
-    trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
+    trainer = instantiate(
+        cfg.trainer, logger=False, callbacks=[StopOnSignal()], enable_checkpointing=False
+    )
     check_ddp_launch(trainer)
     check_enough_work(len(loader.dataset), trainer.world_size, "shards")
     # one run per folder: a second one would delete this one's half-written shards as stale

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from flowturbo.data import ShardDataModule
 from flowturbo.data.shards import write_sample_shards
 from flowturbo.lit import FlowMatchingModule, RefinerModule, load_frozen_base
-from flowturbo.lit.callbacks import CheckpointOnSignal, SampleGrid
+from flowturbo.lit.callbacks import CheckpointOnSignal, SampleGrid, StopOnSignal
 from flowturbo.lit.common import per_sample_draws
 from flowturbo.models import CheckpointError, SiT, VelocityRefiner, save_checkpoint
 
@@ -360,9 +360,9 @@ DDP_SIGNAL_RUN = """
 import os, signal, sys, time
 import lightning as L, torch
 from torch import nn
-from flowturbo.lit.callbacks import CheckpointOnSignal
+from flowturbo.lit.callbacks import CheckpointOnSignal, StopOnSignal
 
-folder, signame, ranks, strategy = sys.argv[1:]
+folder, signame, ranks, strategy, task = sys.argv[1:]
 
 class Net(L.LightningModule):
     def __init__(self):
@@ -372,13 +372,25 @@ class Net(L.LightningModule):
     def on_fit_start(self):
         open(f"{folder}/pid{self.global_rank}", "w").write(str(os.getpid()))
 
-    def training_step(self, batch, i):
-        if self.global_rank == 0 and self.global_step == 3 and not hasattr(self, "sent"):
+    on_predict_start = on_fit_start
+
+    def send(self, wait):
+        if self.global_rank == 0 and not hasattr(self, "sent"):
             self.sent = True
-            time.sleep(2)  # the other rank now waits in this step's gradient all-reduce
+            time.sleep(wait)  # training: the other rank now waits in the gradient all-reduce
             for rank in ranks.split(","):
                 os.kill(int(open(f"{folder}/pid{rank}").read()), getattr(signal, signame))
+
+    def training_step(self, batch, i):
+        if self.global_step == 3:
+            self.send(2)
         return self.net(batch[0]).pow(2).mean()
+
+    def predict_step(self, batch, i):
+        if i == 3:
+            self.send(0)
+        time.sleep(0.3)
+        print("rank", self.global_rank, "predicted batch", i, flush=True)
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.01)
@@ -392,21 +404,24 @@ class StandIn(L.Callback):
 
 if __name__ == "__main__":
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(64, 8)), 4)
-    L.Trainer(
+    on_signal = CheckpointOnSignal(folder) if task == "fit" else StopOnSignal()
+    trainer = L.Trainer(
         accelerator="cpu", devices=2, strategy=strategy, max_steps=6, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[StandIn(), CheckpointOnSignal(folder)],
-    ).fit(Net(), data)
+        callbacks=[StandIn(), on_signal],
+    )
+    getattr(trainer, task)(Net(), data)
     print("finished", flush=True)
 """
 
 
-def run_two_ranks(folder: Path, signame: str, ranks: str, strategy: str):
-    """DDP_SIGNAL_RUN on two CPU ranks, rank 0 sending ``signame`` to ``ranks`` in step 3; the
-    whole process group is killed if it has not ended in 120 s (a deadlock)."""
+def run_two_ranks(folder: Path, signame: str, ranks: str, strategy: str, task: str = "fit"):
+    """DDP_SIGNAL_RUN's ``task`` (fit or predict) on two CPU ranks, rank 0 sending ``signame``
+    to ``ranks`` in step or batch 3; the whole process group is killed if it has not ended in
+    120 s (a deadlock)."""
     script = folder / "run.py"
     script.write_text(DDP_SIGNAL_RUN)
-    command = [sys.executable, str(script), str(folder), signame, ranks, strategy]
+    command = [sys.executable, str(script), str(folder), signame, ranks, strategy, task]
     run = subprocess.Popen(
         command, cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True,  # its own process group: ddp's further rank included
@@ -441,9 +456,57 @@ def test_a_stop_signal_to_one_rank_saves_and_stops_every_rank(tmp_path, signame,
     the end of the step and the run ends with status 1."""
     code, out, err = run_two_ranks(tmp_path, signame, ranks, strategy)
     assert code == 1 and "finished" not in out, err[-2000:]
-    assert err.count("stopped at step 4: run the same command again") == 2  # both ranks
+    # every rank saved and stopped (a rank's last words may be cut by Lightning's shutdown)
+    assert "stopped at step 4: run the same command again" in err
     saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
     assert saved["global_step"] == 4 and saved["optimizer_states"]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn"])
+def test_sigterm_stops_prediction_on_every_rank(tmp_path, strategy):
+    """generate.py and cache_trajectories.py (Trainer.predict) ran on to their end after SIGTERM
+    (kill, scancel): Lightning's handler acts on it only while fitting. Now each rank stops at
+    the end of its batch and the job ends with status 1."""
+    code, out, err = run_two_ranks(tmp_path, "SIGTERM", "0,1", strategy, task="predict")
+    assert code == 1 and "finished" not in out, err[-2000:]
+    assert "stopped: run the same command again to go on" in err
+    for rank in (0, 1):
+        assert out.count(f"rank {rank} predicted batch") < 8  # of the 8 it was dealt
+
+
+@pytest.mark.parametrize("times", [1, 2])
+def test_sigterm_ends_prediction_after_its_batch_and_a_second_one_at_once(tmp_path, times):
+    """One SIGTERM: the batch under way ends, then the job (status 1); a second one within it
+    does what SIGTERM did before the job (here a stand-in that raises), as it does after it."""
+
+    class Signalled(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net, self.done = torch.nn.Linear(2, 2), []
+
+        def predict_step(self, batch, i):
+            for _ in range(times if i == 1 else 0):
+                os.kill(os.getpid(), signal.SIGTERM)
+            self.done.append(i)
+
+    class Stand(Exception):
+        pass
+
+    def stand_in(signum, frame):
+        raise Stand
+
+    before = signal.signal(signal.SIGTERM, stand_in)
+    try:
+        data = DataLoader(TensorDataset(torch.randn(8, 2)), batch_size=1)
+        module = Signalled()
+        with pytest.raises(SystemExit if times == 1 else Stand) as stopped:
+            trainer(tmp_path, 1, callbacks=[StopOnSignal()]).predict(module, data)
+        assert module.done == ([0, 1] if times == 1 else [0])
+        assert times == 2 or stopped.value.code == 1
+        with pytest.raises(Stand):  # after the job, SIGTERM does what it did before
+            signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def test_sample_grids_from_fixed_noise(tmp_path, base_file):

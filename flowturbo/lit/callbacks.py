@@ -78,7 +78,124 @@ class RecordSettings(L.Callback):
         checkpoint["settings"] = self.settings
 
 
-class CheckpointOnSignal(L.Callback):
+class StopOnSignal(L.Callback):
+    """Stops a prediction job (``generate.py``, ``cache_trajectories.py``) at the end of the
+    batch under way when it is told to: Ctrl-C's ``SIGINT``, ``SIGTERM`` of ``kill`` or
+    ``scancel``. The job exits with status 1; what it wrote is kept and the same command goes
+    on from there. A second signal stops at once.
+
+    Lightning's own ``SIGTERM`` handler lets prediction run on to its end (it acts on the
+    signal only while fitting or validating) and, under DDP, broadcasts from rank 0 inside the
+    handler, which deadlocks ranks busy in another collective. This one replaces it while
+    prediction runs. Each rank stops on its own signal: prediction deals ranks unequal numbers
+    of batches, so there is no per-batch collective to agree in (a terminal's Ctrl-C and
+    SLURM's ``scancel`` signal every rank).
+
+    Args:
+        stop_on: the names of the signals that stop.
+    """
+
+    def __init__(self, stop_on: Sequence[str] = ("SIGINT", "SIGTERM")):
+        self.stop_on = {getattr(signal, name) for name in stop_on}
+        self._previous: dict[int, Any] = {}
+        self._trainer: L.Trainer | None = None
+        self._received: tuple[int, Any] | None = None  # (signum, frame) not acted on yet
+
+    stage = "predict"  # the trainer function the handlers are installed for
+
+    def setup(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
+        if stage == self.stage:
+            self._install(trainer)
+
+    def on_predict_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._back_on_top()
+
+    def on_predict_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args) -> None:
+        if self._trainer is not None and self._received is not None:
+            self._stop(trainer, "stopped: run the same command again to go on")
+
+    def teardown(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
+        if self._trainer is not None:
+            self._uninstall()
+            if self._received is not None:  # the job ended first: nothing left to save, but
+                self._pass_on()  # submitit still requeues, and a stop signal still stops
+
+    def on_exception(
+        self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException
+    ) -> None:
+        # the teardown hook is not called then; a signal still pending is dropped (a crashed
+        # run is not requeued). Lightning's own teardown may install this handler again: with
+        # no trainer it does what the signal did before.
+        if self._trainer is not None:
+            self._uninstall()
+            self._received = None
+
+    def _signals(self) -> list[int]:
+        return sorted(self.stop_on)
+
+    def _install(self, trainer: L.Trainer) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be installed from the main thread
+        self._trainer = trainer
+        for signum in self._signals():
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def _back_on_top(self) -> None:
+        # Lightning installs its own SIGTERM handler after setup, with this one inside it; under
+        # DDP that handler broadcasts from rank 0 (Lightning >= 2.5.2) wherever the ranks are,
+        # and a rank inside another collective then waits forever. This one goes back on top,
+        # and what the signals did before either stays this one's previous handler.
+        if self._trainer is not None:
+            for signum in self.stop_on:
+                signal.signal(signum, self._handle)
+
+    def _uninstall(self) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous or signal.SIG_DFL)
+        self._trainer = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self._trainer is None or (signum in self.stop_on and self._received is not None):
+            self._received = None  # not running (any more), or stop signalled twice: at once
+            self._call_previous(signum, frame)
+            return
+        self._announce(signal.Signals(signum))
+        self._received = (signum, frame)
+
+    def _announce(self, signum: signal.Signals) -> None:
+        again = "Ctrl-C" if signum == signal.SIGINT else signum.name
+        log.warning(
+            "%s: stopping at the end of this batch (%s again to stop at once)", signum.name, again
+        )
+
+    def _stop(self, trainer: L.Trainer, message: str) -> None:
+        """Ends the job (status 1) after logging ``message``."""
+        self._received = None
+        log.warning(message)
+        if isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
+            # a rank of ddp_spawn: torch's process wrapper takes KeyboardInterrupt for its own
+            # stop and exits with 0, and the main process would wait for its results forever
+            raise SystemExit(1)
+        raise KeyboardInterrupt  # Lightning shuts down and exits with status 1
+
+    def _pass_on(self) -> None:
+        (signum, frame), self._received = self._received, None
+        self._call_previous(signum, frame)
+
+    def _call_previous(self, signum: int, frame: Any) -> None:
+        """What the signal did before this callback: the handler installed then, or the
+        default action (KeyboardInterrupt for SIGINT; for SIGTERM, the process ends)."""
+        previous = self._previous.get(signum, signal.SIG_DFL)
+        if callable(previous):
+            previous(signum, frame)
+        elif signum == signal.SIGINT and previous == signal.SIG_DFL:
+            raise KeyboardInterrupt
+        elif previous == signal.SIG_DFL:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+
+class CheckpointOnSignal(StopOnSignal):
     """Saves ``last.ckpt`` when the job is told to stop: SLURM's time-out warning (then the job
     is requeued), Ctrl-C or ``SIGTERM`` (then the run stops).
 
@@ -109,67 +226,30 @@ class CheckpointOnSignal(L.Callback):
     def __init__(
         self, dirpath: str, signum: str = "SIGUSR2", stop_on: Sequence[str] = ("SIGINT", "SIGTERM")
     ):
+        super().__init__(stop_on)
         self.path = Path(dirpath) / "last.ckpt"
         self.signum = getattr(signal, signum)
-        self.stop_on = {getattr(signal, name) for name in stop_on}
-        self._previous: dict[int, Any] = {}
-        self._trainer: L.Trainer | None = None
-        self._received: tuple[int, Any] | None = None  # (signum, frame) not acted on yet
         self.saved_at: int | None = None
 
-    def setup(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
-        if stage != "fit" or threading.current_thread() is not threading.main_thread():
-            return  # signal handlers can only be installed from the main thread
-        self._trainer = trainer
-        for signum in (self.signum, *sorted(self.stop_on)):
-            self._previous[signum] = signal.signal(signum, self._handle)
+    stage = "fit"
+
+    def _signals(self) -> list[int]:
+        return [self.signum, *super()._signals()]
 
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        # Lightning installs its own SIGTERM handler after setup, with this one inside it; under
-        # DDP that handler broadcasts from rank 0 (Lightning >= 2.5.2) wherever the ranks are,
-        # and a rank inside another collective then waits forever. This one goes back on top.
-        if self._trainer is not None:
-            for signum in self.stop_on:
-                signal.signal(signum, self._handle)
+        self._back_on_top()
 
-    def teardown(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
-        if self._trainer is not None:
-            self._uninstall()
-            if self._received is not None:  # fitting ended first: nothing left to save, but
-                self._pass_on()  # submitit still requeues, and a stop signal still stops
-
-    def on_exception(
-        self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException
-    ) -> None:
-        # the teardown hook is not called then; a signal still pending is dropped (a crashed
-        # run is not requeued). Lightning's own teardown may install this handler again: with
-        # no trainer it does what the signal did before.
-        if self._trainer is not None:
-            self._uninstall()
-            self._received = None
-
-    def _uninstall(self) -> None:
-        for signum, previous in self._previous.items():
-            signal.signal(signum, previous or signal.SIG_DFL)
-        self._trainer = None
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        name = signal.Signals(signum).name
-        if self._trainer is None or (signum in self.stop_on and self._received is not None):
-            self._received = None  # not fitting (any more), or stop signalled twice: at once
-            self._call_previous(signum, frame)
-            return
+    def _announce(self, signum: signal.Signals) -> None:
         if signum in self.stop_on:
             log.warning(
                 "%s: saving %s at the end of this training step, then stopping (%s again to "
                 "stop at once, without saving)",
-                name,
+                signum.name,
                 self.path,
-                "Ctrl-C" if signum == signal.SIGINT else name,
+                "Ctrl-C" if signum == signal.SIGINT else signum.name,
             )
         else:
-            log.warning("%s: saving %s at the end of this training step", name, self.path)
-        self._received = (signum, frame)
+            log.warning("%s: saving %s at the end of this training step", signum.name, self.path)
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args) -> None:
         self._save_if_signalled(trainer)
@@ -193,35 +273,13 @@ class CheckpointOnSignal(L.Callback):
         self.saved_at = trainer.global_step
         log.warning("saved %s at step %d", self.path, trainer.global_step)
         if stop:
-            self._received = None
-            log.warning(
-                "stopped at step %d: run the same command again to continue from %s",
-                trainer.global_step,
-                self.path,
+            self._stop(
+                trainer,
+                f"stopped at step {trainer.global_step}: run the same command again to "
+                f"continue from {self.path}",
             )
-            if isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
-                # a rank of ddp_spawn: torch's process wrapper takes KeyboardInterrupt for its
-                # own stop and exits with 0, and the main process would wait for its results
-                raise SystemExit(1)
-            raise KeyboardInterrupt
         if self._received is not None:
             self._pass_on()
-
-    def _pass_on(self) -> None:
-        (signum, frame), self._received = self._received, None
-        self._call_previous(signum, frame)
-
-    def _call_previous(self, signum: int, frame: Any) -> None:
-        """What the signal did before this callback: the handler installed then, or the
-        default action (KeyboardInterrupt for SIGINT; for SIGTERM, the process ends)."""
-        previous = self._previous.get(signum, signal.SIG_DFL)
-        if callable(previous):
-            previous(signum, frame)
-        elif signum == signal.SIGINT and previous == signal.SIG_DFL:
-            raise KeyboardInterrupt
-        elif previous == signal.SIG_DFL:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
 
 
 class SampleGrid(L.Callback):
