@@ -41,12 +41,21 @@ def ema_copy(net: nn.Module, decay: float) -> AveragedModel:
 def _warmup_ema(
     ema_params: list, params: list, num_averaged: torch.Tensor, *, decay: float
 ) -> None:
-    """One EMA update (a module-level function: ``ddp_spawn`` pickles the module)."""
+    """One EMA update (a module-level function: ``ddp_spawn`` pickles the module). Integer
+    buffers (BatchNorm's ``num_batches_tracked``) cannot be averaged: they are copied."""
+    pairs = list(zip(ema_params, params, strict=True))
+    for e, p in pairs:
+        if not e.is_floating_point():
+            e.copy_(p)
+    ema_floats = [e for e, _ in pairs if e.is_floating_point()]
+    floats = [p for e, p in pairs if e.is_floating_point()]
+    if not floats:
+        return
     # a tensor on the parameters' device: no host sync per training step
-    n = num_averaged.to(ema_params[0].dtype)
+    n = num_averaged.to(ema_floats[0].dtype)
     keep = torch.clamp((1 + n) / (10 + n), max=decay)
-    torch._foreach_mul_(ema_params, keep)
-    torch._foreach_add_(ema_params, torch._foreach_mul(params, 1 - keep))
+    torch._foreach_mul_(ema_floats, keep)
+    torch._foreach_add_(ema_floats, torch._foreach_mul(floats, 1 - keep))
 
 
 def check_training_settings(optimizer: OptimizerFactory, warmup_steps: int) -> None:
