@@ -95,13 +95,13 @@ class StopOnSignal(L.Callback):
         stop_on: the names of the signals that stop.
     """
 
+    stage = "predict"  # the trainer function the handlers are installed for
+
     def __init__(self, stop_on: Sequence[str] = ("SIGINT", "SIGTERM")):
         self.stop_on = {getattr(signal, name) for name in stop_on}
         self._previous: dict[int, Any] = {}
         self._trainer: L.Trainer | None = None
         self._received: tuple[int, Any] | None = None  # (signum, frame) not acted on yet
-
-    stage = "predict"  # the trainer function the handlers are installed for
 
     def setup(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
         if stage == self.stage:
@@ -117,8 +117,8 @@ class StopOnSignal(L.Callback):
     def teardown(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
         if self._trainer is not None:
             self._uninstall()
-            if self._received is not None:  # the job ended first: nothing left to save, but
-                self._pass_on()  # submitit still requeues, and a stop signal still stops
+            if self._received is not None:  # the job ended first: nothing left to do but
+                self._pass_on()  # what the signal did before (submitit's requeue, a stop)
 
     def on_exception(
         self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException
@@ -223,6 +223,8 @@ class CheckpointOnSignal(StopOnSignal):
         stop_on: the names of the signals that save and stop.
     """
 
+    stage = "fit"
+
     def __init__(
         self, dirpath: str, signum: str = "SIGUSR2", stop_on: Sequence[str] = ("SIGINT", "SIGTERM")
     ):
@@ -230,8 +232,6 @@ class CheckpointOnSignal(StopOnSignal):
         self.path = Path(dirpath) / "last.ckpt"
         self.signum = getattr(signal, signum)
         self.saved_at: int | None = None
-
-    stage = "fit"
 
     def _signals(self) -> list[int]:
         return [self.signum, *super()._signals()]
