@@ -164,6 +164,7 @@ def dopri5(
         model: ``model(x, t, **model_kwargs) -> v``, t of shape (B,).
         noise: (B, ...) state at ``t_start``.
         rtol, atol: relative and absolute tolerances.
+        max_steps: the most steps tried, rejected ones included, before it gives up.
         callback: called after each accepted step with step, t, x and base_nfe.
 
     Returns:
@@ -184,8 +185,6 @@ def dopri5(
     k1 = f(x, t)
     nfe, accepted = 1, 0
     for _ in range(max_steps):
-        if t >= t_end:
-            return x
         h = min(h, t_end - t)
         ks = [k1]
         for i in range(1, 7):
@@ -201,6 +200,8 @@ def dopri5(
             accepted += 1
             if callback is not None:
                 callback({"step": accepted - 1, "t": t, "x": x, "base_nfe": nfe})
+            if t >= t_end:
+                return x
         factor = 10.0 if err == 0 else min(10.0, max(0.2, 0.9 * err ** (-1 / 5)))
         h = h * factor
     raise RuntimeError(f"dopri5 did not reach t={t_end} in {max_steps} steps (at t={t:.4g})")
