@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
+from test_lit import trainer as cpu_trainer
 from torch import nn
 
 from flowturbo import config as config_mod
@@ -376,16 +377,8 @@ def vectors(n: int = 32) -> torch.utils.data.DataLoader:
 
 def tiny_trainer(tmp_path: Path, steps: int, callbacks: list, **kw: Any) -> L.Trainer:
     settings = {"limit_val_batches": 0, "num_sanity_val_steps": 0} | kw
-    return L.Trainer(
-        accelerator="cpu",
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        callbacks=callbacks,
-        **settings,
+    return cpu_trainer(
+        tmp_path, steps, callbacks=callbacks, enable_checkpointing=False, **settings
     )
 
 
