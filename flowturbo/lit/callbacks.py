@@ -163,9 +163,10 @@ class StopOnSignal(L.Callback):
         self._received = (signum, frame)
 
     def _announce(self, signum: signal.Signals) -> None:
-        again = "Ctrl-C" if signum == signal.SIGINT else signum.name
         log.warning(
-            "%s: stopping at the end of this batch (%s again to stop at once)", signum.name, again
+            "%s: stopping at the end of this batch (%s again to stop at once)",
+            signum.name,
+            _again(signum),
         )
 
     def _stop(self, trainer: L.Trainer, message: str) -> None:
@@ -246,7 +247,7 @@ class CheckpointOnSignal(StopOnSignal):
                 "stop at once, without saving)",
                 signum.name,
                 self.path,
-                "Ctrl-C" if signum == signal.SIGINT else signum.name,
+                _again(signum),
             )
         else:
             log.warning("%s: saving %s at the end of this training step", signum.name, self.path)
@@ -280,6 +281,11 @@ class CheckpointOnSignal(StopOnSignal):
             )
         if self._received is not None:
             self._pass_on()
+
+
+def _again(signum: signal.Signals) -> str:
+    """How a user sends ``signum`` once more, for the messages: Ctrl-C for SIGINT."""
+    return "Ctrl-C" if signum == signal.SIGINT else signum.name
 
 
 class SampleGrid(L.Callback):

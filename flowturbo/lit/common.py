@@ -43,12 +43,13 @@ def _warmup_ema(
 ) -> None:
     """One EMA update (a module-level function: ``ddp_spawn`` pickles the module). Integer
     buffers (BatchNorm's ``num_batches_tracked``) cannot be averaged: they are copied."""
-    pairs = list(zip(ema_params, params, strict=True))
-    for e, p in pairs:
-        if not e.is_floating_point():
+    ema_floats, floats = [], []
+    for e, p in zip(ema_params, params, strict=True):
+        if e.is_floating_point():
+            ema_floats.append(e)
+            floats.append(p)
+        else:
             e.copy_(p)
-    ema_floats = [e for e, _ in pairs if e.is_floating_point()]
-    floats = [p for e, p in pairs if e.is_floating_point()]
     if not floats:
         return
     # a tensor on the parameters' device: no host sync per training step
