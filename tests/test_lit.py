@@ -2,6 +2,7 @@ import functools
 import io
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -472,6 +473,37 @@ def test_sigterm_stops_prediction_on_every_rank(tmp_path, strategy):
     assert "stopped: run the same command again to go on" in err
     for rank in (0, 1):
         assert out.count(f"rank {rank} predicted batch") < 8  # of the 8 it was dealt
+
+
+GLOO_EXIT_RUN = """
+import sys, torch, torch.distributed as dist, torch.multiprocessing as mp
+
+def rank(index, port):
+    import flowturbo.lit  # as a ddp_spawn rank does to unpickle the module
+    dist.init_process_group("gloo", f"tcp://127.0.0.1:{port}", rank=index, world_size=2)
+    dist.all_reduce(torch.ones(4))
+    pending = [dist.all_reduce(torch.ones(4), async_op=True) for _ in range(50)]
+
+if __name__ == "__main__":
+    mp.spawn(rank, args=(int(sys.argv[1]),), nprocs=2)
+    print("finished", flush=True)
+"""
+
+
+def test_a_spawned_gloo_rank_exits_cleanly_with_work_under_way(tmp_path):
+    """Lightning destroys NCCL process groups at exit, not gloo's: a ddp_spawn rank on CPUs
+    whose gloo work was still referenced at exit aborted in the interpreter's shutdown
+    (SIGABRT, "terminate called without an active exception") after finishing its job, which
+    failed the whole run now and then. Here every rank leaves 50 reductions under way."""
+    with socket.socket() as s:  # a free port for the ranks' rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "run.py"
+    script.write_text(GLOO_EXIT_RUN)
+    run = subprocess.run(
+        [sys.executable, str(script), str(port)], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0 and "finished" in run.stdout, run.stderr[-2000:]
 
 
 @pytest.mark.parametrize("times", [1, 2])

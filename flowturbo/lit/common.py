@@ -1,8 +1,9 @@
 """Pieces both Lightning modules use: EMA of the trained network, AdamW with linear warm-up,
-validation totals over ranks, atomic checkpoint writes."""
+validation totals over ranks, atomic checkpoint writes, the process group's end at exit."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import math
 import os
@@ -167,6 +168,22 @@ class ValidationTotals:
         """Means over all ranks' samples (NaN when there were none), one reduction."""
         total = strategy.reduce(self.sums.to(strategy.root_device), reduce_op="sum")
         return dict(zip(self.names, (total[:-1] / total[-1]).float(), strict=True))
+
+
+def end_process_group() -> None:
+    """Destroys this process's default ``torch.distributed`` process group, if it has one.
+
+    Registered with ``atexit`` when ``flowturbo.lit`` is imported, so it runs in every rank
+    (a ``ddp_spawn`` rank imports it to unpickle the module). Lightning ends NCCL groups at
+    exit but not gloo's (DDP on CPUs): a gloo work still referenced when the interpreter shuts
+    down aborts the rank after its job is done ("terminate called without an active
+    exception", SIGABRT), and ``ddp_spawn`` then raises in the main process.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+atexit.register(end_process_group)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
