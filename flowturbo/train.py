@@ -321,6 +321,8 @@ def cache_trajectories(cfg: DictConfig) -> dict:
         factory = cfg.cache.base.get("factory")
         if factory:  # a flow model of the user's own, not the cache config's SiT
             hint = OWN_TRAIN_COMMAND + " (and your copy's settings)"
+        if cfg.cache.num_val == 0:  # no val split to validate on
+            hint = hint.replace("data.val_shards={out_dir}/val", "data.val_shards=null")
         base_path = cfg.cache.base.get("path", "...")
         hint = hint.format(out_dir=cfg.out_dir, base_path=base_path, factory=factory)
         print(f"train a refiner on it: {hint}")

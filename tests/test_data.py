@@ -548,6 +548,39 @@ def test_labels_outside_the_classes_are_skipped_and_counted(tmp_path):
         SampleDecoder(kind="latent", num_classes=10)({"latent.npy": b"", "cls": b"10"}, rng)
 
 
+def test_train_and_val_shards_of_other_class_folders_are_refused(tmp_path):
+    """A label is its class's place in its own set's sorted class folders: a val folder without
+    'ant' read val's 'cat' (0) as train's 'ant' (0), silently."""
+    for split, names in (("train", ["ant", "cat", "dog"]), ("val", ["cat", "dog"])):
+        for name in names:
+            (tmp_path / split / name).mkdir(parents=True)
+            Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / split / name / "a.png")
+        write_image_shards(tmp_path / split, tmp_path / f"{split}_sh", workers=0, progress=False)
+    train, val = str(tmp_path / "train_sh"), str(tmp_path / "val_sh")
+    with pytest.raises(
+        ValueError, match="different class folders.*only in data.train_shards: ant"
+    ):
+        ShardDataModule(train, val, num_workers=0).setup("fit")
+    ShardDataModule(train, train, num_workers=0).setup("fit")  # the same classes pass
+
+
+def test_shard_writers_expand_home_and_refuse_a_bad_shard_size_or_a_repeated_key(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    _image_folder(tmp_path / "folder")
+    manifest = write_image_shards("~/folder", tmp_path / "out", workers=0, progress=False)
+    assert manifest.total == 30
+    for size in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="shard_size must be an integer >= 1"):
+            write_image_shards("~/folder", tmp_path / "bad", shard_size=size, progress=False)
+        with pytest.raises(ValueError, match="shard_size must be an integer >= 1"):
+            write_sample_shards([], tmp_path / "bad", shard_size=size, progress=False)
+    twice = [("a", {"cls": 0}), ("b", {"cls": 1}), ("a", {"cls": 2})]
+    with pytest.raises(ValueError, match="sample key 'a' is given twice"):
+        write_sample_shards(twice, tmp_path / "twice", progress=False)
+
+
 def test_rgb_image_shards_resize_and_flip(tmp_path):
     root = tmp_path / "folder"
     _image_folder(root)
@@ -749,6 +782,18 @@ def test_latent_shards_shapes_scale_flip_and_datamodule(tmp_path, tiny_vae):
     x, y = next(iter(dm.train_dataloader()))
     assert x.shape == (6, 4, 16, 16) and x.dtype == torch.float32 and y.dtype == torch.int64
     assert sum(len(y) for _, y, _ in dm.val_dataloader()) == 30
+
+
+def test_latent_shards_read_a_source_under_home(tmp_path, tiny_vae, monkeypatch):
+    """'~/images' was expanded to list the files but not to read them: every image was
+    skipped as unreadable and the set recorded complete with 0 latents."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    _image_folder(tmp_path / "images")
+    manifest = write_latent_shards(
+        "~/images", tmp_path / "latents", tiny_vae[0], resolution=16, device="cpu",
+        flip=False, progress=False,
+    )  # fmt: skip
+    assert manifest.total == 30 and len(manifest.skipped) == 1  # the corrupt file only
 
 
 def test_latent_shards_refuse_to_resume_with_another_vae_dtype_scale_or_weights(

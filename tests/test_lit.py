@@ -94,6 +94,19 @@ def refiner_module(base_file, **kw):
     return RefinerModule(refiner, base, AdamW, dt_max=0.12, warmup_steps=5, **kw)
 
 
+def test_label_dropout_with_a_base_without_a_null_class_is_refused(tmp_path):
+    """Dropped labels indexed past the table of a SiT built with class_dropout_prob=0: a bare
+    "index out of range in self" at the first step (a device-side assert on a GPU)."""
+    path = tmp_path / "no_null.pt"
+    save_checkpoint(tiny_sit(learn_sigma=False, class_dropout_prob=0.0), path)
+    module = refiner_module(path)
+    with pytest.raises(
+        ValueError, match="model.label_dropout=0.1 drops labels to the null class 3"
+    ):
+        module.setup("fit")
+    refiner_module(path, label_dropout=0.0).setup("fit")  # without dropout it trains
+
+
 def test_refiner_targets_are_made_in_float32_under_bf16_mixed_precision(base_file):
     """Under bf16-mixed (the GPU trainer's) the targets V(x', t') - v, small differences of two
     velocities, were bfloat16: a 39 % RMS error on the demo base. Now in float32 by default;

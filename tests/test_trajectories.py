@@ -300,6 +300,7 @@ def test_a_run_that_wrote_no_shard_does_not_lock_the_folder(base_file, tmp_path,
     "override, message",
     [
         ("cache.batch_size=0", "batch_size must be >= 1, got 0"),
+        ("cache.num_val=-5", "num_val must be >= 0, got -5"),
         ("cache.label_dropout=1.5", r"label_dropout must be in \[0, 1\], got 1.5"),
         ("cache.shape=[3,8,8]", r"cache.shape=\[3, 8, 8\] .* takes \[1, 8, 8\]"),
         ("cache.num_classes=5", "cache.num_classes=5 differs from the base's num_classes=3"),
@@ -309,6 +310,27 @@ def test_settings_the_base_cannot_take_are_refused(base_file, tmp_path, override
     with pytest.raises(ValueError, match=message):
         cache_trajectories(cache_cfg(base_file, tmp_path / "traj", override))
     assert not (tmp_path / "traj" / "plan.json").exists()
+
+
+def test_label_dropout_needs_a_base_with_a_null_class(tmp_path):
+    """A SiT built without label dropout has no null-class embedding: the cache failed with a
+    bare IndexError after writing some shards."""
+    net = SiT.from_name(
+        "SiT-Tiny/2", input_size=8, in_channels=1, num_classes=3, class_dropout_prob=0
+    )
+    save_checkpoint(net, tmp_path / "no_null.pt")
+    with pytest.raises(ValueError, match="cache.label_dropout=0.1 drops labels to the null class"):
+        cache_trajectories(cache_cfg(tmp_path / "no_null.pt", tmp_path / "traj"))
+    assert not (tmp_path / "traj" / "plan.json").exists()
+
+
+def test_a_cache_without_a_val_split_prints_a_command_without_one(base_file, tmp_path, capsys):
+    """num_val=0 printed data.val_shards=<out>/val, a folder of no shards that train.py
+    refuses."""
+    summary = cache_trajectories(cache_cfg(base_file, tmp_path / "traj", "cache.num_val=0"))
+    assert summary["val"] == {"trajectories": 0, "shards": 0, "complete": True}
+    command = capsys.readouterr().out.split("train a refiner on it: ")[1]
+    assert "data.val_shards=null" in command and "/val" not in command
 
 
 @pytest.mark.parametrize("cache", ["demo", "imagenet", "own"])

@@ -653,11 +653,14 @@ class ShardDataModule(L.LightningDataModule):
             self.train_urls = self._resolve("train_shards", train)
         if val is not None and self.val_urls is None:
             self.val_urls = self._resolve("val_shards", val)
-        for spec in (train, val):
+        named: dict[str, list[str]] = {}  # class names of each split's manifest
+        for key, spec in (("train_shards", train), ("val_shards", val)):
             if isinstance(spec, str | os.PathLike):
                 folder = os.path.expanduser(str(spec))
                 if os.path.isfile(os.path.join(folder, MANIFEST_NAME)):
                     manifest = Manifest.load(folder)
+                    if manifest.classes:
+                        named[key] = list(manifest.classes)
                     self.classes = self.classes or manifest.classes
                     # a trajectory cache records the base's class count instead of names
                     self._manifest_classes = self._manifest_classes or (
@@ -665,6 +668,22 @@ class ShardDataModule(L.LightningDataModule):
                         if manifest.classes
                         else manifest.meta.get("num_classes")
                     )
+        if len(named) == 2 and named["train_shards"] != named["val_shards"]:
+            train_names, val_names = named["train_shards"], named["val_shards"]
+            only = [
+                f"only in data.{key}: {', '.join(sorted(set(mine) - set(other))[:5]) or '-'}"
+                for key, mine, other in (
+                    ("train_shards", train_names, val_names),
+                    ("val_shards", val_names, train_names),
+                )
+            ]
+            raise ValueError(
+                "data.train_shards and data.val_shards were written from different class "
+                "folders, and a label is its class's place in each set's own sorted list, so "
+                f"the validation labels would name other classes ({'; '.join(only)}): write "
+                "both from folders with the same class subfolders (an empty folder stands for "
+                "a class without images)"
+            )
         configured, listed = self.configured_classes, self._manifest_classes
         if configured is not None and listed is not None and configured < listed:
             raise ValueError(

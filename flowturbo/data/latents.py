@@ -34,6 +34,7 @@ from flowturbo.data.shards import (
     _sample_key,
     _write_shard_set,
     center_crop_resize,
+    check_shard_size,
     encode_field,
     image_field,
     read_shard,
@@ -265,6 +266,8 @@ def write_latent_shards(
     """
     import torch
 
+    check_shard_size(shard_size)
+    source = os.path.expanduser(str(source))  # the files are read from it, not only listed
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, vae_dtype)

@@ -656,6 +656,12 @@ class _ImageFolderJob:
             yield _sample_key(index, rel), {ext: data, "cls": encode_field("cls", label)}
 
 
+def check_shard_size(shard_size: Any) -> None:
+    """Refuses a shard size that is not a whole number >= 1, naming it."""
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+        raise ValueError(f"shard_size must be an integer >= 1 (samples per shard): {shard_size!r}")
+
+
 def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
@@ -712,6 +718,8 @@ def write_image_shards(
     Returns:
         The final manifest (also written to ``out_dir/manifest.json``).
     """
+    check_shard_size(shard_size)
+    root = os.path.expanduser(str(root))
     classes, files = scan_image_folder(root)
     if not files:
         raise FileNotFoundError(f"no image files ({', '.join(IMG_EXTENSIONS)}) under {root}")
@@ -789,10 +797,15 @@ def write_sample_shards(
         The final manifest.
     """
 
+    check_shard_size(shard_size)
+
     def jobs() -> Iterator[tuple[int, _RecordsJob]]:
         chunk: list[Record] = []
-        index = 0
+        index, seen = 0, set()
         for key, fields in samples:
+            if key in seen:  # webdataset would merge or drop the two samples when reading
+                raise ValueError(f"sample key {key!r} is given twice: keys must be unique")
+            seen.add(key)
             chunk.append((key, {k: encode_field(k, v) for k, v in fields.items()}))
             if len(chunk) == shard_size:
                 yield index, _RecordsJob(chunk)

@@ -22,6 +22,7 @@ from flowturbo.lit.common import (
     OptimizerFactory,
     ValidationTotals,
     base_precision,
+    check_null_class,
     check_training_settings,
     ema_copy,
     optimizer_with_warmup,
@@ -178,7 +179,9 @@ class RefinerModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         if self._base is None and self.base_factory is not None:
-            self._base = (self.base_factory(),)
+            base = self.base_factory()
+            check_null_class(base, self.hparams.label_dropout, "model.label_dropout")
+            self._base = (base,)
 
     def on_fit_start(self) -> None:
         if self._base is not None:

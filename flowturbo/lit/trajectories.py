@@ -44,7 +44,7 @@ from flowturbo.data.shards import (
     has_tar_end,
     write_tar,
 )
-from flowturbo.lit.common import base_precision
+from flowturbo.lit.common import base_precision, check_null_class
 from flowturbo.sampling import heun_trajectory
 
 log = logging.getLogger(__name__)
@@ -104,14 +104,15 @@ class TrajectoryCache(L.LightningModule):
     ):
         super().__init__()
         counts = (
-            ("num_train", num_train),
-            ("steps", steps),
-            ("per_shard", per_shard),
-            ("batch_size", batch_size),
+            ("num_train", num_train, 1),
+            ("num_val", num_val, 0),
+            ("steps", steps, 1),
+            ("per_shard", per_shard, 1),
+            ("batch_size", batch_size, 1),
         )
-        for name, value in counts:
-            if int(value) < 1:
-                raise ValueError(f"cache.{name} must be >= 1, got {value}")
+        for name, value, least in counts:
+            if int(value) < least:
+                raise ValueError(f"cache.{name} must be >= {least}, got {value}")
         if not 0 <= label_dropout <= 1:
             raise ValueError(f"cache.label_dropout must be in [0, 1], got {label_dropout}")
         self.base_factory = base
@@ -235,6 +236,7 @@ class TrajectoryCache(L.LightningModule):
                 f"cache.num_classes={self.num_classes} differs from the base's "
                 f"num_classes={classes}"
             )
+        check_null_class(base, self.label_dropout, "cache.label_dropout")
 
     def on_predict_start(self) -> None:
         self.base.to(self.device).eval()
