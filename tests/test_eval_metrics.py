@@ -185,9 +185,9 @@ def test_sweep_tables_pair_only_rows_measured_alike():
 #: The settings a FlowTurbo row must share with the baseline row it is compared with, written
 #: out here (not read from summary.LIKE_FOR_LIKE) so that a key dropped there fails its case.
 MEASURED_ALIKE = (
-    "base_sha256", "cfg_scale", "cfg_channels", "dtype", "seed", "num_images", "extractor",
-    "extractor_weights", "reference", "reference_hash", "ref_error_images", "batch", "device",
-    "machine", "compile_mode",
+    "base_sha256", "cfg_scale", "cfg_channels", "dtype", "vae", "seed", "num_images",
+    "extractor", "extractor_weights", "reference_hash", "batch", "device", "machine",
+    "compile_mode",
 )  # fmt: skip
 
 
@@ -211,6 +211,46 @@ def test_rows_differing_in_any_one_measurement_setting_are_not_paired(key):
     r = eager_vs_heun(rows)
     assert r["candidate_schedule"] == "H1P3R2" and r["ratio"] == pytest.approx(0.75)
     assert mixed_settings(rows) == []
+
+
+@pytest.mark.parametrize("key", ["ref_error_reference", "ref_error_images"])
+def test_reference_errors_pair_only_against_the_same_reference_solution(key):
+    """A rerun of some entries with another ref_error.steps (or images) left errors against two
+    reference solutions side by side, paired silently (an H2 measured against an H2 reference
+    had error 0). They are not paired on the error, and the summary names the setting; their
+    FIDs, which do not depend on it, still are."""
+    from flowturbo.eval.summary import acceleration_tables, flat_row, mixed_settings
+
+    assert key in flat_row({"entry": "H8"})
+    rows = [
+        flat("heun", "H8", 6.0, 8.0, **{key: "a"}) | {"ref_error": 0.3},
+        flat("flowturbo", "H1P3R2", 5.0, 2.0, **{key: "b"}) | {"ref_error": 0.2},
+    ]
+
+    def matched(quality_key):
+        (table,) = [
+            t for t in acceleration_tables(rows)
+            if (t["baseline"], t["candidate"], t["quality_key"], t["mode"])
+            == ("heun", "flowturbo", quality_key, "eager")
+        ]  # fmt: skip
+        return table["rows"][0]["candidate_schedule"]
+
+    assert matched("ref_error") is None and matched("fid") == "H1P3R2"
+    assert mixed_settings(rows) == [f"{key}: a (H8), b (H1P3R2)"]
+    rows[1][key] = "a"
+    assert matched("ref_error") == "H1P3R2"
+
+
+def test_the_reference_solutions_settings_reach_the_flat_row():
+    from flowturbo.eval.summary import flat_row
+
+    def row(steps):
+        settings = {"reference": {"solver": "heun", "steps": steps, "dtype": "float64"}}
+        return flat_row({"entry": "H8", "parts": {"ref_error": {"settings": settings}}})
+
+    assert row(64)["ref_error_reference"] == row(64)["ref_error_reference"] is not None
+    assert row(64)["ref_error_reference"] != row(2)["ref_error_reference"]
+    assert flat_row({"entry": "H8"})["ref_error_reference"] is None
 
 
 def test_a_failed_compilation_has_no_compiled_latency_with_the_decode_either():

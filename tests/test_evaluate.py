@@ -1,6 +1,7 @@
 """evaluate.py's sweep: entries, seeds, resume, summary, multirun; tiny model and extractor."""
 
 import errno
+import functools
 import json
 import os
 import subprocess
@@ -451,29 +452,61 @@ def test_interrupted_sweep_resumes_without_redoing_finished_parts(assets, tmp_pa
     assert mtimes(out) == before
 
 
+#: One FlowTurbo entry of 64 images in batches of 8, saved every 16.
+SAVED_EVERY_16 = [
+    "sweep.schedules=[H1P2R2]", "sweep.baselines.euler=[]", "sampler.batch_size=8",
+    "fid.save_every=16", "latency.eager=false",
+]  # fmt: skip
+
+
+def _killed_after_32_images(assets, out, monkeypatch) -> list[int]:
+    """Runs SAVED_EVERY_16 into ``out`` and kills it in its sixth batch (32 images saved, 40
+    made); returns the list in which the patched sampler records each batch's first image
+    from then on (``sweep._sample_indices.__wrapped__`` is the real one)."""
+    real = sweep._sample_indices
+    made: list[int] = []
+    killed = []
+
+    @functools.wraps(real)
+    def sample(entry, nets, cfg, idx, compile=False):
+        if int(idx[0]) == 40 and not killed:
+            killed.append(True)
+            raise KeyboardInterrupt
+        made.append(int(idx[0]))
+        return real(entry, nets, cfg, idx, compile)
+
+    monkeypatch.setattr(sweep, "_sample_indices", sample)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_sweep(tiny(assets, out, *SAVED_EVERY_16))
+    made.clear()
+    return made
+
+
+def test_saved_images_serve_a_rerun_that_changes_only_how_they_are_scored(
+    assets, tmp_path, monkeypatch
+):
+    """The saved images were keyed by every quality setting: a job killed mid-entry and rerun
+    with, say, fid.prc=false made all its images again. Only what decides the images counts."""
+    out = tmp_path / "sweep"
+    made = _killed_after_32_images(assets, out, monkeypatch)
+    sweep.run_sweep(tiny(assets, out, *SAVED_EVERY_16, "fid.prc=false", "fid.isc=false"))
+    assert made[:4] == [32, 40, 48, 56]  # from the first unsaved image on
+    made.clear()
+    sweep.run_sweep(tiny(assets, out, *SAVED_EVERY_16, "sampler.cfg_channels=1"))
+    assert made[:2] == [0, 8]  # other images: all made again
+
+
 def test_an_entry_interrupted_mid_generation_resumes_from_its_saved_images(
     assets, tmp_path, monkeypatch
 ):
     """An entry's images lived only in memory until its FID: a job killed after hours of an
     entry's 50,000 images (a SLURM time limit) made them all again, and forever if the limit
     was shorter than one entry. Saved every fid.save_every images, they are read back."""
-    settings = ["sweep.schedules=[H1P2R2]", "sweep.baselines.euler=[]", "sampler.batch_size=8"]
-    settings += ["fid.save_every=16", "latency.eager=false"]
-    whole = sweep.run_sweep(tiny(assets, tmp_path / "whole", *settings))["rows"][0]
-
+    whole = sweep.run_sweep(tiny(assets, tmp_path / "whole", *SAVED_EVERY_16))["rows"][0]
     out = tmp_path / "sweep"
-    real = sweep._sample_indices
-    made: list[int] = []
-
-    def sample(entry, nets, cfg, idx, compile=False):
-        if int(idx[0]) == 40 and len(made) == 5:
-            raise KeyboardInterrupt  # killed in the sixth batch: 32 images saved, 40 made
-        made.append(int(idx[0]))
-        return real(entry, nets, cfg, idx, compile)
-
-    monkeypatch.setattr(sweep, "_sample_indices", sample)
-    with pytest.raises(KeyboardInterrupt):
-        sweep.run_sweep(tiny(assets, out, *settings))
+    made = _killed_after_32_images(assets, out, monkeypatch)
+    settings = SAVED_EVERY_16
+    real = sweep._sample_indices.__wrapped__
     (folder,) = (out / "partial").iterdir()
     assert folder.name.startswith("H1P2R2-")
     assert sorted(p.name for p in folder.iterdir()) == [
@@ -621,6 +654,53 @@ QUICK = [
     "ref_error.num_images=0",
     "grid.num_images=0",
 ]
+
+
+def test_the_same_reference_given_another_way_is_not_measured_again(assets, tmp_path, monkeypatch):
+    """The quality settings held the reference's path as typed: a relative path or a link to
+    the same file threw away every entry's FID (hours for FID-50K), and the summary would not
+    pair rows of the two."""
+    out = tmp_path / "sweep"
+    sweep.run_sweep(tiny(assets, out, *QUICK))
+    generated = Counter(monkeypatch, "generate")
+    (tmp_path / "link.npz").symlink_to(assets / "ref.npz")
+    sweep.run_sweep(tiny(assets, out, *QUICK, f"fid.reference={tmp_path / 'link.npz'}"))
+    monkeypatch.chdir(assets)
+    sweep.run_sweep(tiny(assets, out, *QUICK, "fid.reference=ref.npz"))
+    assert generated.calls == []
+    np.savez(tmp_path / "other.npz", arr_0=np.zeros((64, 32, 32), np.uint8))
+    sweep.run_sweep(tiny(assets, out, *QUICK, f"fid.reference={tmp_path / 'other.npz'}"))
+    assert generated.calls == ["H2", "H1P2R2"]  # other content: measured again
+
+
+def test_without_a_reference_error_its_settings_are_not_read(assets, tmp_path):
+    """ref_error.num_images=0 turns the reference error off, but its other settings were
+    still read: ref_error.steps=null was a bare TypeError."""
+    for bad in ("ref_error.steps=null", "ref_error.solver=none"):
+        rows = sweep.run_sweep(tiny(assets, tmp_path / "sweep", *QUICK, bad))["rows"]
+        assert [r["ref_error"] for r in rows] == [None, None]
+
+
+def test_images_the_extractor_cannot_take_are_refused_before_any_is_made(
+    assets, tmp_path, monkeypatch
+):
+    """A 16 x 16 model with the 32 x 32 digit classifier failed only after all its images
+    had been generated."""
+    torch.manual_seed(0)
+    small = SiT.from_name("SiT-Tiny/4", input_size=16, in_channels=1, num_classes=3)
+    save_checkpoint(small, tmp_path / "small.pt")
+    generated = Counter(monkeypatch, "generate")
+    with pytest.raises(ValueError, match="the generated images are 16 x 16, but feature"):
+        sweep.run_sweep(
+            tiny(
+                assets,
+                tmp_path / "sweep",
+                *QUICK,
+                f"model.base_ckpt={tmp_path / 'small.pt'}",
+                "sweep.schedules=[H2]",
+            )
+        )
+    assert generated.calls == []
 
 
 def test_a_half_written_row_file_is_not_summarised_and_is_removed(assets, tmp_path, monkeypatch):

@@ -159,7 +159,7 @@ def _share_entries(cache_root: str | os.PathLike, cache_name: str) -> None:
             pass
 
 
-def _check_images(what: str, shape: tuple[int, ...], extractor: str) -> None:
+def check_images(what: str, shape: tuple[int, ...], extractor: str) -> None:
     """Image (C, H, W) size the extractor takes; a clear error naming ``what`` otherwise."""
     if extractor == "flowturbo-digits":
         from flowturbo.eval.digits import IMAGE_SIZE
@@ -346,8 +346,8 @@ def fidelity_metrics(
             f"FID needs at least 2 images per set (a covariance), got {n} generated and {m} "
             "reference images"
         )
-    _check_images("generated", tuple(gen.images.shape[1:]), extractor)
-    _check_images("reference", tuple(ref[0].shape), extractor)
+    check_images("generated", tuple(gen.images.shape[1:]), extractor)
+    check_images("reference", tuple(ref[0].shape), extractor)
     if isc and n < isc_splits:
         raise ValueError(f"the Inception Score needs at least isc_splits={isc_splits} images")
     if prc and min(n, m) <= prc_neighborhood:
@@ -734,7 +734,7 @@ def check_reference(reference: Reference, extractor: str, feature_dim: int) -> N
         raise ValueError(
             f"the reference has {len(reference)} image(s); FID needs at least 2 (a covariance)"
         )
-    _check_images("reference", tuple(reference.images[0].shape), extractor)
+    check_images("reference", tuple(reference.images[0].shape), extractor)
 
 
 def fid_against_statistics(
@@ -794,13 +794,13 @@ def fid_against_statistics(
     mu, sigma = _checked_statistics(mu, sigma, "the reference statistics")
     if len(gen) < 2:
         raise ValueError(f"FID needs at least 2 generated images (a covariance), got {len(gen)}")
-    _check_images("generated", tuple(gen.images.shape[1:]), extractor)
+    check_images("generated", tuple(gen.images.shape[1:]), extractor)
     if isc and len(gen) < isc_splits:
         raise ValueError(f"the Inception Score needs at least isc_splits={isc_splits} images")
     ref = prc_reference
     if ref is not None:
         ref = UInt8Images(ref) if torch.is_tensor(ref) else ref
-        _check_images("reference", tuple(ref[0].shape), extractor)
+        check_images("reference", tuple(ref[0].shape), extractor)
         if min(len(gen), len(ref)) <= prc_neighborhood:
             raise ValueError(f"precision/recall need more than {prc_neighborhood} images per set")
 

@@ -22,6 +22,7 @@ after the last job covers every row file.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -53,14 +54,17 @@ DECODE_MODES = (
 #: (batch, device, machine). Rows of one folder can differ in them when a sweep was rerun with
 #: other settings for some entries only.
 QUALITY_SETTINGS = (
-    "base_sha256", "cfg_scale", "cfg_channels", "dtype", "seed", "num_images", "extractor",
-    "extractor_weights", "reference", "reference_hash", "ref_error_images",
+    "base_sha256", "cfg_scale", "cfg_channels", "dtype", "vae", "seed", "num_images",
+    "extractor", "extractor_weights", "reference_hash",
 )  # fmt: skip
 LIKE_FOR_LIKE = (*QUALITY_SETTINGS, "batch", "device", "machine", "compile_mode")
+#: What rows matched on their reference error must share besides: the reference solution
+#: (solver, steps or tolerances, dtype) and how many images the error is over.
+REF_ERROR_SETTINGS = ("ref_error_reference", "ref_error_images")
 #: What the summary warns about when its rows disagree: the like-for-like keys, and the
 #: refiner, which only FlowTurbo rows have (rows of two refiners are each compared with the
 #: baselines, so a stale row of an earlier refiner would stand beside the new ones).
-WARNED_SETTINGS = (*LIKE_FOR_LIKE, "refiner_sha256", "refiner_input")
+WARNED_SETTINGS = (*LIKE_FOR_LIKE, *REF_ERROR_SETTINGS, "refiner_sha256", "refiner_input")
 #: Families FlowTurbo is compared with: Heun (the paper's ratio), then the
 #: baseline solvers a sweep may hold, which can be stronger than Heun on some models.
 BASELINE_FAMILIES = ("heun", "heun_euler", "euler", "midpoint", "multistep")
@@ -80,6 +84,12 @@ SUMMARY_LOCK = "summary.lock"
 #: The longest wait for another job's summary (writing one takes seconds, so a lock held this
 #: long belongs to a stuck process).
 SUMMARY_LOCK_TIMEOUT_S = 600.0
+
+
+def settings_hash(settings: Any) -> str:
+    """16 hex digits of the SHA-256 of the settings as canonical JSON."""
+    text = json.dumps(settings, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def read_row(path: Path) -> dict[str, Any] | None:
@@ -109,6 +119,7 @@ def flat_row(row: dict[str, Any]) -> dict[str, Any]:
     q = parts.get("quality", {}).get("result", {})
     qs = parts.get("quality", {}).get("settings", {})
     e = parts.get("ref_error", {}).get("result", {})
+    reference_solution = parts.get("ref_error", {}).get("settings", {}).get("reference")
     lat = parts.get("latency", {}).get("result", {})
     lat_settings = parts.get("latency", {}).get("settings", {})
     any_settings = qs or lat_settings or parts.get("ref_error", {}).get("settings", {})
@@ -146,8 +157,12 @@ def flat_row(row: dict[str, Any]) -> dict[str, Any]:
         "seed": qs.get("seed"),
         "num_images": q.get("num_generated"),
         "ref_error_images": e.get("ref_error_images"),
+        "ref_error_reference": None
+        if reference_solution is None
+        else settings_hash(reference_solution),
         "cfg_scale": any_settings.get("cfg_scale"),
         "cfg_channels": any_settings.get("cfg_channels"),
+        "vae": any_settings.get("vae"),
         "refiner_input": any_settings.get("refiner_input"),
         "extractor": q.get("extractor"),
         "extractor_weights": q.get("extractor_weights"),
@@ -280,7 +295,8 @@ def acceleration_tables(
                         baseline=baseline,
                         candidate=candidate,
                         quality_key=quality_key,
-                        same=LIKE_FOR_LIKE,
+                        same=LIKE_FOR_LIKE
+                        + (REF_ERROR_SETTINGS if quality_key == "ref_error" else ()),
                     )
                     tables.append(
                         {

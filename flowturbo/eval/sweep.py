@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import json
 import logging
 import os
@@ -67,6 +66,7 @@ from flowturbo.eval.fidelity import (
     INCEPTION_WEIGHTS_FILE,
     Reference,
     check_extractor,
+    check_images,
     check_reference,
     check_registered,
     fid_against_statistics,
@@ -83,7 +83,7 @@ from flowturbo.eval.networks import (
     run_entry,
     seeded_noise,
 )
-from flowturbo.eval.summary import finite, read_row, summarize
+from flowturbo.eval.summary import finite, read_row, settings_hash, summarize
 from flowturbo.sampling import (
     BASELINES,
     ClassifierFreeGuidance,
@@ -203,10 +203,20 @@ def generate(
     return images, (torch.cat(kept) if kept else None)
 
 
+#: Quality settings that decide how images are scored, not the images: an interrupted entry's
+#: saved images serve a rerun that changes only these (image i depends on the seed and i alone,
+#: so a rerun with another ``fid.num_images`` reads the ones it needs).
+SCORING_SETTINGS = (
+    "num_images", "extractor", "extractor_weights", "reference", "reference_sha256", "npz",
+    "isc", "prc",
+)  # fmt: skip
+
+
 def partial_dir(out_dir: Path, entry: SweepEntry, quality: dict[str, Any]) -> Path:
     """The folder of an entry's saved images (:func:`generate`), named after the entry and the
-    hash of its quality settings."""
-    return out_dir / "partial" / f"{entry.key}-{settings_hash(quality)}"
+    hash of the quality settings that decide the images (not :data:`SCORING_SETTINGS`)."""
+    images = {k: v for k, v in quality.items() if k not in SCORING_SETTINGS}
+    return out_dir / "partial" / f"{entry.key}-{settings_hash(images)}"
 
 
 def _write_chunk(folder: Path, first: int, chunk: list[tuple[Tensor, Tensor | None]]) -> int:
@@ -250,12 +260,6 @@ def _read_chunks(
 
 
 # ----------------------------------------------------------------------------- settings
-
-
-def settings_hash(settings: Any) -> str:
-    """16 hex digits of the SHA-256 of the settings as canonical JSON."""
-    text = json.dumps(settings, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def machine(device: torch.device) -> str:
@@ -305,13 +309,20 @@ def part_settings(
             "num_images": int(f.num_images),
             "extractor": f.extractor,
             "extractor_weights": fingerprint(extractor_weights(f)),
-            "reference": ref,
+            # a file or folder by its content alone: the same one given another way (a
+            # relative path, a link) is not measured again
+            "reference": ref if ref.startswith("demo:") else None,
             "reference_sha256": None if ref.startswith("demo:") else fingerprint(ref),
             **({"npz": NPZ_REFERENCE} if ref.endswith(".npz") else {}),
             "isc": bool(f.isc),
             "prc": bool(f.prc),
         },
-        "ref_error": {**common, "seed": int(cfg.seed), "reference": reference_settings(cfg)},
+        # without a reference error (ref_error.num_images=0) its settings play no part
+        **(
+            {"ref_error": {**common, "seed": int(cfg.seed), "reference": reference_settings(cfg)}}
+            if int(cfg.ref_error.num_images) > 0
+            else {}
+        ),
         "latency": {
             **common,
             "batch": int(lat.batch),
@@ -674,6 +685,8 @@ def run_sweep(cfg: DictConfig) -> dict[str, Any]:
         if any("quality" in missing for _, _, missing in todo):
             shared["reference"] = check_fid(cfg)
         nets = load_networks(cfg, device, need_refiner=any(e.uses_refiner for e, _, _ in todo))
+        if "reference" in shared and nets.vae is None:  # before any image is generated
+            check_images("generated", nets.shape, cfg.fid.extractor)
         if cfg.get("vae") and nets.vae is None:  # a pixel model: the VAE setting plays no part
             todo = plan_work(cfg, [e for e, _, _ in todo], device, out_dir, latent=False)
         if todo:
@@ -820,8 +833,6 @@ def plan_work(
     todo = []
     for entry in entries:
         settings = part_settings(cfg, entry, device, latent=latent)
-        if int(cfg.ref_error.num_images) <= 0:
-            settings.pop("ref_error")
         parts = (read_row(row_path(out_dir, entry)) or {}).get("parts", {})
         missing = [
             p
