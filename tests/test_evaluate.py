@@ -189,6 +189,8 @@ def test_single_values_are_one_element_lists_and_step_counts_must_be_integers(as
         (["ref_error.steps=0"], r"ref_error\.steps must be an integer >= 1, got 0"),
         (["ref_error.num_images=-1"], r"ref_error\.num_images must be an integer >= 0"),
         (["fid.save_every=-1"], r"fid\.save_every must be an integer >= 0, got -1"),
+        (["grid.num_images=-3"], r"grid\.num_images must be an integer >= 0 \(0: no grid\)"),
+        (["threads=0"], r"threads must be an integer >= 1 \(null: torch's default\), got 0"),
         (["sampler.cfg_scale=abc"], r"sampler\.cfg_scale must be a number .* got 'abc'"),
         (["sampler.cfg_channels=0"], r"sampler\.cfg_channels must be null .* got 0"),
         (["device=gpu"], r"device=gpu is not a torch device: give auto, cpu, cuda"),

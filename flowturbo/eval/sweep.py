@@ -677,8 +677,8 @@ def run_sweep(cfg: DictConfig) -> dict[str, Any]:
     check_settings(cfg)
     device = resolve_device(cfg.device)
     check_writable(out_dir)
-    if cfg.get("threads"):
-        torch.set_num_threads(check_int(cfg, "threads", 1))
+    if cfg.get("threads") is not None:  # 0 is refused, not read as "the default"
+        torch.set_num_threads(check_int(cfg, "threads", 1, "(null: torch's default)"))
     todo = plan_work(cfg, sweep_entries(cfg), device, out_dir)
     if todo:
         shared: dict[str, Any] = {}  # the FID reference and the reference solution, loaded once
@@ -705,8 +705,8 @@ def check_settings(cfg: DictConfig) -> None:
     Raises:
         ValueError: naming the setting: ``sampler.batch_size`` or ``fid.batch_size`` < 1;
             ``sampler.cfg_scale`` not a number, ``sampler.refiner_input`` unknown;
-            ``fid.save_every`` or ``ref_error.num_images`` < 0; ``ref_error.steps`` < 1 for
-            a Heun reference; ``fid.num_images`` < 2, or
+            ``fid.save_every``, ``grid.num_images`` or ``ref_error.num_images`` < 0;
+            ``ref_error.steps`` < 1 for a Heun reference; ``fid.num_images`` < 2, or
             too few for the Inception Score or precision/recall when they are on; a latency
             setting out of range (``batch``, ``repeats`` < 1, ``warmup`` < 0) when some latency
             is measured.
@@ -715,6 +715,7 @@ def check_settings(cfg: DictConfig) -> None:
     check_sampler(cfg.sampler)
     check_int(cfg, "fid.batch_size", 1)
     check_int(cfg, "fid.save_every", 0)
+    check_int(cfg, "grid.num_images", 0, "(0: no grid)")
     check_int(cfg, "seed", 0)
     n = check_int(cfg, "fid.num_images", 2, "(FID needs a covariance of the images)")
     errors = check_int(cfg, "ref_error.num_images", 0, "(0: no reference error)")
