@@ -361,6 +361,21 @@ def test_resolve_shards_accepts_a_hydra_list(tmp_path):
     assert resolve_shards(tuple(paths)) == paths
 
 
+def test_resolve_shards_takes_a_list_of_sets_and_a_manifest_path(tmp_path, monkeypatch):
+    """A list of shard folders was refused as "2 of 2 shard files ... do not exist", and the
+    path of a manifest.json as a tar without its end-of-archive marker."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    _id_shards(tmp_path / "a", 4, 2)
+    _id_shards(tmp_path / "b", 2, 2)
+    a, b = resolve_shards(str(tmp_path / "a")), resolve_shards(str(tmp_path / "b"))
+    assert resolve_shards(["~/a", str(tmp_path / "b")]) == a + b
+    assert resolve_shards(OmegaConf.create([str(tmp_path / "b"), "~/a"])) == b + a
+    assert resolve_shards(str(tmp_path / "a" / "manifest.json")) == a
+    (tmp_path / "a" / a[1]).unlink()  # a set's own checks still apply
+    with pytest.raises(FileNotFoundError, match="1 of 2 shard files named by .*/a' do not"):
+        resolve_shards([str(tmp_path / "a"), str(tmp_path / "b")])
+
+
 def test_a_damaged_manifest_is_named(tmp_path):
     _id_shards(tmp_path / "set", 4, 2)
     (tmp_path / "set" / "manifest.json").write_text('{"kind": "image", "shard')

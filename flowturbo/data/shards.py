@@ -210,8 +210,9 @@ def resolve_shards(spec: str | os.PathLike | Sequence[str]) -> list[str]:
     complete and each shard file must have the size it records), a folder of ``*.tar`` files
     (sorted), a brace pattern such as ``/data/train/shard-{000000..000146}.tar`` (``::``
     separates several), a glob pattern, a sequence of paths (a list, a tuple or an OmegaConf
-    ``ListConfig`` from a Hydra override), or remote URLs (``pipe:``, ``http://``, ..., passed
-    on unchecked).
+    ``ListConfig`` from a Hydra override; a sequence that names folders is the shards of each
+    in turn), or remote URLs (``pipe:``, ``http://``, ..., passed on unchecked). A path to a
+    ``manifest.json`` stands for its folder.
 
     Raises:
         FileNotFoundError: The named folder or file does not exist, nothing matches the
@@ -222,9 +223,14 @@ def resolve_shards(spec: str | os.PathLike | Sequence[str]) -> list[str]:
     """
     checked = False  # sizes checked against a manifest
     if isinstance(spec, Sequence) and not isinstance(spec, str):
-        urls = [str(s) for s in spec]
+        paths = [os.path.expanduser(str(s)) for s in spec]
+        if any(os.path.isdir(p) for p in paths):  # shard sets: each resolved as a whole
+            return [url for p in paths for url in resolve_shards(p)]
+        urls = paths
     else:
         text = os.path.expanduser(str(spec))
+        if os.path.basename(text) == MANIFEST_NAME and os.path.isfile(text):
+            text = os.path.dirname(text) or "."  # the manifest stands for its set
         folder = Path(text)
         if folder.is_dir():
             manifest_path = folder / MANIFEST_NAME
