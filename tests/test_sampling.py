@@ -539,6 +539,75 @@ def test_compiled_sampler_equals_eager_and_is_reused_per_setting(fresh_compile_c
     torch.testing.assert_close(on_grid(x, y=y), expected)
 
 
+def test_evicted_compiled_samplers_free_their_models(fresh_compile_caches):
+    """Each sampler's compiled networks stayed in the process-wide cache after the sampler
+    left it: every model ever sampled with compile="sampler" stayed in memory (on the GPU)."""
+    import gc
+    import weakref
+
+    from flowturbo.sampling import compiled_sampler
+    from flowturbo.sampling.graph import MAX_CACHED_SAMPLERS
+
+    x, y = torch.randn(1, 2, 4, 4), torch.tensor([1])
+    alive = []
+    for _ in range(MAX_CACHED_SAMPLERS + 4):
+        model = TinyVelocity().eval()
+        alive.append(weakref.ref(model))
+        compiled_sampler("HH", model, x, compile_options={"backend": "eager"}, y=y)
+        del model
+    gc.collect()
+    assert len(fresh_compile_caches) == MAX_CACHED_SAMPLERS
+    assert sum(r() is not None for r in alive) == MAX_CACHED_SAMPLERS
+    assert [r() is None for r in alive[:4]] == [True] * 4  # the oldest were freed
+
+
+def test_compile_options_may_nest_and_grids_may_be_columns(fresh_compile_caches):
+    """torch.compile's own options={...} made the cache key unhashable, as did a (N + 1, 1)
+    grid for compiled_sampler, which eager sampling takes."""
+    from flowturbo.sampling import compiled_sampler
+    from flowturbo.sampling.compile import compiled_function
+
+    model = TinyVelocity().eval()
+    nested = {"options": {"max_autotune": False}}
+    assert compiled_function(model, nested) is compiled_function(model, dict(nested))
+    x, y = torch.randn(1, 2, 4, 4), torch.tensor([1])
+    run = compiled_sampler("HH", model, x, compile_options={"backend": "eager", **nested}, y=y)
+    column = torch.tensor([[0.0], [0.3], [1.0]])
+    on_grid = compiled_sampler("HH", model, x, timesteps=column, y=y)
+    assert on_grid is not run
+    with torch.no_grad():
+        torch.testing.assert_close(on_grid(x, y=y), sample(model, x, "H2", timesteps=column, y=y))
+
+
+def test_an_adams_bashforth_step_only_follows_steps_that_cache_its_velocity():
+    """A after H, P, M or R extrapolated from a velocity of another point: wrong, silently."""
+    from flowturbo.sampling.steps import step_kinds
+
+    assert step_kinds("AAA") == ["A"] * 3 and step_kinds("EA") == ["E", "A"]
+    for plan in ("HA", "PA", "MA", "HRA"):
+        with pytest.raises(ValueError, match="A \\(Adams-Bashforth\\) step .* follows"):
+            step_kinds(plan)
+
+
+def test_sampling_a_sit_in_training_mode_is_warned_about(monkeypatch):
+    """A SiT left in training mode drops labels to the null class at random on every
+    evaluation: a third of the samples changed, without a word."""
+    from flowturbo.models import SiT
+    from flowturbo.sampling import compile as compile_mod
+
+    monkeypatch.setattr(compile_mod, "_WARNED", set())
+    spec = {"input_size": 8, "in_channels": 1, "num_classes": 3}
+    net = SiT.from_name("SiT-Tiny/4", **spec)
+    x, y = torch.randn(2, 1, 8, 8), torch.tensor([0, 1])
+    with pytest.warns(RuntimeWarning, match="SiT in training mode"), torch.no_grad():
+        sample(net, x, "E1", y=y)
+    quiet = SiT.from_name("SiT-Tiny/4", class_dropout_prob=0.0, **spec)  # nothing random
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sample(quiet, x, "E1", y=y)
+        sample(net.eval(), x, "E1", y=y)
+
+
 def test_compiled_sampler_is_rebuilt_when_a_network_changes_in_place(fresh_compile_caches):
     """A recorded CUDA graph replays the guidance scale and the weights' memory it was recorded
     with: a changed scale, mode or dtype of the same objects must not reuse it."""

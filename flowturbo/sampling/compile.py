@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
 import torch
@@ -113,10 +113,23 @@ def compiled_function(fn: Callable, options: dict[str, Any]) -> CompiledFunction
 
     The cache holds ``fn`` itself, so its identity, the key, stays unique while cached.
     """
-    key = (id(fn), tuple(sorted(options.items())))
+    key = (id(fn), options_key(options))
     if key not in _CACHE:
         _CACHE[key] = CompiledFunction(fn, options)
     return _CACHE[key]
+
+
+def options_key(options: dict[str, Any]) -> str:
+    """A hashable key of torch.compile options, nested ones (``options={...}``) included."""
+    return repr(sorted(options.items()))
+
+
+def release_networks(in_use: Iterable[Callable | None]) -> None:
+    """Forgets the compiled networks (not the step functions) other than those ``in_use``, so
+    that the models they hold can be freed: called when whole samplers leave the cache."""
+    keep = {id(fn) for fn in in_use if fn is not None} | {id(fn) for fn in STEPS.values()}
+    for key in [k for k in _CACHE if k[0] not in keep]:
+        del _CACHE[key]
 
 
 def clear_compile_cache() -> None:

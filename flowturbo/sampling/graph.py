@@ -23,7 +23,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from flowturbo.sampling.compile import SAMPLERS, CompiledFunction, compiled_function, warn_once
+from flowturbo.sampling.compile import (
+    SAMPLERS,
+    CompiledFunction,
+    compiled_function,
+    options_key,
+    release_networks,
+    warn_once,
+)
 from flowturbo.sampling.guidance import ClassifierFreeGuidance
 from flowturbo.sampling.schedule import Schedule, check_grid, time_dtype, uniform_grid
 from flowturbo.sampling.steps import STEPS, as_plan, run_steps, step_kinds
@@ -198,14 +205,14 @@ def compiled_sampler(
     plan = as_plan(plan)
     device_type = noise.device.type
     autocast = torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type)
-    grid = None if timesteps is None else tuple(torch.as_tensor(timesteps).tolist())
+    grid = None if timesteps is None else tuple(check_grid(timesteps, len(plan)).tolist())
     inputs = tuple(
         sorted(
             (k, _signature(v) if _is_t(v) else repr(v))
             for k, v in {"noise": noise, **model_kwargs}.items()
         )
     )
-    options = repr(sorted((compile_options or {}).items()))
+    options = options_key(compile_options or {})
     nets = tuple((id(fn), _state(fn)) for fn in (model, refiner, decode))
     key = (plan, grid, refiner_input, nets, inputs, options, str(autocast))
     if key in SAMPLERS:
@@ -216,8 +223,11 @@ def compiled_sampler(
         decode=decode, compile_options=compile_options, **model_kwargs,
     )  # fmt: skip
     SAMPLERS[key] = (sampler, model, refiner, decode)  # the objects keep their ids unique
-    while len(SAMPLERS) > MAX_CACHED_SAMPLERS:
-        SAMPLERS.popitem(last=False)
+    if len(SAMPLERS) > MAX_CACHED_SAMPLERS:
+        while len(SAMPLERS) > MAX_CACHED_SAMPLERS:
+            SAMPLERS.popitem(last=False)
+        # the evicted samplers' compiled networks hold their models: free those no longer used
+        release_networks(fn for _, *nets in SAMPLERS.values() for fn in nets)
     return sampler
 
 

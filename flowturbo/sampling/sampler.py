@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from flowturbo.sampling.compile import compiled_steps, default_compile_options
+from flowturbo.sampling.compile import compiled_steps, default_compile_options, warn_once
 from flowturbo.sampling.graph import compiled_sampler
 from flowturbo.sampling.schedule import (
     STEP_COST,
@@ -50,6 +50,21 @@ def check_labels(model: VelocityFn, y: Any) -> None:
             f"class labels y must lie in 0..{rows - 1}{null} for this model "
             f"(num_classes={classes}); got labels from {low} to {high}"
         )
+
+
+def _random_in_training(net: torch.nn.Module) -> bool:
+    """Whether ``net`` computes otherwise in training mode: dropout, batch norm, or a SiT's
+    label dropout (its LabelEmbedder's ``dropout_prob``)."""
+    nn = torch.nn.modules
+    return any(
+        m.training
+        and (
+            (isinstance(m, nn.dropout._DropoutNd) and m.p > 0)
+            or isinstance(m, nn.batchnorm._BatchNorm)
+            or getattr(m, "dropout_prob", 0) > 0
+        )
+        for m in net.modules()
+    )
 
 
 def integrate(
@@ -106,6 +121,14 @@ def integrate(
             "Pass the VelocityRefiner"
         )
     check_labels(model, model_kwargs.get("y"))
+    for fn in (model, refiner):
+        net = getattr(fn, "fn", fn)  # through a guidance wrapper
+        if isinstance(net, torch.nn.Module) and net.training and _random_in_training(net):
+            warn_once(
+                f"sampling with a {type(net).__name__} in training mode: its dropout or batch "
+                "statistics are on, and a SiT drops labels to the null class at random "
+                "(class_dropout_prob); call .eval() on it before sampling"
+            )
     n = len(plan)
     ts = uniform_grid(n) if timesteps is None else check_grid(timesteps, n)
     if isinstance(compile, str) and compile not in ("steps", "sampler"):

@@ -137,6 +137,13 @@ def step_kinds(plan: str, refiner_input: str = "d0") -> list[str]:
         raise ValueError(
             f"step plan {plan!r} starts with R: a refiner step needs a cached velocity"
         )
+    after = next((i for i in range(1, len(plan)) if plan[i] == "A" and plan[i - 1] not in "AE"), 0)
+    if after:
+        raise ValueError(
+            f"step plan {plan!r}: the A (Adams-Bashforth) step {after} follows "
+            f"{plan[after - 1]}; it extrapolates from the velocity at the previous step's "
+            "start, which only E and A steps cache"
+        )
     kinds = ["R:cache" if kind == "R" and refiner_input == "cache" else kind for kind in plan]
     if kinds[0] == "P":
         kinds[0] = "H"
