@@ -200,7 +200,9 @@ def compiled_sampler(
     model, refiner and decoder objects and the state a recording bakes in (guidance settings,
     train/eval mode, where the weights live); the shape, dtype and device of every tensor
     input; the other keyword values; the torch.compile options; the autocast state. The
-    :data:`MAX_CACHED_SAMPLERS` most recently used samplers are kept.
+    :data:`MAX_CACHED_SAMPLERS` most recently used samplers are kept. The networks count by
+    identity: pass the same objects each call (a ``decode=lambda z: vae.decode(z).sample``
+    written in the call is a new object every time, and builds and records a new sampler).
     """
     plan = as_plan(plan)
     device_type = noise.device.type
