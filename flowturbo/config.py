@@ -225,6 +225,9 @@ def check_ddp_launch(trainer: Any) -> None:
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return
     launcher = getattr(trainer.strategy, "launcher", None)
+    environment = getattr(trainer.strategy, "cluster_environment", None)
+    if getattr(environment, "creates_processes_externally", False):
+        return  # SLURM's tasks or torchrun's processes are the ranks: nothing is run again
     if isinstance(launcher, _SubprocessScriptLauncher) and launcher.num_processes > 1:
         raise ValueError(
             f"a multirun (-m) cannot start {launcher.num_processes} DDP processes per node "

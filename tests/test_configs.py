@@ -331,6 +331,16 @@ def test_a_multirun_that_would_start_its_own_ddp_ranks_is_refused(tmp_path, monk
             train(cfg)
         for strategy, devices in (("ddp_spawn", 2), ("ddp", 1)):
             check_ddp_launch(L.Trainer(accelerator="cpu", devices=devices, strategy=strategy))
+        # a SLURM task (hydra/launcher=slurm, one task per GPU) is a rank already: it was
+        # refused too, so the README's SLURM command could not train on two GPUs
+        slurm = {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_JOB_NAME": "train"}
+        slurm |= {"SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}
+        slurm |= {"SLURM_JOB_ID": "7", "SLURM_NODELIST": "localhost"}
+        for key, value in slurm.items():
+            monkeypatch.setenv(key, value)
+        trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp")
+        assert trainer.strategy.cluster_environment.creates_processes_externally
+        check_ddp_launch(trainer)
     finally:  # the tests after this one compose single runs
         cfg_for(["experiment=demo_base", *TINY], tmp_path)
     check_ddp_launch(L.Trainer(accelerator="cpu", devices=2, strategy="ddp"))  # single run
