@@ -94,7 +94,7 @@ def refiner_module(base_file, **kw):
     return RefinerModule(refiner, base, AdamW, dt_max=0.12, warmup_steps=5, **kw)
 
 
-def test_label_dropout_with_a_base_without_a_null_class_is_refused(tmp_path):
+def test_label_dropout_with_a_base_or_refiner_without_a_null_class_is_refused(tmp_path):
     """Dropped labels indexed past the table of a SiT built with class_dropout_prob=0: a bare
     "index out of range in self" at the first step (a device-side assert on a GPU)."""
     path = tmp_path / "no_null.pt"
@@ -105,6 +105,11 @@ def test_label_dropout_with_a_base_without_a_null_class_is_refused(tmp_path):
     ):
         module.setup("fit")
     refiner_module(path, label_dropout=0.0).setup("fit")  # without dropout it trains
+    no_null = VelocityRefiner.from_name(
+        "SiT-Tiny/2", input_size=8, in_channels=1, num_classes=3, class_dropout_prob=0.0
+    )
+    with pytest.raises(ValueError, match="null class 3, but the refiner has no embedding"):
+        RefinerModule(no_null, functools.partial(load_frozen_base, str(path)), AdamW)
 
 
 def test_refiner_targets_are_made_in_float32_under_bf16_mixed_precision(base_file):

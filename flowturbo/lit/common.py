@@ -170,21 +170,24 @@ class ValidationTotals:
         return dict(zip(self.names, (total[:-1] / total[-1]).float(), strict=True))
 
 
-def check_null_class(base: nn.Module, label_dropout: float, key: str) -> None:
-    """Refuses label dropout for a SiT base without a null-class embedding (one built with
-    ``class_dropout_prob=0``): the dropped labels would index past its table, PyTorch's bare
-    "index out of range in self" on a CPU and a device-side assert on a GPU, after the run has
-    started. ``key`` names the setting, e.g. ``"model.label_dropout"``. Other flow models are
-    not checked (their null label is their own)."""
-    table = getattr(getattr(base, "y_embedder", None), "embedding_table", None)
-    classes = getattr(base, "num_classes", None)
+def check_null_class(
+    net: nn.Module, label_dropout: float, key: str, what: str = "the base"
+) -> None:
+    """Refuses label dropout for a SiT (base or refiner, ``what``) without a null-class
+    embedding (one built with ``class_dropout_prob=0``): the dropped labels would index past
+    its table, PyTorch's bare "index out of range in self" on a CPU and a device-side assert on
+    a GPU, after the run has started. ``key`` names the setting, e.g.
+    ``"model.label_dropout"``. Other flow models are not checked (their null label is their
+    own)."""
+    table = getattr(getattr(net, "y_embedder", None), "embedding_table", None)
+    classes = getattr(net, "num_classes", None)
     if not (label_dropout > 0 and isinstance(table, nn.Embedding) and classes is not None):
         return
     if table.num_embeddings <= classes:
         raise ValueError(
-            f"{key}={label_dropout} drops labels to the null class {classes}, but the base has "
+            f"{key}={label_dropout} drops labels to the null class {classes}, but {what} has "
             f"no embedding for it ({table.num_embeddings} label embeddings: it was built with "
-            f"class_dropout_prob=0, so it never learned an unconditional velocity): set {key}=0"
+            f"class_dropout_prob=0): set {key}=0, or build it with class_dropout_prob > 0"
         )
 
 

@@ -150,6 +150,8 @@ class RefinerModule(L.LightningModule):
             raise ValueError(f"model.dt_max must be in (0, 1], got {dt_max}")
         if not 0 <= label_dropout <= 1:
             raise ValueError(f"model.label_dropout must be in [0, 1], got {label_dropout}")
+        if target == "interpolant":  # trajectory labels are the cache's, dropped when cached
+            check_null_class(refiner, label_dropout, "model.label_dropout", "the refiner")
         self.save_hyperparameters(ignore=["refiner", "base", "optimizer"])
         self.refiner = refiner
         self.ema = ema_copy(refiner, ema_decay)
