@@ -60,10 +60,11 @@ def make_callbacks(cfg: DictConfig) -> list[L.Callback]:
     """The configured callbacks (``cfg.callbacks``; null entries dropped) and, always,
     :class:`~flowturbo.lit.callbacks.SeedEachRank` and
     :class:`~flowturbo.lit.callbacks.RecordSettings` (of :func:`run_settings`)."""
-    from flowturbo.lit.callbacks import RecordSettings, SeedEachRank
+    from flowturbo.lit.callbacks import FinalCheckpoint, RecordSettings, SeedEachRank
 
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    return [*callbacks, SeedEachRank(cfg.seed), RecordSettings(run_settings(cfg))]
+    always = [SeedEachRank(cfg.seed), RecordSettings(run_settings(cfg))]
+    return [*callbacks, *always, FinalCheckpoint(cfg.ckpt_dir)]
 
 
 def run_settings(cfg: DictConfig) -> dict[str, Any]:
@@ -185,6 +186,8 @@ def _fit_and_export(
     cfg: DictConfig, module: L.LightningModule, datamodule: L.LightningDataModule, export: str
 ) -> dict:
     """:func:`train`'s work in ``ckpt_dir``: resume or start, fit, export."""
+    from flowturbo.lit.callbacks import FinalCheckpoint
+
     ckpt_path = resume_path(cfg)
     if ckpt_path is not None:
         check_resumable(ckpt_path, module, run_settings(cfg))
@@ -203,10 +206,13 @@ def _fit_and_export(
             per_rank, ranks, accumulate, per_rank * ranks * accumulate,
         )  # fmt: skip
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    if not trainer.callback_metrics:  # resumed a finished run: nothing trained, nothing measured
-        trainer.validate(module, datamodule=datamodule, verbose=False)
-
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    (final,) = [c for c in trainer.callbacks if isinstance(c, FinalCheckpoint)]
+    # the exported weights' own validation: none yet when the last one was of an earlier step,
+    # when a finished run was resumed (nothing trained), or in a ddp_spawn parent process
+    if final.validated_step is None or final.validated_step != trainer.global_step:
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
     # the logged data/skipped* are summed over ranks; without LogSkippedSamples, this rank's
     local = {} if "data/skipped" in metrics else getattr(datamodule, "skipped_summary", dict)()
     # under ddp_spawn this process did not train and its trainer's step stayed 0; the weights

@@ -409,6 +409,27 @@ def tiny_net(kind):
     return [f"model.{kind}.name=SiT-Tiny/2"]
 
 
+def test_a_run_ending_between_checkpoints_saves_and_validates_its_last_step(tmp_path, monkeypatch):
+    """With max_steps not a multiple of the checkpoint interval, last.ckpt stayed at the last
+    interval: the same command run again trained the last steps anew and rewrote the exported
+    weights (other noise), and the stored metrics were of the last validation's earlier step."""
+    monkeypatch.setenv("FLOWTURBO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    overrides = ["experiment=demo_base", *TINY, *tiny_net("net"), "trainer.max_steps=5"]
+    first = train(cfg_for(overrides, tmp_path / "run1"))
+    folder = tmp_path / "checkpoints" / "demo_base"
+    last = torch.load(folder / "last.ckpt", weights_only=False)
+    exported = torch.load(folder / "net.pt", weights_only=False)
+    assert last["global_step"] == exported["step"] == 5
+    again = train(cfg_for(overrides, tmp_path / "run2"))  # trains nothing, validates step 5
+    rerun = torch.load(folder / "net.pt", weights_only=False)
+    for key, value in exported["model"].items():
+        assert torch.equal(rerun["model"][key], value), key
+    for key in ("val/loss", "val/loss_net"):  # the first run's figures were of step 5 too
+        assert again[key] == pytest.approx(first[key], rel=1e-6), key
+        assert rerun["metrics"][key] == pytest.approx(first[key], rel=1e-6), key
+
+
 def test_demo_base_then_demo_refiner_run_end_to_end(tmp_path, monkeypatch, caplog):
     """train.py's code path on the real demo data, with a tiny model: base, then refiner."""
     monkeypatch.setenv("FLOWTURBO_CACHE", str(tmp_path / "cache"))
@@ -550,15 +571,18 @@ def test_a_checkpoint_folder_another_run_holds_is_refused(tmp_path, monkeypatch)
 
 
 @pytest.mark.parametrize("callbacks", [[], ["~callbacks"]])
-def test_training_always_seeds_each_rank(tmp_path, callbacks):
-    """Without SeedEachRank every DDP rank would draw the same noise (tests/test_data.py)."""
-    from flowturbo.lit.callbacks import SeedEachRank
+def test_training_always_seeds_each_rank_and_saves_its_final_step(tmp_path, callbacks):
+    """Without SeedEachRank every DDP rank would draw the same noise (tests/test_data.py);
+    without FinalCheckpoint a run could end after its last.ckpt."""
+    from flowturbo.lit.callbacks import FinalCheckpoint, SeedEachRank
     from flowturbo.train import make_callbacks
 
     cfg = cfg_for(["experiment=demo_refiner", "seed=7", *callbacks], tmp_path)
     made = make_callbacks(cfg)
     (seeds,) = [c for c in made if isinstance(c, SeedEachRank)]
-    assert len(made) == len(cfg.get("callbacks") or {}) + 2 and seeds.seed == 7
+    (final,) = [c for c in made if isinstance(c, FinalCheckpoint)]
+    assert len(made) == len(cfg.get("callbacks") or {}) + 3 and seeds.seed == 7
+    assert final.path.parent == Path(cfg.ckpt_dir)
 
 
 def test_a_resumed_run_continues_its_wandb_run(tmp_path):

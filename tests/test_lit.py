@@ -175,6 +175,8 @@ def test_validation_scores_the_ema_refiner(tmp_path, base_file):
         raw = float(refiner_loss(module.refiner, examples, **kw))
     assert abs(raw - ema) > 1e-3 * ema  # the EMA lags the trained weights
     assert metrics["val/loss"] == pytest.approx(ema, rel=1e-5)
+    # and the trained weights' own, which export=net ships (net.pt recorded the EMA's)
+    assert metrics["val/loss_net"] == pytest.approx(raw, rel=1e-5)
 
 
 def test_refiner_module_trains_only_the_refiner(tmp_path, base_file):

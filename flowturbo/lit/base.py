@@ -21,7 +21,8 @@ class FlowMatchingModule(L.LightningModule):
     """Trains ``net`` (a SiT) on batches ``(x1, y)`` with the flow-matching loss.
 
     Label dropout for guidance is the SiT's own (``class_dropout_prob``, training mode only).
-    An EMA copy of ``net`` is kept, saved in checkpoints and used for validation and samples.
+    An EMA copy of ``net`` is kept, saved in checkpoints and used for validation and samples
+    (``val/loss``; ``val/loss_net`` is the trained network's own, what ``export=net`` ships).
     Validation batches are ``(x1, y, ids)`` (:class:`flowturbo.data.ShardDataModule`): each
     sample's noise and time come from its id, and ``val/loss`` is the mean over the whole set,
     the same for any validation batch size and number of ranks.
@@ -46,7 +47,7 @@ class FlowMatchingModule(L.LightningModule):
         self.net = net
         self.ema = ema_copy(net, ema_decay)
         self.optimizer = optimizer
-        self.val_totals = ValidationTotals(("loss",))
+        self.val_totals = ValidationTotals(("loss", "loss_net"))
 
     @property
     def sampling_net(self) -> nn.Module:
@@ -86,12 +87,14 @@ class FlowMatchingModule(L.LightningModule):
         )
         x0, t = x0.to(x1), t.to(x1)
         loss = flow_matching_loss(self.sampling_net, x1, x0, t, y=y, per_sample=True)
-        self.val_totals.add(loss=loss)
+        net_loss = flow_matching_loss(self.net, x1, x0, t, y=y, per_sample=True)  # export=net's
+        self.val_totals.add(loss=loss, loss_net=net_loss)
 
     def on_validation_epoch_end(self) -> None:
         means = self.val_totals.means(self.trainer.strategy)  # summed over ranks already
         # sync_dist: a mean of equal values, only so that Lightning does not warn
         self.log("val/loss", means["loss"], prog_bar=True, sync_dist=True)
+        self.log("val/loss_net", means["loss_net"], sync_dist=True)
 
     def configure_optimizers(self) -> dict:
         return optimizer_with_warmup(

@@ -283,6 +283,41 @@ class CheckpointOnSignal(StopOnSignal):
             self._pass_on()
 
 
+class FinalCheckpoint(L.Callback):
+    """Leaves ``dirpath/last.ckpt`` at the step where training ended, and records the step of
+    the last validation (``validated_step``).
+
+    ModelCheckpoint saves every ``every_n_train_steps``, and Lightning writes ``last.ckpt`` at
+    the end of training only when it wrote none before: a run whose ``max_steps`` is not a
+    multiple of that interval left ``last.ckpt`` behind its exported weights, and the same
+    command run again trained the last steps anew (other noise, other weights). train.py
+    validates once more when ``validated_step`` is not the final step, so that the metrics it
+    stores describe the weights it exports.
+    """
+
+    def __init__(self, dirpath: str | os.PathLike):
+        self.path = Path(dirpath) / "last.ckpt"
+        self.saved_step: int | None = None
+        self.validated_step: int | None = None
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        # a resumed run starts from its checkpoint's step, saved already
+        self.saved_step = trainer.global_step if trainer.ckpt_path else None
+
+    def on_save_checkpoint(self, trainer: L.Trainer, module: L.LightningModule, checkpoint):
+        self.saved_step = trainer.global_step  # on every rank: all of them decide alike below
+
+    def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.validated_step = trainer.global_step
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if self.saved_step != trainer.global_step:
+            trainer.save_checkpoint(self.path)
+            if trainer.is_global_zero:
+                log.info("saved %s at the final step %d", self.path, trainer.global_step)
+
+
 def _again(signum: signal.Signals) -> str:
     """How a user sends ``signum`` once more, for the messages: Ctrl-C for SIGINT."""
     return "Ctrl-C" if signum == signal.SIGINT else signum.name

@@ -158,7 +158,7 @@ class RefinerModule(L.LightningModule):
         self.base_factory = base
         self.optimizer = optimizer
         self._base: tuple[nn.Module] | None = None  # a tuple keeps it out of the module tree
-        self.val_totals = ValidationTotals(("loss", "unrefined"))
+        self.val_totals = ValidationTotals(("loss", "unrefined", "loss_net"))
 
     @property
     def base(self) -> nn.Module:
@@ -275,7 +275,8 @@ class RefinerModule(L.LightningModule):
         examples, kw = self.examples(*batch[:2], ids=self.val_totals.ids(batch))
         loss = refiner_loss(self.ema.module, examples, per_sample=True, **kw)
         unrefined = examples.target.float().pow(2).flatten(1).mean(1)  # keeping v: delta = 0
-        self.val_totals.add(loss=loss, unrefined=unrefined)
+        net_loss = refiner_loss(self.refiner, examples, per_sample=True, **kw)  # export=net's
+        self.val_totals.add(loss=loss, unrefined=unrefined, loss_net=net_loss)
 
     def on_validation_epoch_end(self) -> None:
         means = self.val_totals.means(self.trainer.strategy)  # summed over ranks already
@@ -284,6 +285,7 @@ class RefinerModule(L.LightningModule):
         self.log("val/loss_unrefined", means["unrefined"], sync_dist=True)
         ratio = means["loss"] / means["unrefined"]  # of sums over the set, not a mean of ratios
         self.log("val/error_ratio", ratio, prog_bar=True, sync_dist=True)
+        self.log("val/loss_net", means["loss_net"], sync_dist=True)  # the trained, not EMA, one
 
     def configure_optimizers(self) -> dict:
         return optimizer_with_warmup(
