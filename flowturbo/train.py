@@ -210,7 +210,7 @@ def _fit_and_export(
     (final,) = [c for c in trainer.callbacks if isinstance(c, FinalCheckpoint)]
     # the exported weights' own validation: none yet when the last one was of an earlier step,
     # when a finished run was resumed (nothing trained), or in a ddp_spawn parent process
-    if final.validated_step is None or final.validated_step != trainer.global_step:
+    if final.validated_step != trainer.global_step:
         trainer.validate(module, datamodule=datamodule, verbose=False)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
     # the logged data/skipped* are summed over ranks; without LogSkippedSamples, this rank's

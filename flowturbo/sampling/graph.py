@@ -225,10 +225,9 @@ def compiled_sampler(
         decode=decode, compile_options=compile_options, **model_kwargs,
     )  # fmt: skip
     SAMPLERS[key] = (sampler, model, refiner, decode)  # the objects keep their ids unique
-    if len(SAMPLERS) > MAX_CACHED_SAMPLERS:
-        while len(SAMPLERS) > MAX_CACHED_SAMPLERS:
-            SAMPLERS.popitem(last=False)
-        # the evicted samplers' compiled networks hold their models: free those no longer used
+    while len(SAMPLERS) > MAX_CACHED_SAMPLERS:
+        SAMPLERS.popitem(last=False)
+        # the evicted sampler's compiled networks hold its models: free those no longer used
         release_networks(fn for _, *nets in SAMPLERS.values() for fn in nets)
     return sampler
 
