@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
 from flowturbo.data.datamodule import mix_seed
+from flowturbo.sampling.guidance import missing_null_class
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
@@ -179,14 +180,12 @@ def check_null_class(
     a GPU, after the run has started. ``key`` names the setting, e.g.
     ``"model.label_dropout"``. Other flow models are not checked (their null label is their
     own)."""
-    table = getattr(getattr(net, "y_embedder", None), "embedding_table", None)
     classes = getattr(net, "num_classes", None)
-    if not (label_dropout > 0 and isinstance(table, nn.Embedding) and classes is not None):
-        return
-    if table.num_embeddings <= classes:
+    rows = None if classes is None else missing_null_class(net, classes)
+    if label_dropout > 0 and rows is not None:
         raise ValueError(
             f"{key}={label_dropout} drops labels to the null class {classes}, but {what} has "
-            f"no embedding for it ({table.num_embeddings} label embeddings: it was built with "
+            f"no embedding for it ({rows} label embeddings: it was built with "
             f"class_dropout_prob=0): set {key}=0, or build it with class_dropout_prob > 0"
         )
 

@@ -8,6 +8,16 @@ import torch
 from torch import Tensor
 
 
+def missing_null_class(net: object, null_class: int) -> int | None:
+    """How many label embeddings a SiT ``net`` has when ``null_class`` is not among them (it
+    was built with ``class_dropout_prob=0``, so it never learned an unconditional velocity);
+    None when it has that embedding, or is no SiT (another model's labels are its own)."""
+    table = getattr(getattr(net, "y_embedder", None), "embedding_table", None)
+    if isinstance(table, torch.nn.Embedding) and null_class >= table.num_embeddings:
+        return table.num_embeddings
+    return None
+
+
 class ClassifierFreeGuidance:
     """Guided velocity ``v = v_u + s (v_c - v_u)``, computed as one batch of 2B.
 
@@ -33,12 +43,11 @@ class ClassifierFreeGuidance:
     ):
         if channels is not None and channels < 1:
             raise ValueError(f"channels must be None (all) or >= 1, got {channels}")
-        # a SiT built without label dropout has no embedding for the null class
-        table = getattr(getattr(fn, "y_embedder", None), "embedding_table", None)
-        if scale != 1.0 and table is not None and null_class >= table.num_embeddings:
+        rows = missing_null_class(fn, null_class)
+        if scale != 1.0 and rows is not None:
             raise ValueError(
                 f"guidance (scale {scale}) needs the null class {null_class}, but the model has "
-                f"{table.num_embeddings} label embeddings (it was built with "
+                f"{rows} label embeddings (it was built with "
                 "class_dropout_prob=0, so it never learned an unconditional velocity): use "
                 "scale 1, or a model trained with label dropout"
             )
